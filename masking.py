@@ -1,0 +1,112 @@
+"""Which cubes each side of VideoMAE V2 sees: tube, running-cell and random masks.
+
+A clip of T frames at H x W pixels is cut into cubes of tubelet x patch x patch pixels, giving a grid
+(T', H', W') = (T / tubelet, H / patch, W / patch) of N = T'·H'·W' tokens, numbered in raster order
+(time, then row, then column). A mask is a (B, N) bool tensor, True = hidden from that side:
+
+- tube_mask (the encoder's, ratio 0.9): one random spatial pattern of int(ratio·H'·W') hidden positions
+  per clip, the same in every temporal slot, so a hidden cube cannot be copied from the next frame.
+- running_cell_mask (the decoder's, ratio 0.5): every 2x2 cell of the frame drops int(4·ratio) of its four
+  positions; which ones walks along the cell from one temporal slot to the next, so over any four
+  consecutive slots every position is dropped the same number of times. One of four phases per clip.
+- random_mask: int(ratio·N) positions chosen uniformly (the plain MAE mask, for either side).
+
+Every mask hides the same number of tokens in every clip of a batch. The model relies on that: it turns
+each mask into index tensors of a fixed length (`split`) instead of boolean indexing, which keeps shapes
+static, needs no host sync and lets `torch.compile` see one graph.
+
+All functions build the batch with tensor ops on the given device; no Python loop over samples.
+"""
+import torch
+from torch import Tensor
+
+Grid = tuple[int, int, int]  # (T', H', W')
+
+
+def _check_ratio(ratio: float, name: str) -> None:
+    if not 0.0 <= ratio < 1.0:
+        raise ValueError(f"{name} must be in [0, 1), got {ratio}")
+
+
+def _random_hidden(batch_size: int, n: int, num_hidden: int, device, generator) -> Tensor:
+    """(B, n) bool with exactly `num_hidden` True per row, uniformly at random."""
+    noise = torch.rand(batch_size, n, device=device, generator=generator)
+    rank = noise.argsort(dim=1).argsort(dim=1)  # (B, n): a random permutation of 0..n-1 per row
+    return rank < num_hidden
+
+
+def tube_mask(batch_size: int, grid: Grid, ratio: float, device=None, generator=None) -> Tensor:
+    """Encoder mask: int(ratio·H'·W') hidden positions per frame, the same positions in every slot."""
+    _check_ratio(ratio, "mask_ratio")
+    t, h, w = grid
+    num_hidden = int(ratio * h * w)  # the reference's count: 0.9 of 14x14 -> 176 hidden, 20 visible
+    frame = _random_hidden(batch_size, h * w, num_hidden, device, generator)  # (B, H'·W')
+    return frame[:, None, :].expand(batch_size, t, h * w).reshape(batch_size, t * h * w)
+
+
+def random_mask(batch_size: int, grid: Grid, ratio: float, device=None, generator=None) -> Tensor:
+    """int(ratio·N) hidden positions anywhere in the clip, drawn independently per clip."""
+    _check_ratio(ratio, "mask_ratio")
+    n = grid[0] * grid[1] * grid[2]
+    return _random_hidden(batch_size, n, int(ratio * n), device, generator)
+
+
+def running_cell_phases(grid: Grid, ratio: float, device=None) -> Tensor:
+    """The four running-cell patterns, (4, N) bool, True = dropped from the decoder.
+
+    Number the positions of a 2x2 cell in raster order, c = 0 top-left, 1 top-right, 2 bottom-left,
+    3 bottom-right. In phase s and temporal slot t, position c is dropped when (c + s + t + 1) mod 4 is
+    below k = 4·ratio. For ratio 0.5, phase 0 drops {TL, BR}, then {BL, BR}, {TR, BL}, {TL, TR}, and repeats.
+    (The reference keeps a queue [1]*k + [0]*(4-k) and rotates it left by s + t + 1 before reading each
+    slot; this is the same rule written as arithmetic.)
+    """
+    t, h, w = grid
+    k = 4 * ratio
+    if not (round(k) == k and 1 <= k <= 3):
+        raise ValueError(f"decoder_mask_ratio {ratio} cannot be made by a 2x2 running cell: "
+                         "use 0.25, 0.5 or 0.75")
+    if h % 2 or w % 2:
+        raise ValueError(f"running-cell masking tiles 2x2 cells, so the token grid must be even; "
+                         f"got H'={h}, W'={w} (input_size / patch_size)")
+    cell = (torch.arange(h, device=device) % 2)[:, None] * 2 + torch.arange(w, device=device) % 2  # (H', W')
+    phase = torch.arange(4, device=device)[:, None, None, None]  # (4, 1, 1, 1)
+    slot = torch.arange(t, device=device)[None, :, None, None]  # (1, T', 1, 1)
+    dropped = (cell + phase + slot + 1) % 4 < int(k)  # (4, T', H', W')
+    return dropped.reshape(4, t * h * w)
+
+
+def running_cell_mask(batch_size: int, grid: Grid, ratio: float, device=None, generator=None) -> Tensor:
+    """Decoder mask: each clip follows one of the four running-cell phases, chosen uniformly."""
+    phases = running_cell_phases(grid, ratio, device)  # (4, N)
+    pick = torch.randint(0, 4, (batch_size,), device=device, generator=generator)  # (B,)
+    return phases[pick]
+
+
+def num_hidden(kind: str, grid: Grid, ratio: float) -> int:
+    """How many tokens per clip a mask of this kind hides, known before any mask is drawn."""
+    t, h, w = grid
+    if kind == "tube":
+        return t * int(ratio * h * w)
+    if kind == "random":
+        return int(ratio * t * h * w)
+    if kind == "run_cell":
+        return t * h * w * int(4 * ratio) // 4
+    raise ValueError(f"unknown mask kind {kind!r}; expected 'tube', 'random' or 'run_cell'")
+
+
+def split(mask: Tensor, num_kept: int | None = None) -> tuple[Tensor, Tensor]:
+    """(B, N) bool -> (indices of False (B, num_kept), indices of True (B, N - num_kept)), each ascending.
+
+    `num_kept` (False entries per row) is known to whoever drew the mask (see `num_hidden`); pass it in the
+    training loop. Left out, it is read off the mask, which is one host sync and a graph break under
+    torch.compile, and the rows are checked to hold the same count.
+    """
+    n = mask.shape[1]
+    if num_kept is None:
+        per_row = (~mask).sum(dim=1)
+        num_kept = int(per_row[0])
+        if not bool((per_row == num_kept).all()):
+            raise ValueError(f"every row of a mask must hide the same number of tokens; got per-row kept "
+                             f"counts {per_row.tolist()}")
+    order = mask.to(torch.uint8).argsort(dim=1, stable=True)  # (B, N): False positions first, both ascending
+    return order[:, :num_kept], order[:, num_kept:]
