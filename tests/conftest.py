@@ -1,0 +1,52 @@
+"""Shared test helpers: the reference figures in tests/golden/ and how to compare against them."""
+import functools
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # the project is a flat set of scripts, not a package
+os.environ.setdefault("MPLBACKEND", "Agg")  # figures without a screen
+
+import vmae  # noqa: E402
+
+GOLDEN = Path(__file__).resolve().parent / "golden"
+
+
+@functools.cache
+def golden(name: str) -> dict:
+    return torch.load(GOLDEN / f"{name}.pt", weights_only=True)
+
+
+def golden_video(entry: dict) -> torch.Tensor:
+    return entry["video_int8"].float() * entry["video_scale"]  # (B, 3, T, H, W), exact float32 input
+
+
+def assert_probe(y: torch.Tensor, ref: dict, atol: float = 1e-5, rtol: float = 1e-4) -> None:
+    """Compare a full (B, n, F) tensor with a stored probe (strided columns, end tokens, token sums)."""
+    assert list(y.shape) == ref["shape"]
+    s = ref["stride"]
+    torch.testing.assert_close(y[:, :, ::s], ref["cols"], atol=atol, rtol=rtol)
+    torch.testing.assert_close(y[:, [0, -1], :], ref["ends"], atol=atol, rtol=rtol)
+    torch.testing.assert_close(y.sum(-1), ref["tok_sum"], atol=atol * y.shape[-1] ** 0.5, rtol=rtol)
+
+
+def config_from_reference(kwargs: dict) -> vmae.VideoMAEConfig:
+    """Our config for the keyword arguments the reference model classes were built with."""
+    pretrain = "encoder_embed_dim" in kwargs
+    enc = "encoder_" if pretrain else ""
+    extra = dict(decoder_embed_dim=kwargs["decoder_embed_dim"], decoder_depth=kwargs["decoder_depth"],
+                 decoder_num_heads=kwargs["decoder_num_heads"]) if pretrain else {}
+    return vmae.VideoMAEConfig(
+        img_size=kwargs["img_size"], patch_size=kwargs["patch_size"], num_frames=kwargs["all_frames"],
+        tubelet_size=kwargs["tubelet_size"], embed_dim=kwargs[f"{enc}embed_dim"], depth=kwargs[f"{enc}depth"],
+        num_heads=kwargs[f"{enc}num_heads"], mlp_ratio=kwargs["mlp_ratio"],
+        drop_path_rate=kwargs["drop_path_rate"], **extra)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)

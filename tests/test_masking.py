@@ -1,0 +1,135 @@
+"""Mask properties over many draws, and the running-cell phases against the reference's."""
+import pytest
+import torch
+
+import masking
+from conftest import golden
+
+BASE_GRID = (8, 14, 14)  # ViT-B, 16 frames at 224 px
+DRAWS = 256
+
+
+@pytest.mark.parametrize("key", list(golden("masks")["running_cell"]))
+def test_running_cell_phases_equal_the_reference(key):
+    ref = golden("masks")["running_cell"][key]
+    phases = masking.running_cell_phases(tuple(ref["input_size"]), ref["mask_ratio"])
+    assert torch.equal(phases, ref["phase_maps"].reshape(4, -1))
+
+
+@pytest.mark.parametrize("ratio", [0.25, 0.5, 0.75])
+def test_running_cell_every_position_dropped_k_of_any_four_slots(ratio):
+    t, h, w = 12, 6, 8  # more slots than 4 so windows overlap, a non-square grid
+    mask = masking.running_cell_mask(DRAWS, (t, h, w), ratio).reshape(DRAWS, t, h * w)
+    k = int(4 * ratio)
+    for start in range(t - 3):
+        assert (mask[:, start:start + 4].sum(dim=1) == k).all()
+    assert (mask.sum(dim=2) == h * w * k // 4).all()  # and k of 4 positions per frame
+
+
+def test_running_cell_uses_all_four_phases_per_clip():
+    phases = masking.running_cell_phases(BASE_GRID, 0.5)
+    mask = masking.running_cell_mask(DRAWS, BASE_GRID, 0.5)
+    which = (mask[:, None, :] == phases[None]).all(dim=2)  # (B, 4): the phase each clip follows
+    assert (which.sum(dim=1) == 1).all()
+    assert (which.sum(dim=0) > 0).all()
+
+
+@pytest.mark.parametrize("key", list(golden("masks")["tube"]))
+def test_tube_counts_and_same_holes_in_every_slot(key):
+    ref = golden("masks")["tube"][key]
+    t, h, w = ref["input_size"]
+    mask = masking.tube_mask(DRAWS, (t, h, w), ref["mask_ratio"]).reshape(DRAWS, t, h * w)
+    assert (mask == mask[:, :1]).all()
+    assert (mask.sum(dim=2) == ref["masked_per_frame"]).all()
+    assert (mask.sum(dim=(1, 2)) == ref["total_masked"]).all()
+    # Over many clips every position gets hidden sometimes and shown sometimes: the pattern is random.
+    assert mask[:, 0].any(dim=0).all() and (~mask[:, 0]).any(dim=0).all()
+
+
+def test_tube_example_has_the_reference_shape():
+    ref = golden("masks")["tube_example"]
+    assert (ref["mask"] == ref["mask"][:1]).all()  # the reference's own mask: same in all 8 slots
+    ours = masking.tube_mask(1, tuple(ref["input_size"]), ref["mask_ratio"]).reshape(ref["mask"].shape)
+    assert ours.sum() == ref["mask"].sum()
+
+
+def test_random_mask_counts():
+    mask = masking.random_mask(DRAWS, BASE_GRID, 0.75)
+    assert (mask.sum(dim=1) == int(0.75 * 1568)).all()
+    per_slot = mask.reshape(DRAWS, 8, 196).sum(dim=2)
+    assert (per_slot != per_slot[:, :1]).any()  # unlike tube, slots differ
+
+
+@pytest.mark.parametrize("key", list(golden("masks")["token_counts"]))
+def test_token_counts_per_clip(key):
+    ref = golden("masks")["token_counts"][key]
+    grid = tuple(ref["input_size"])
+    enc = masking.tube_mask(64, grid, ref["tube_ratio"])
+    if ref["cell_ratio"] > 0:
+        dec = masking.running_cell_mask(64, grid, ref["cell_ratio"])
+    else:
+        dec = ~enc  # V1: the decoder is asked for exactly the encoder-hidden positions
+    visible, _ = masking.split(enc)
+    queries, _ = masking.split(dec)
+    assert visible.shape[1] == ref["encoder_tokens"]
+    assert visible.shape[1] + queries.shape[1] == ref["decoder_input_tokens"]
+    assert queries.shape[1] == ref["decoder_predictions"]
+    assert ((enc & ~dec).sum(dim=1) == ref["loss_tokens"]).all()
+
+
+@pytest.mark.parametrize("kind,fn,ratio", [("tube", masking.tube_mask, 0.9), ("random", masking.random_mask, 0.9),
+                                           ("run_cell", masking.running_cell_mask, 0.75)])
+@pytest.mark.parametrize("grid", [BASE_GRID, (8, 16, 16), (4, 8, 6)])
+def test_num_hidden_is_what_the_masks_hide(kind, fn, ratio, grid):
+    mask = fn(8, grid, ratio)
+    assert (mask.sum(dim=1) == masking.num_hidden(kind, grid, ratio)).all()
+
+
+def test_split_returns_sorted_complementary_indices():
+    mask = masking.random_mask(16, BASE_GRID, 0.6)
+    kept, dropped = masking.split(mask)
+    for b in range(16):
+        assert torch.equal(kept[b], (~mask[b]).nonzero().squeeze(1))
+        assert torch.equal(dropped[b], mask[b].nonzero().squeeze(1))
+
+
+def test_split_rejects_rows_with_different_counts():
+    mask = torch.zeros(2, 10, dtype=torch.bool)
+    mask[0, :3] = True
+    with pytest.raises(ValueError, match="same number"):
+        masking.split(mask)
+
+
+def test_generator_makes_masks_reproducible():
+    def draw(seed):
+        g = torch.Generator().manual_seed(seed)
+        return masking.tube_mask(4, BASE_GRID, 0.9, generator=g), masking.running_cell_mask(4, BASE_GRID, 0.5, generator=g)
+    a, b, c = draw(1), draw(1), draw(2)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert not torch.equal(a[0], c[0])
+
+
+@pytest.mark.parametrize("ratio", [0.6, 0.1, 1.0, 0.0])
+def test_running_cell_rejects_ratios_a_cell_cannot_make(ratio):
+    with pytest.raises(ValueError, match=str(ratio)):
+        masking.running_cell_mask(2, BASE_GRID, ratio)
+
+
+def test_running_cell_rejects_odd_grid():
+    with pytest.raises(ValueError, match="H'=7"):
+        masking.running_cell_mask(2, (8, 7, 7), 0.5)
+
+
+@pytest.mark.parametrize("ratio", [1.0, -0.1, 1.5])
+def test_tube_and_random_reject_bad_ratio(ratio):
+    for fn in (masking.tube_mask, masking.random_mask):
+        with pytest.raises(ValueError, match="mask_ratio"):
+            fn(2, BASE_GRID, ratio)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_masks_are_made_on_the_gpu():
+    for mask in (masking.tube_mask(4, BASE_GRID, 0.9, device="cuda"),
+                 masking.running_cell_mask(4, BASE_GRID, 0.5, device="cuda"),
+                 masking.random_mask(4, BASE_GRID, 0.9, device="cuda")):
+        assert mask.is_cuda and mask.shape == (4, 1568)
