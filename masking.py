@@ -101,7 +101,6 @@ def split(mask: Tensor, num_kept: int | None = None) -> tuple[Tensor, Tensor]:
     training loop. Left out, it is read off the mask, which is one host sync and a graph break under
     torch.compile, and the rows are checked to hold the same count.
     """
-    n = mask.shape[1]
     if num_kept is None:
         per_row = (~mask).sum(dim=1)
         num_kept = int(per_row[0])

@@ -136,6 +136,14 @@ def patchify(video: Tensor, patch_size: int, tubelet_size: int) -> Tensor:
     return x.reshape(B, (T // t) * (H // p) * (W // p), t * p * p * C)
 
 
+def unpatchify(cubes: Tensor, grid: tuple[int, int, int], patch_size: int, tubelet_size: int) -> Tensor:
+    """(B, N, t·p·p·C) -> (B, C, T, H, W), the inverse of patchify."""
+    (T, H, W), t, p = grid, tubelet_size, patch_size
+    B, C = cubes.shape[0], cubes.shape[-1] // (t * p * p)
+    x = cubes.reshape(B, T, H, W, t, p, p, C).permute(0, 7, 1, 4, 2, 5, 3, 6)  # (B, C, T', t, H', p, W', p)
+    return x.reshape(B, C, T * t, H * p, W * p)
+
+
 def gather_tokens(x: Tensor, idx: Tensor) -> Tensor:
     """x (B, N, C), idx (B, M) -> (B, M, C): the tokens at positions idx of each sample."""
     return x.gather(1, idx[:, :, None].expand(-1, -1, x.shape[-1]))
