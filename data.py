@@ -1,0 +1,919 @@
+"""Data for VideoMAE V2: videos on disk (or a built-in synthetic set) in, normalised clips out.
+
+Both recipes see a video as a short clip of T frames (16) taken from a longer video:
+
+- Pretraining takes T frames, one every `sampling_rate` (4), from a random start: 64 frames of motion.
+  Each clip gets one multi-scale crop shared by all its frames (and, as in the reference, no flip and no
+  colour change), is resized to `input_size` and normalised with the ImageNet mean/std.
+  The masks are not made here; the training loop draws them on the device (masking.py).
+- Fine-tuning takes T frames spread over a random 64-frame window (train) or the centre window
+  (validation), or several windows × several crops per video (test, "16x5x3"). Training clips get video
+  RandAugment, a random resized crop, a horizontal flip and random erasing, each the same on every frame
+  so the motion stays intact; mixup/cutmix happen later, on the batch (`mixup_cutmix`). For datasets whose
+  classes depend on direction (Something-Something), `sparse_sample` takes one frame from each of T equal
+  segments instead (TSN sampling) and `flip=False` keeps left and right apart.
+- `num_sample` K > 1 is repeated augmentation: one decode, K independently augmented clips.
+
+Sampling and augmentation follow the reference (OpenGVLab/VideoMAEv2) formula for formula; decoding
+uses OpenCV instead of decord: one seek, then sequential grabs, which is frame-accurate.
+
+Where clips come from:
+  pretraining  `data_path` is a folder (scanned recursively for video files) or a list file, one clip
+               per line: `path`, `path label`, `path start_idx total_frames` or `path start_idx
+               total_frames label` (the reference's `path 0 -1` means a video file: total_frames < 0;
+               otherwise `path` is a folder of total_frames images named fname_tmpl.format(i + start_idx)).
+  fine-tuning  `data_path` is a folder holding train.csv / val.csv / test.csv (test falls back to val.csv,
+               as in the reference), one clip per line: `path label` (a video file) or
+               `frame_dir total_frames label` (a folder of frames numbered from `start_idx`); or holding
+               train/ val/ test/ folders with one sub-folder of videos per class (labels are the sorted
+               class names); or it is a single list file.
+  neither      no `data_path`: the built-in `SyntheticVideos`, drawn on the fly (nothing downloaded).
+Lists are space separated with no header, as the reference reads them; `data_root` prefixes every path.
+
+Public API
+  build_pretrain_dataset(data_path=None, data_root='', *, num_frames, sampling_rate, input_size,
+      num_sample, ...) -> PretrainDataset; item: float (num_sample, 3, T, H, W)
+  build_finetune_dataset(mode, data_path=None, data_root='', *, nb_classes, num_frames, sampling_rate,
+      input_size, short_side_size, num_sample, test_num_segment, test_num_crop, sparse_sample, ...)
+      -> FinetuneDataset; items:
+        'train'       (clips float (num_sample, 3, T, H, W), labels long (num_sample,))
+                      so a loop can use x.flatten(0, 1), y.flatten()
+        'validation'  (clip (3, T, H, W), label int)
+        'test'        (clip (3, T, H, W), label int, video int, view int): item i is view i % V of video
+                      i // V, V = test_num_segment·test_num_crop, view = segment·test_num_crop + crop;
+                      average the softmax of a video's views to score it
+  mixup_cutmix(clips, labels, num_classes, ...) -> (clips, soft targets): the batch-level mix
+  dataset.bad_videos(): with skip_bad_videos, the unreadable files skipped so far (all workers)
+  SyntheticVideos: the built-in set; .export(root, split) writes it as .mp4 files plus a list file
+  read_video, read_frames: decoding; read_pretrain_list, read_finetune_split: the list formats
+  pretrain_indices, dense_indices, dense_test_indices, segment_indices, segment_test_indices: sampling
+  multi_scale_crop, rand_augment, random_resized_crop, random_erase, resize_short_side, spatial_crop,
+  to_tensor: augmentation on (T, H, W, 3) uint8 frames / the final tensor
+
+DataLoader workers need no worker_init_fn. OpenCV runs single-threaded from import on (each worker decodes
+with one thread; the workers are the parallelism), which also keeps forked workers from hanging: OpenCV's
+thread pool does not survive a fork. Every item draws its randomness from torch's RNG, which the DataLoader
+seeds per worker from the main process's seed, so a run repeats under torch.manual_seed.
+
+Bad input is never silent: a list line that does not parse, or a label out of range, raises ListError
+naming the file and line; a missing or unreadable video raises VideoError naming the file and reason.
+With skip_bad_videos such a video is logged once, counted, and another one used instead, up to
+max_bad_fraction of the dataset, past which the run stops with the list of bad files.
+"""
+import logging
+import math
+import multiprocessing
+import os
+import re
+import sys
+from functools import partial
+from typing import Callable, Iterator, NamedTuple, Sequence
+
+import cv2
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from vmae import IMAGENET_MEAN, IMAGENET_STD
+
+log = logging.getLogger(__name__)
+cv2.setNumThreads(1)  # see the module docstring: a DataLoader worker forked after a parallel OpenCV call hangs
+
+VIDEO_EXTENSIONS = (".mp4", ".avi", ".mkv", ".webm", ".mov", ".m4v", ".mpg", ".mpeg", ".flv", ".wmv")
+# CAP_PROP_FRAME_COUNT is read from the container and can be a little high (often by one frame); a video
+# may end this much early (at least 2 frames) before it counts as truncated.
+FRAME_COUNT_SLACK = 0.05
+
+
+class VideoError(RuntimeError):
+    """A video or frame folder that cannot be read; the message names the file and the reason."""
+
+
+class ListError(ValueError):
+    """A list file line that does not parse or has a label out of range; the message names file and line."""
+
+
+# -----------------------------------------------------------------------------------------------------
+# Decoding
+
+
+def _open(path: str) -> cv2.VideoCapture:
+    if not os.path.isfile(path):
+        raise VideoError(f"{path}: no such file")
+    cap = cv2.VideoCapture(path, cv2.CAP_FFMPEG, [cv2.CAP_PROP_N_THREADS, 1])  # one decoding thread
+    if not cap.isOpened():
+        raise VideoError(f"{path}: OpenCV cannot open it (not a video, truncated, or an unsupported codec)")
+    return cap
+
+
+def _decode(cap: cv2.VideoCapture, start: int, stop: int, keep: set[int]) -> tuple[dict, int]:
+    """Decode frames start..stop-1 in order, after one seek to `start`; keep (BGR) those in `keep`.
+
+    Returns the kept frames and the index one past the last frame decoded (below `stop` if the stream
+    ended first). Frames in between must be decoded too, but grab() skips their colour conversion.
+    """
+    if start > 0:
+        cap.set(cv2.CAP_PROP_POS_FRAMES, start)
+    kept = {}
+    for i in range(start, stop):
+        if not cap.grab():
+            return kept, i
+        if i in keep:
+            ok, frame = cap.retrieve()
+            if not ok:
+                return kept, i
+            kept[i] = frame
+    return kept, stop
+
+
+def read_video(path: str, choose: Callable[[int], Sequence[int]]) -> np.ndarray:
+    """Frames `choose(num_frames)` of a video file, in the order given: (T, H, W, 3) uint8 RGB.
+
+    num_frames is the container's frame count (counted by decoding if it has none). A frame asked for past
+    the real end repeats the last real frame; a video that ends more than FRAME_COUNT_SLACK early is an
+    error. Never one seek per frame: that is several times slower and, on some AVI/MPEG-4 files, lands
+    on the wrong frame.
+    """
+    cap = _open(path)
+    num_frames = int(cap.get(cv2.CAP_PROP_FRAME_COUNT))
+    if num_frames <= 0:  # no count in the header: count by decoding
+        _, num_frames = _decode(_open(path), 0, sys.maxsize, set())
+    if num_frames == 0:
+        raise VideoError(f"{path}: no frames")
+    indices = [int(i) for i in choose(num_frames)]
+    first, last = min(indices), max(indices)
+    slack = max(2, int(FRAME_COUNT_SLACK * num_frames))
+    keep = set(indices) | set(range(num_frames - slack - 1, last + 1))  # the last few stand in for missing ones
+    frames, end = _decode(cap, first, last + 1, keep)
+    if end == first > 0:  # the seek went past the real end: find the last frame from the start
+        frames, end = _decode(_open(path), 0, last + 1, keep)
+    if end <= last and (end == 0 or end < num_frames - slack):
+        raise VideoError(f"{path}: the stream ends after {end} frames but the file claims {num_frames} "
+                         "(truncated or corrupt)")
+    return np.stack([frames[min(i, end - 1)][..., ::-1] for i in indices])  # BGR -> RGB
+
+
+def read_frames(frame_dir: str, indices: Sequence[int], fname_tmpl: str = "img_{:05}.jpg",
+                start_idx: int = 1) -> np.ndarray:
+    """Frames of a folder of images, frame i in file fname_tmpl.format(i + start_idx): (T, H, W, 3) uint8
+    RGB."""
+    if not os.path.isdir(frame_dir):
+        raise VideoError(f"{frame_dir}: no such folder of frames")
+    images = {}
+    for i in set(indices):
+        path = os.path.join(frame_dir, fname_tmpl.format(i + start_idx))
+        if not os.path.isfile(path):
+            raise VideoError(f"{path}: missing, so {frame_dir} has fewer frames than its list line claims")
+        images[i] = cv2.imdecode(np.fromfile(path, np.uint8), cv2.IMREAD_COLOR)
+        if images[i] is None:
+            raise VideoError(f"{path}: OpenCV cannot decode this image")
+    return np.stack([images[i][..., ::-1] for i in indices])  # BGR -> RGB
+
+
+# -----------------------------------------------------------------------------------------------------
+# Lists of clips
+
+
+class Sample(NamedTuple):
+    path: str  # a video file, or a folder of frames
+    start_idx: int  # file number of a folder's first frame
+    total_frames: int  # < 0: a video file (its length comes from the file)
+    label: int  # -1: unlabelled
+
+
+def scan_videos(folder: str) -> list[str]:
+    """Every video file under `folder`, recursively, in sorted order."""
+    found = []
+    for root, dirs, files in os.walk(folder):
+        dirs.sort()
+        found += [os.path.join(root, f) for f in sorted(files) if f.lower().endswith(VIDEO_EXTENSIONS)]
+    return found
+
+
+def _lines(list_file: str) -> Iterator[tuple[int, list[str]]]:
+    """(line number, fields) of each non-blank line."""
+    if not os.path.isfile(list_file):
+        raise FileNotFoundError(f"list file {list_file} does not exist")
+    with open(list_file) as f:
+        for number, line in enumerate(f, 1):
+            if line.strip():
+                yield number, line.split()
+
+
+def _numbers(fields: list[str], counts: tuple[int, ...], where: str, expected: str) -> list[int]:
+    """The integer fields after the path, checking the field count."""
+    if len(fields) not in counts or not all(re.fullmatch(r"[+-]?\d+", f) for f in fields[1:]):
+        raise ListError(f"{where}: expected {expected} separated by spaces, got {' '.join(fields)!r}")
+    return [int(f) for f in fields[1:]]
+
+
+def read_pretrain_list(data_path: str, data_root: str = "") -> list[Sample]:
+    """Pretraining clips from a folder of videos or a list file (formats in the module docstring)."""
+    if os.path.isdir(data_path):
+        samples = [Sample(path, 0, -1, -1) for path in scan_videos(data_path)]
+    else:
+        expected = "'path', 'path label', 'path start_idx total_frames' or 'path start_idx total_frames label'"
+        samples = []
+        for number, fields in _lines(data_path):
+            numbers = _numbers(fields, (1, 2, 3, 4), f"{data_path}:{number}", expected)
+            start_idx, total_frames = numbers[:2] if len(numbers) >= 2 else (0, -1)
+            if total_frames == 0:
+                raise ListError(f"{data_path}:{number}: total_frames is 0 (use -1 for a video file)")
+            samples.append(Sample(os.path.join(data_root, fields[0]), start_idx, total_frames, -1))
+    if not samples:
+        raise ListError(f"{data_path}: no clips found")
+    return samples
+
+
+def read_finetune_list(list_file: str, data_root: str = "", nb_classes: int | None = None,
+                       start_idx: int = 1) -> list[Sample]:
+    """Labelled clips from a list file: `path label` (videos) or `frame_dir total_frames label` (frames)."""
+    samples = []
+    for number, fields in _lines(list_file):
+        where = f"{list_file}:{number}"
+        *total, label = _numbers(fields, (2, 3), where, "'path label' or 'frame_dir total_frames label'")
+        if total and total[0] <= 0:
+            raise ListError(f"{where}: total_frames must be positive, got {total[0]}")
+        if nb_classes is not None and not 0 <= label < nb_classes:
+            raise ListError(f"{where}: label {label} is out of range for nb_classes={nb_classes}")
+        path = os.path.join(data_root, fields[0])
+        samples.append(Sample(path, start_idx, total[0], label) if total else Sample(path, 0, -1, label))
+    if not samples:
+        raise ListError(f"{list_file}: no clips found")
+    return samples
+
+
+def _class_folder_samples(data_path: str, split_dir: str, nb_classes: int | None) -> list[Sample]:
+    """Videos in split_dir/<class>/...; classes are the sorted sub-folder names of all splits together."""
+    splits = [os.path.join(data_path, s) for s in ("train", "val", "test")]
+    classes = sorted({c for s in splits if os.path.isdir(s) for c in os.listdir(s)
+                      if os.path.isdir(os.path.join(s, c))})
+    if nb_classes is not None and len(classes) > nb_classes:
+        raise ListError(f"{data_path}: {len(classes)} class folders but nb_classes={nb_classes}")
+    samples = [Sample(path, 0, -1, label) for label, c in enumerate(classes)
+               for path in scan_videos(os.path.join(split_dir, c))]
+    if not samples:
+        raise ListError(f"{split_dir}: no videos in its class folders")
+    return samples
+
+
+def _check_mode(mode: str) -> None:
+    if mode not in ("train", "validation", "test"):
+        raise ValueError(f"mode must be 'train', 'validation' or 'test', got {mode!r}")
+
+
+def read_finetune_split(data_path: str, mode: str, data_root: str = "", nb_classes: int | None = None,
+                        start_idx: int = 1) -> list[Sample]:
+    """The clips of one split ('train', 'validation' or 'test') of a fine-tuning data_path."""
+    _check_mode(mode)
+    if os.path.isfile(data_path):
+        return read_finetune_list(data_path, data_root, nb_classes, start_idx)
+    names = {"train": ["train"], "validation": ["val"], "test": ["test", "val"]}[mode]
+    for name in names:
+        list_file, folder = os.path.join(data_path, name + ".csv"), os.path.join(data_path, name)
+        if os.path.isfile(list_file):
+            return read_finetune_list(list_file, data_root, nb_classes, start_idx)
+        if os.path.isdir(folder):
+            return _class_folder_samples(data_path, folder, nb_classes)
+    raise FileNotFoundError(f"{data_path}: no {' or '.join(n + '.csv' for n in names)} list and no "
+                            f"{' or '.join(n + '/' for n in names)} folder of class sub-folders")
+
+
+class VideoList:
+    """Clips on disk (video files and folders of frames): a source for the datasets below."""
+
+    def __init__(self, samples: list[Sample], fname_tmpl: str = "img_{:05}.jpg"):
+        self.samples = samples
+        self.fname_tmpl = fname_tmpl
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def label(self, i: int) -> int:
+        return self.samples[i].label
+
+    def name(self, i: int) -> str:
+        return self.samples[i].path
+
+    def clip(self, i: int, choose: Callable[[int], Sequence[int]]) -> np.ndarray:
+        """Frames choose(length) of clip i, (T, H, W, 3) uint8 RGB."""
+        path, start_idx, total_frames, _ = self.samples[i]
+        if total_frames < 0:
+            return read_video(path, choose)
+        return read_frames(path, choose(total_frames), self.fname_tmpl, start_idx)
+
+
+# -----------------------------------------------------------------------------------------------------
+# The built-in synthetic dataset
+
+
+class _Shape(NamedTuple):
+    polygon: np.ndarray  # (n, 2) vertices around (0, 0), in pixels
+    colour: tuple
+    start: np.ndarray  # (2,) centre (x, y) at frame 0
+    velocity: np.ndarray  # (2,) pixels per frame
+    angle: float  # radians at frame 0
+    spin: float  # radians per frame
+
+
+def _polygon(corners: int, inner: float = 1.0) -> np.ndarray:
+    """(corners, 2) unit polygon; with inner < 1 every other corner is pulled in to that radius (a star)."""
+    angles = np.arange(corners) * 2 * np.pi / corners
+    radii = np.where(np.arange(corners) % 2 == 0, 1.0, inner)
+    return np.stack([radii * np.cos(angles), radii * np.sin(angles)], 1)
+
+
+_POLYGONS = (_polygon(3), _polygon(4), _polygon(5), _polygon(8, 0.45), _polygon(10, 0.45))  # spin is visible
+
+
+class SyntheticVideos:
+    """Videos of coloured shapes drifting and spinning over textured backgrounds, drawn on the fly.
+
+    Video i is a pure function of (seed, first_index + i): its background (smooth colour blobs plus
+    stripes), three small distractor shapes moving and spinning at random, and the main shape (the
+    largest, drawn on top), which moves in the direction of its class: label = index mod num_classes
+    (balanced), heading = 2π·(label + u)/num_classes with u uniform in ±0.25. The main shape's path is
+    centred in the frame, so a single frame says little about the label: telling the classes apart needs
+    motion. Only the frames asked for are drawn (a few ms for 16 frames at 224 px).
+    """
+
+    def __init__(self, num_videos: int = 1024, num_classes: int = 8, length: int = 80, height: int = 128,
+                 width: int = 160, seed: int = 0, first_index: int = 0):
+        self.num_videos, self.num_classes, self.length = num_videos, num_classes, length
+        self.height, self.width, self.seed, self.first_index = height, width, seed, first_index
+
+    def __len__(self) -> int:
+        return self.num_videos
+
+    def label(self, i: int) -> int:
+        return (self.first_index + i) % self.num_classes
+
+    def name(self, i: int) -> str:
+        return f"synthetic video {self.first_index + i}"
+
+    def clip(self, i: int, choose: Callable[[int], Sequence[int]]) -> np.ndarray:
+        return self.render(i, choose(self.length))
+
+    def render(self, i: int, indices: Sequence[int]) -> np.ndarray:
+        """Frames `indices` of video i, (T, H, W, 3) uint8 RGB."""
+        background, shapes = self._scene(i)
+        return np.stack([self._draw(background, shapes, t) for t in indices])
+
+    def _scene(self, i: int) -> tuple[np.ndarray, list[_Shape]]:
+        rng = np.random.default_rng([self.seed, self.first_index + i])
+        h, w, side = self.height, self.width, min(self.height, self.width)
+        colours = rng.integers(0, 256, (3, 4, 3), dtype=np.uint8)
+        blobs = cv2.resize(colours, (w, h), interpolation=cv2.INTER_CUBIC)  # (H, W, 3) smooth colour
+        direction, period, phase = rng.uniform(0, np.pi), rng.uniform(4, 16), rng.uniform(0, 2 * np.pi)
+        x, y = np.arange(w, dtype=np.float32), np.arange(h, dtype=np.float32)[:, None]
+        along = math.cos(direction) * x + math.sin(direction) * y  # (H, W) float32
+        stripes = 25 * np.sin(along * (2 * math.pi / period) + phase)
+        background = np.clip(np.float32(0.6) * blobs + (stripes + 30)[..., None], 0, 255).astype(np.uint8)
+        shapes = []
+        for main in (False, False, False, True):
+            heading = (2 * np.pi * (self.label(i) + rng.uniform(-0.25, 0.25)) / self.num_classes if main
+                       else rng.uniform(0, 2 * np.pi))
+            radius = (0.2 if main else rng.uniform(0.06, 0.12)) * side
+            speed = (0.4 if main else rng.uniform(0, 0.4)) * side / self.length  # pixels per frame
+            middle = (rng.uniform(0.3, 0.7, 2) if main else rng.uniform(0, 1, 2)) * (w, h)
+            velocity = speed * np.array([np.cos(heading), np.sin(heading)])
+            polygon = _POLYGONS[rng.integers(len(_POLYGONS))] * radius
+            colour = tuple(int(c) for c in rng.integers(64, 256, 3))
+            spin = rng.uniform(0.03, 0.12) * rng.choice((-1, 1))
+            start = middle - velocity * (self.length - 1) / 2  # the path is centred on `middle`
+            shapes.append(_Shape(polygon, colour, start, velocity, rng.uniform(0, 2 * np.pi), spin))
+        return background, shapes
+
+    @staticmethod
+    def _draw(background: np.ndarray, shapes: list[_Shape], t: int) -> np.ndarray:
+        frame = background.copy()  # (H, W, 3) uint8
+        for s in shapes:
+            a = s.angle + s.spin * t
+            rotation = np.array([[np.cos(a), -np.sin(a)], [np.sin(a), np.cos(a)]])
+            points = s.polygon @ rotation.T + s.start + s.velocity * t  # (n, 2) pixels
+            cv2.fillPoly(frame, [np.round(points * 16).astype(np.int32)], s.colour, cv2.LINE_AA, shift=4)
+        return frame
+
+    def export(self, root: str, split: str = "train", fps: int = 25) -> str:
+        """Write the videos as root/split/video_NNNNN.mp4 and the list root/split.csv (`path label` lines,
+        relative to root); returns the list file's path."""
+        os.makedirs(os.path.join(root, split), exist_ok=True)
+        lines = []
+        for i in range(len(self)):
+            name = f"{split}/video_{self.first_index + i:05d}.mp4"
+            writer = cv2.VideoWriter(os.path.join(root, name), cv2.VideoWriter_fourcc(*"mp4v"), fps,
+                                     (self.width, self.height))
+            if not writer.isOpened():
+                raise RuntimeError(f"{os.path.join(root, name)}: OpenCV cannot write an mp4v video here")
+            for frame in self.render(i, range(self.length)):
+                writer.write(cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))
+            writer.release()
+            lines.append(f"{name} {self.label(i)}\n")
+        list_file = os.path.join(root, f"{split}.csv")
+        with open(list_file, "w") as f:
+            f.writelines(lines)
+        return list_file
+
+
+# -----------------------------------------------------------------------------------------------------
+# Which frames: temporal sampling. Each takes the video's length n and returns int frame indices.
+
+
+def pretrain_indices(n: int, num_frames: int, sampling_rate: int, rng: np.random.Generator) -> np.ndarray:
+    """num_frames frames, sampling_rate apart, from a random start; short videos repeat the last reachable one.
+
+    As in the reference, a step is taken only while it lands before the video's last frame (index ≤ n-2).
+    """
+    room = n - num_frames * sampling_rate + 1
+    start = int(rng.integers(room)) if room > 0 else 0
+    steps = max(0, (n - 2 - start) // sampling_rate)  # the reference stops stepping here
+    return start + sampling_rate * np.minimum(np.arange(num_frames), steps)
+
+
+def dense_indices(n: int, num_frames: int, sampling_rate: int, rng: np.random.Generator | None) -> np.ndarray:
+    """num_frames frames evenly over a num_frames·sampling_rate window: at random (rng), or the centre one.
+
+    A video no longer than the window is read every sampling_rate frames and padded with its last frame.
+    """
+    window = num_frames * sampling_rate
+    if n <= window:
+        index = np.linspace(0, n, num=n // sampling_rate)
+        index = np.concatenate([index, np.full(num_frames - n // sampling_rate, n)])
+        return np.clip(index, 0, n - 1).astype(np.int64)
+    end = int(rng.integers(window, n)) if rng is not None else (window + n) // 2
+    return np.clip(np.linspace(end - window, end, num=num_frames), end - window, end - 1).astype(np.int64)
+
+
+def _view_start(extent: int, view: int, num_views: int) -> int:
+    """Offset of view `view` of num_views spread evenly over [0, extent]; a single view is centred."""
+    return int(view * extent / (num_views - 1)) if num_views > 1 else extent // 2
+
+
+def dense_test_indices(n: int, num_frames: int, sampling_rate: int, view: int, num_views: int) -> np.ndarray:
+    """Test window `view` of num_views: the video read every sampling_rate frames (padded to num_frames),
+    and num_frames consecutive of those, the windows spread evenly from start to end."""
+    every = np.arange(0, n, sampling_rate)
+    every = np.concatenate([every, np.full(max(0, num_frames - len(every)), every[-1])])
+    start = _view_start(len(every) - num_frames, view, num_views)
+    return every[start:start + num_frames]
+
+
+def segment_indices(n: int, num_segments: int, rng: np.random.Generator | None) -> np.ndarray:
+    """TSN sampling: one frame from each of num_segments equal segments, at random (rng) or in the middle.
+
+    A video shorter than num_segments repeats its first frame in front.
+    """
+    length = n // num_segments
+    if length == 0:
+        return np.concatenate([np.zeros(num_segments - n, np.int64), np.arange(n)])
+    offsets = rng.integers(length, size=num_segments) if rng is not None else length // 2
+    return np.arange(num_segments) * length + offsets
+
+
+def segment_test_indices(n: int, num_segments: int, view: int, num_views: int) -> np.ndarray:
+    """TSN test view `view` of num_views: each segment's frame shifted by view/num_views of a segment."""
+    tick = n / num_segments
+    return (view * tick / num_views + tick * np.arange(num_segments)).astype(np.int64)
+
+
+# -----------------------------------------------------------------------------------------------------
+# Augmentation: on (T, H, W, 3) uint8 frames, every frame transformed the same way
+
+
+def _resize(frames: np.ndarray, width: int, height: int) -> np.ndarray:
+    return np.stack([cv2.resize(f, (width, height), interpolation=cv2.INTER_LINEAR) for f in frames])
+
+
+_MULTI_SCALE_OFFSETS = ((0, 0), (4, 0), (0, 4), (4, 4), (2, 2),  # corners and centre
+                        (0, 2), (4, 2), (2, 4), (2, 0),  # edge middles
+                        (1, 1), (3, 1), (1, 3), (3, 3))  # quarter points, in quarters of the free space
+
+
+def multi_scale_crop(frames: np.ndarray, size: int, rng: np.random.Generator,
+                     scales: Sequence[float] = (1, .875, .75, .66), max_distort: int = 1) -> np.ndarray:
+    """The pretraining crop: width and height each a scale of the short side (at most max_distort scales
+    apart; within 3 px of `size` snaps to it), at one of 13 fixed places, resized to size x size."""
+    _, h, w, _ = frames.shape
+    sides = [size if abs(int(min(h, w) * s) - size) < 3 else int(min(h, w) * s) for s in scales]
+    pairs = [(cw, ch) for i, ch in enumerate(sides) for j, cw in enumerate(sides) if abs(i - j) <= max_distort]
+    cw, ch = pairs[rng.integers(len(pairs))]
+    x, y = _MULTI_SCALE_OFFSETS[rng.integers(len(_MULTI_SCALE_OFFSETS))]
+    left, top = x * ((w - cw) // 4), y * ((h - ch) // 4)
+    return _resize(frames[:, top:top + ch, left:left + cw], size, size)
+
+
+def random_resized_crop(frames: np.ndarray, size: int, rng: np.random.Generator,
+                        scale: tuple[float, float] = (0.08, 1.0),
+                        ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> np.ndarray:
+    """The fine-tuning crop: area a `scale` fraction of the frame, aspect log-uniform in `ratio` (10 tries,
+    then the centre crop at the nearest allowed aspect), resized to size x size."""
+    _, h, w, _ = frames.shape
+    for _ in range(10):
+        area = rng.uniform(*scale) * h * w
+        aspect = math.exp(rng.uniform(math.log(ratio[0]), math.log(ratio[1])))
+        cw, ch = round(math.sqrt(area * aspect)), round(math.sqrt(area / aspect))
+        if 0 < cw <= w and 0 < ch <= h:
+            top, left = int(rng.integers(h - ch + 1)), int(rng.integers(w - cw + 1))
+            break
+    else:
+        aspect = min(max(w / h, ratio[0]), ratio[1])
+        cw, ch = min(w, round(h * aspect)), min(h, round(w / aspect))
+        top, left = (h - ch) // 2, (w - cw) // 2
+    return _resize(frames[:, top:top + ch, left:left + cw], size, size)
+
+
+def resize_short_side(frames: np.ndarray, size: int) -> np.ndarray:
+    """Resize so the shorter side is `size`, keeping the aspect ratio."""
+    _, h, w, _ = frames.shape
+    if min(h, w) == size:
+        return frames
+    return _resize(frames, size, int(size * h / w)) if w < h else _resize(frames, int(size * w / h), size)
+
+
+def spatial_crop(frames: np.ndarray, size: int, view: int = 0, num_views: int = 1) -> np.ndarray:
+    """A size x size crop, view `view` of num_views spread evenly along the longer side (left, centre,
+    right for 3) and centred along the shorter; one view is the centre crop."""
+    _, h, w, _ = frames.shape
+    if h >= w:  # portrait (or square): the views go top to bottom
+        top, left = _view_start(h - size, view, num_views), (w - size) // 2
+    else:
+        top, left = (h - size) // 2, _view_start(w - size, view, num_views)
+    return frames[:, top:top + size, left:left + size]
+
+
+# uint8 value -> normalised float, per channel: (3, 256)
+_NORMALISE = ((np.arange(256, dtype=np.float32)[None] / 255 - np.float32(IMAGENET_MEAN)[:, None])
+              / np.float32(IMAGENET_STD)[:, None]).astype(np.float32)
+
+
+def to_tensor(frames: np.ndarray) -> Tensor:
+    """(T, H, W, 3) uint8 -> (3, T, H, W) float32: /255, then the ImageNet mean and std."""
+    t, h, w, _ = frames.shape
+    clip = torch.empty(3, t, h, w)
+    planes = clip.numpy().reshape(3, t * h, w)  # a view: OpenCV writes straight into the tensor
+    for c in range(3):  # a table lookup, several times faster than the arithmetic
+        cv2.LUT(np.ascontiguousarray(frames[..., c]).reshape(t * h, w), _NORMALISE[c], dst=planes[c])
+    return clip
+
+
+def random_erase(clip: Tensor, rng: np.random.Generator, prob: float = 0.25,
+                 area: tuple[float, float] = (0.02, 1 / 3), min_aspect: float = 0.3) -> Tensor:
+    """With probability `prob`, fill one box with N(0, 1) noise, in place on a normalised (3, T, H, W) clip:
+    the same box on every frame (area a fraction in `area`, aspect log-uniform in [min_aspect, 1/min_aspect]),
+    fresh noise in each."""
+    if rng.random() > prob:
+        return clip
+    _, t, h, w = clip.shape
+    for _ in range(100):
+        target = rng.uniform(*area) * h * w
+        aspect = math.exp(rng.uniform(math.log(min_aspect), -math.log(min_aspect)))
+        bh, bw = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
+        if bh < h and bw < w:
+            top, left = int(rng.integers(h - bh + 1)), int(rng.integers(w - bw + 1))
+            noise = rng.standard_normal((3, t, bh, bw), np.float32)
+            clip[:, :, top:top + bh, left:left + bw] = torch.from_numpy(noise)
+            break
+    return clip
+
+
+# RandAugment ('rand-m7-n4-mstd0.5-inc1'): num_ops ops drawn with replacement, each applied with probability
+# 0.5 at magnitude ~ N(m, mstd) clipped to [0, 10]; the "increasing" set, where a larger magnitude always
+# means a stronger change. Each op below takes (frames, level = magnitude/10 in [0, 1], rng) and does the
+# same thing to every frame; the signed ones pick their sign at random. They mirror PIL's operations.
+
+
+def _signed(value: float, rng: np.random.Generator) -> float:
+    return value if rng.random() < 0.5 else -value
+
+
+def _lut(frames: np.ndarray, table: np.ndarray) -> np.ndarray:
+    """Map every pixel value through a table: (256,) for all channels, or (256, 3) one per channel."""
+    t, h, w, _ = frames.shape
+    table = np.clip(table, 0, 255).astype(np.uint8).reshape(256, 1, -1)
+    return cv2.LUT(frames.reshape(t * h, w, 3), table).reshape(frames.shape)
+
+
+def _affine(frames: np.ndarray, matrix: np.ndarray) -> np.ndarray:
+    """Warp by a 2x3 matrix mapping output pixels to input pixels (as PIL's), bicubic, grey outside."""
+    h, w = frames.shape[1:3]
+    return np.stack([cv2.warpAffine(f, matrix, (w, h), flags=cv2.INTER_CUBIC | cv2.WARP_INVERSE_MAP,
+                                    borderValue=(128, 128, 128)) for f in frames])
+
+
+# What each enhancement blends a frame (H, W, 3) with: its grey, its mean grey, black, a smoothed copy.
+
+
+def _gray(frame: np.ndarray) -> np.ndarray:
+    return cv2.cvtColor(cv2.cvtColor(frame, cv2.COLOR_RGB2GRAY), cv2.COLOR_GRAY2RGB)
+
+
+def _mean_gray(frame: np.ndarray) -> np.ndarray:
+    return np.full_like(frame, int(cv2.cvtColor(frame, cv2.COLOR_RGB2GRAY).mean() + 0.5))
+
+
+def _black(frame: np.ndarray) -> np.ndarray:
+    return np.zeros_like(frame)
+
+
+_SMOOTH = np.array([[1, 1, 1], [1, 5, 1], [1, 1, 1]], np.float32) / 13  # PIL's SMOOTH filter
+
+
+def _smooth(frame: np.ndarray) -> np.ndarray:
+    return cv2.filter2D(frame, -1, _SMOOTH, borderType=cv2.BORDER_REPLICATE)
+
+
+def _enhance(frames: np.ndarray, level: float, rng: np.random.Generator, degenerate: Callable) -> np.ndarray:
+    """PIL's ImageEnhance: blend from degenerate(frame) (factor 0) through the frame (factor 1) and on,
+    factor 1 ± 0.9·level, saturating at 0 and 255."""
+    factor = 1 + _signed(0.9 * level, rng)
+    return np.stack([cv2.addWeighted(f, factor, degenerate(f), 1 - factor, 0) for f in frames])
+
+
+def _auto_contrast(frames: np.ndarray, level: float, rng: np.random.Generator) -> np.ndarray:
+    """Stretch each channel of each frame to span 0..255 (a flat channel stays as it is)."""
+    values = np.arange(256)[:, None]  # (256, 1)
+    out = []
+    for frame in frames:
+        low, high = np.array([cv2.minMaxLoc(c)[:2] for c in cv2.split(frame)]).T  # (3,) each, per channel
+        table = np.where(high > low, (values - low) * (255 / np.maximum(high - low, 1)), values)  # (256, 3)
+        out.append(_lut(frame[None], table)[0])
+    return np.stack(out)
+
+
+def _equalize(frames: np.ndarray, level: float, rng: np.random.Generator) -> np.ndarray:
+    return np.stack([cv2.merge([cv2.equalizeHist(c) for c in cv2.split(f)]) for f in frames])
+
+
+def _invert(frames: np.ndarray, level: float, rng: np.random.Generator) -> np.ndarray:
+    return _lut(frames, 255 - np.arange(256))
+
+
+def _posterize(frames: np.ndarray, level: float, rng: np.random.Generator) -> np.ndarray:
+    bits = 4 - int(level * 4)  # keep 4 down to 0 high bits
+    return _lut(frames, np.arange(256) & (0xFF << (8 - bits)))
+
+
+def _solarize(frames: np.ndarray, level: float, rng: np.random.Generator) -> np.ndarray:
+    threshold = 256 - int(level * 256)
+    values = np.arange(256)
+    return _lut(frames, np.where(values >= threshold, 255 - values, values))
+
+
+def _solarize_add(frames: np.ndarray, level: float, rng: np.random.Generator) -> np.ndarray:
+    values = np.arange(256)
+    return _lut(frames, np.where(values < 128, values + int(level * 110), values))
+
+
+def _rotate(frames: np.ndarray, level: float, rng: np.random.Generator) -> np.ndarray:
+    h, w = frames.shape[1:3]
+    return _affine(frames, cv2.getRotationMatrix2D((w / 2, h / 2), _signed(30 * level, rng), 1.0))
+
+
+def _shear(frames: np.ndarray, level: float, rng: np.random.Generator, axis: int) -> np.ndarray:
+    matrix = np.eye(2, 3)
+    matrix[axis, 1 - axis] = _signed(0.3 * level, rng)
+    return _affine(frames, matrix)
+
+
+def _translate(frames: np.ndarray, level: float, rng: np.random.Generator, axis: int) -> np.ndarray:
+    matrix = np.eye(2, 3)
+    matrix[axis, 2] = _signed(0.45 * level, rng) * frames.shape[2 - axis]  # a fraction of the width / height
+    return _affine(frames, matrix)
+
+
+_RAND_OPS = (_auto_contrast, _equalize, _invert, _rotate, _posterize, _solarize, _solarize_add,
+             partial(_enhance, degenerate=_gray), partial(_enhance, degenerate=_mean_gray),
+             partial(_enhance, degenerate=_black), partial(_enhance, degenerate=_smooth),
+             partial(_shear, axis=0), partial(_shear, axis=1), partial(_translate, axis=0),
+             partial(_translate, axis=1))
+
+
+def parse_rand_augment(aa: str) -> tuple[float, int, float] | None:
+    """'rand-m7-n4-mstd0.5-inc1' -> (magnitude, num_ops, magnitude_std); '' or 'none' -> None (off)."""
+    if aa.lower() in ("", "none"):
+        return None
+    match = re.fullmatch(r"rand-m(\d+(?:\.\d+)?)-n(\d+)-mstd(\d+(?:\.\d+)?)-inc1", aa)
+    if match is None:
+        raise ValueError(f"aa={aa!r}: expected 'rand-m<magnitude>-n<ops>-mstd<std>-inc1', e.g. "
+                         "'rand-m7-n4-mstd0.5-inc1', or 'none' (only the increasing op set is implemented)")
+    return float(match[1]), int(match[2]), float(match[3])
+
+
+def rand_augment(frames: np.ndarray, rng: np.random.Generator, magnitude: float = 7, num_ops: int = 4,
+                 magnitude_std: float = 0.5) -> np.ndarray:
+    """Video RandAugment: the same ops, with the same magnitudes, on every frame of the clip."""
+    for op in rng.choice(len(_RAND_OPS), num_ops):
+        if rng.random() < 0.5:
+            level = min(10.0, max(0.0, rng.normal(magnitude, magnitude_std))) / 10
+            frames = _RAND_OPS[op](frames, level, rng)
+    return frames
+
+
+# -----------------------------------------------------------------------------------------------------
+# Datasets
+
+
+def _item_rng() -> np.random.Generator:
+    """A numpy generator for one item, seeded from torch's RNG. The DataLoader seeds torch in each worker
+    from the main process's seed, so a run repeats under torch.manual_seed (for a given num_workers)."""
+    return np.random.default_rng(int(torch.randint(2 ** 62, ())))
+
+
+class _Clips(Dataset):
+    """Loading for both datasets, with the bad-video policy: raise, or skip (logged, counted, limited)."""
+
+    def __init__(self, source: VideoList | SyntheticVideos, skip_bad_videos: bool, max_bad_fraction: float):
+        self.source = source
+        self.skip_bad_videos = skip_bad_videos
+        self.max_bad_fraction = max_bad_fraction
+        # one flag per video in shared memory, so DataLoader workers and the main process see the same set
+        self._bad = multiprocessing.RawArray("b", len(source)) if skip_bad_videos else None
+
+    def bad_videos(self) -> list[str]:
+        """The unreadable videos skipped so far, by all workers together (for an epoch summary)."""
+        if self._bad is None:
+            return []
+        return [self.source.name(int(i)) for i in np.flatnonzero(np.frombuffer(self._bad, np.int8))]
+
+    def _load(self, index: int, choose: Callable[[int], Sequence[int]], rng: np.random.Generator):
+        """(frames (T, H, W, 3) uint8, index of the video they come from): video `index`, or with
+        skip_bad_videos a random other one if it cannot be read."""
+        while True:
+            if self._bad is None or not self._bad[index]:
+                try:
+                    return self.source.clip(index, choose), index
+                except VideoError as error:
+                    if not self.skip_bad_videos:
+                        raise
+                    self._skip(index, error)
+            index = int(rng.integers(len(self.source)))
+
+    def _skip(self, index: int, error: VideoError) -> None:
+        self._bad[index] = 1
+        bad = self.bad_videos()
+        log.warning("skipping an unreadable video (%d so far): %s", len(bad), error)
+        if len(bad) > self.max_bad_fraction * len(self.source) or len(bad) == len(self.source):
+            raise VideoError(f"{len(bad)} of {len(self.source)} videos are unreadable, more than "
+                             f"max_bad_fraction={self.max_bad_fraction}: " + ", ".join(bad))
+
+
+class PretrainDataset(_Clips):
+    """Pretraining clips. Item: (num_sample, 3, num_frames, input_size, input_size) float, num_sample
+    multi-scale crops of one strided window (decoded once)."""
+
+    def __init__(self, source: VideoList | SyntheticVideos, num_frames: int = 16, sampling_rate: int = 4,
+                 input_size: int = 224, num_sample: int = 1, skip_bad_videos: bool = False,
+                 max_bad_fraction: float = 0.01):
+        super().__init__(source, skip_bad_videos, max_bad_fraction)
+        self.num_frames, self.sampling_rate = num_frames, sampling_rate
+        self.input_size, self.num_sample = input_size, num_sample
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index: int) -> Tensor:
+        rng = _item_rng()
+        choose = lambda n: pretrain_indices(n, self.num_frames, self.sampling_rate, rng)
+        frames, _ = self._load(index, choose, rng)  # (T, H, W, 3) uint8
+        crops = [multi_scale_crop(frames, self.input_size, rng) for _ in range(self.num_sample)]
+        return torch.stack([to_tensor(crop) for crop in crops])
+
+
+class FinetuneDataset(_Clips):
+    """Labelled clips for fine-tuning, in mode 'train', 'validation' or 'test' (items: module docstring)."""
+
+    def __init__(self, source: VideoList | SyntheticVideos, mode: str, num_frames: int = 16,
+                 sampling_rate: int = 4, input_size: int = 224, short_side_size: int = 224, num_sample: int = 2,
+                 test_num_segment: int = 5, test_num_crop: int = 3, sparse_sample: bool = False,
+                 flip: bool = True, aa: str = "rand-m7-n4-mstd0.5-inc1", reprob: float = 0.25,
+                 skip_bad_videos: bool = False, max_bad_fraction: float = 0.01):
+        super().__init__(source, skip_bad_videos, max_bad_fraction)
+        _check_mode(mode)
+        if mode != "train" and short_side_size < input_size:
+            raise ValueError(f"short_side_size={short_side_size} is smaller than input_size={input_size}: "
+                             "the evaluation crop would not fit")
+        if min(num_sample, test_num_segment, test_num_crop) < 1:
+            raise ValueError("num_sample, test_num_segment and test_num_crop must each be at least 1")
+        self.mode, self.num_frames, self.sampling_rate = mode, num_frames, sampling_rate
+        self.input_size, self.short_side_size, self.num_sample = input_size, short_side_size, num_sample
+        self.test_num_segment, self.test_num_crop = test_num_segment, test_num_crop
+        self.sparse_sample, self.flip, self.reprob = sparse_sample, flip, reprob
+        self.rand_augment = parse_rand_augment(aa)
+        self.num_views = test_num_segment * test_num_crop if mode == "test" else 1
+
+    def __len__(self) -> int:
+        return len(self.source) * self.num_views
+
+    def _frame_indices(self, n: int, segment: int, rng: np.random.Generator) -> np.ndarray:
+        if self.mode == "test" and self.sparse_sample:
+            return segment_test_indices(n, self.num_frames, segment, self.test_num_segment)
+        if self.mode == "test":
+            return dense_test_indices(n, self.num_frames, self.sampling_rate, segment, self.test_num_segment)
+        random = rng if self.mode == "train" else None  # validation: the middle of each segment / the centre
+        if self.sparse_sample:
+            return segment_indices(n, self.num_frames, random)
+        return dense_indices(n, self.num_frames, self.sampling_rate, random)
+
+    def _augment(self, frames: np.ndarray, rng: np.random.Generator) -> Tensor:
+        """One training clip (3, T, H, W): RandAugment, random resized crop, flip, normalise, erase. (The
+        reference normalises before cropping; cropping the uint8 frames first is the same up to rounding.)"""
+        if self.rand_augment is not None:
+            frames = rand_augment(frames, rng, *self.rand_augment)
+        clip = to_tensor(random_resized_crop(frames, self.input_size, rng))
+        if self.flip and rng.random() < 0.5:
+            clip = clip.flip(-1)
+        if self.reprob > 0:
+            random_erase(clip, rng, self.reprob)
+        return clip
+
+    def __getitem__(self, index: int):
+        rng = _item_rng()
+        video, view = divmod(index, self.num_views)
+        segment, crop = divmod(view, self.test_num_crop)
+        frames, video = self._load(video, lambda n: self._frame_indices(n, segment, rng), rng)  # (T, H, W, 3)
+        label = self.source.label(video)
+        if self.mode == "train":
+            clips = torch.stack([self._augment(frames, rng) for _ in range(self.num_sample)])
+            return clips, torch.full((self.num_sample,), label)
+        frames = resize_short_side(frames, self.short_side_size)
+        if self.mode == "validation":
+            return to_tensor(spatial_crop(frames, self.input_size)), label
+        return to_tensor(spatial_crop(frames, self.input_size, crop, self.test_num_crop)), label, video, view
+
+
+def build_pretrain_dataset(data_path: str | None = None, data_root: str = "", *, num_frames: int = 16,
+                           sampling_rate: int = 4, input_size: int = 224, num_sample: int = 1,
+                           fname_tmpl: str = "img_{:05}.jpg", skip_bad_videos: bool = False,
+                           max_bad_fraction: float = 0.01, synthetic_videos: int = 1024) -> PretrainDataset:
+    """The pretraining dataset for data_path (a list file or a folder of videos), or the synthetic set."""
+    if data_path:
+        source = VideoList(read_pretrain_list(data_path, data_root), fname_tmpl)
+    else:
+        source = _synthetic(synthetic_videos, 8, num_frames, sampling_rate, input_size, first_index=0)
+    return PretrainDataset(source, num_frames, sampling_rate, input_size, num_sample, skip_bad_videos,
+                           max_bad_fraction)
+
+
+def build_finetune_dataset(mode: str, data_path: str | None = None, data_root: str = "", *, nb_classes: int,
+                           num_frames: int = 16, sampling_rate: int = 4, input_size: int = 224,
+                           short_side_size: int = 224, num_sample: int = 2, test_num_segment: int = 5,
+                           test_num_crop: int = 3, sparse_sample: bool = False, flip: bool = True,
+                           aa: str = "rand-m7-n4-mstd0.5-inc1", reprob: float = 0.25,
+                           fname_tmpl: str = "img_{:05}.jpg", start_idx: int = 1, skip_bad_videos: bool = False,
+                           max_bad_fraction: float = 0.01, synthetic_videos: int = 1024) -> FinetuneDataset:
+    """The fine-tuning dataset of one split, mode 'train', 'validation' or 'test', for data_path, or the
+    synthetic set (synthetic_videos training videos; validation and test share synthetic_videos // 4 others)."""
+    if data_path:
+        source = VideoList(read_finetune_split(data_path, mode, data_root, nb_classes, start_idx), fname_tmpl)
+    elif mode == "train":
+        source = _synthetic(synthetic_videos, nb_classes, num_frames, sampling_rate, input_size, first_index=0)
+    else:
+        source = _synthetic(max(1, synthetic_videos // 4), nb_classes, num_frames, sampling_rate, input_size,
+                            first_index=synthetic_videos)
+    return FinetuneDataset(source, mode, num_frames, sampling_rate, input_size, short_side_size, num_sample,
+                           test_num_segment, test_num_crop, sparse_sample, flip, aa, reprob, skip_bad_videos,
+                           max_bad_fraction)
+
+
+def _synthetic(num_videos: int, num_classes: int, num_frames: int, sampling_rate: int, input_size: int,
+               first_index: int) -> SyntheticVideos:
+    """Synthetic videos long enough for a full window, input_size tall, 4:3."""
+    return SyntheticVideos(num_videos, num_classes, length=num_frames * (sampling_rate + 1), height=input_size,
+                           width=input_size * 4 // 3, first_index=first_index)
+
+
+# -----------------------------------------------------------------------------------------------------
+# Mixup / CutMix, on a batch
+
+
+def mixup_cutmix(clips: Tensor, labels: Tensor, num_classes: int, mixup_alpha: float = 0.8,
+                 cutmix_alpha: float = 1.0, switch_prob: float = 0.5, smoothing: float = 0.1,
+                 rng: np.random.Generator | None = None) -> tuple[Tensor, Tensor]:
+    """Mix a batch of clips (B, 3, T, H, W) in place with the batch in reverse order (timm's 'batch' mode).
+
+    One λ per batch ~ Beta(α, α). CutMix (chosen with probability switch_prob when both are on) pastes a box
+    of about (1 - λ) of the frame from the partner clip, the same box in every frame and channel, and λ
+    becomes the exact share of the clip left; Mixup blends whole clips. Targets are one-hots smoothed to
+    1 - smoothing + smoothing/K and smoothing/K, mixed with the same λ, so each row sums to 1.
+    Returns (clips, targets (B, num_classes) float).
+    """
+    rng = rng if rng is not None else _item_rng()
+    use_cutmix = cutmix_alpha > 0 and (mixup_alpha <= 0 or rng.random() < switch_prob)
+    lam = 1.0
+    if use_cutmix:
+        h, w = clips.shape[-2:]
+        ratio = math.sqrt(1 - rng.beta(cutmix_alpha, cutmix_alpha))
+        cy, cx, ch, cw = int(rng.integers(h)), int(rng.integers(w)), int(h * ratio), int(w * ratio)
+        top, bottom = max(cy - ch // 2, 0), min(cy + ch // 2, h)
+        left, right = max(cx - cw // 2, 0), min(cx + cw // 2, w)
+        clips[..., top:bottom, left:right] = clips[..., top:bottom, left:right].flip(0)  # flip() copies
+        lam = 1 - (bottom - top) * (right - left) / (h * w)
+    elif mixup_alpha > 0:
+        lam = float(rng.beta(mixup_alpha, mixup_alpha))
+        partner = clips.flip(0)  # a copy, taken before clips changes
+        clips.mul_(lam).add_(partner, alpha=1 - lam)
+    off = smoothing / num_classes
+    targets = torch.full((len(labels), num_classes), off, device=labels.device)
+    targets.scatter_(1, labels[:, None], 1 - smoothing + off)
+    return clips, lam * targets + (1 - lam) * targets.flip(0)
