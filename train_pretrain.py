@@ -1,0 +1,578 @@
+"""Pretrain VideoMAE V2: tube-masked encoder, running-cell-masked decoder, pixel reconstruction.
+
+Each step draws the two masks on the device, runs the model on a batch of clips, and takes an AdamW step
+on the mean squared error of the cubes the encoder did not see and the decoder was asked for (vmae.py
+explains the method). With no --data_path it trains a small model on the built-in synthetic clips, sized
+to finish in minutes on a laptop CPU; any flag given explicitly wins over those demo settings.
+
+    python train_pretrain.py                                          # the demo: built-in data, CPU or GPU
+    python train_pretrain.py --data_path train.csv --data_root /videos --model base --batch_size 32
+    torchrun --standalone --nproc_per_node=8 train_pretrain.py ...     # one machine, 8 GPUs (DDP)
+    torchrun --nnodes=8 --nproc_per_node=8 --node_rank=$NODE_RANK \\
+        --rdzv_backend=c10d --rdzv_endpoint=$MASTER_HOST:29500 train_pretrain.py ...   # 8 machines
+    torchrun ... train_pretrain.py --model giant --fsdp --with_checkpoint --precision bf16  # shard ViT-g
+
+--batch_size is per process and per micro-step; the learning rate is --lr x batch_size x accum_iter x
+processes / 256 (the reference's rule; clips from --num_sample repeats are not counted).
+
+The pieces both recipes need live here once and train_finetune.py imports them: the cosine schedule,
+optimizer parameter groups, distributed set-up, checkpoint files and weight loading.
+"""
+import argparse
+import json
+import os
+import random
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                     get_optimizer_state_dict, set_model_state_dict,
+                                                     set_optimizer_state_dict)
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+import data
+import masking
+import vmae
+
+# -----------------------------------------------------------------------------------------------------
+# Schedules and optimizer groups (shared with train_finetune.py)
+
+
+def cosine_schedule(base_value: float, final_value: float, epochs: int, niter_per_ep: int, warmup_epochs: int = 0,
+                    start_warmup_value: float = 0.0, warmup_steps: int = -1) -> np.ndarray:
+    """One value per optimizer step: a linear warmup from start_warmup_value to base_value (both included),
+    then a half cosine from base_value towards final_value (reached one step after the end).
+
+    The warmup lasts warmup_steps if > 0, else warmup_epochs · niter_per_ep. (The reference only builds the
+    warmup when warmup_epochs > 0, so warmup_steps alone made it fail a length assert; fixed here.)
+    """
+    total = epochs * niter_per_ep
+    warmup_iters = warmup_steps if warmup_steps > 0 else warmup_epochs * niter_per_ep
+    warmup_iters = min(warmup_iters, total)
+    warmup = np.linspace(start_warmup_value, base_value, warmup_iters)
+    i = np.arange(total - warmup_iters)
+    cosine = final_value + 0.5 * (base_value - final_value) * (1 + np.cos(np.pi * i / max(len(i), 1)))
+    return np.concatenate([warmup, cosine])
+
+
+def layer_id(name: str, num_layers: int) -> int:
+    """Layer-wise LR decay depth of a parameter: embedding and positions 0, block k k+1, the rest the top."""
+    if name in ("cls_token", "mask_token", "pos_embed") or name.startswith("patch_embed"):
+        return 0
+    if name.startswith("blocks."):
+        return int(name.split(".")[1]) + 1
+    return num_layers - 1
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float, layer_decay: float | None = None) -> list[dict]:
+    """AdamW groups: no weight decay for 1-D parameters (biases, LayerNorm, q/v biases) and the mask token;
+    with `layer_decay`, block k's learning rate is scaled by layer_decay^(depth + 1 - (k + 1)).
+
+    Decided by the parameter object itself, not by its name, so wrapping the model (DDP, torch.compile's
+    `_orig_mod.` prefix) cannot change it: the reference's compiled pretraining gave the mask token weight
+    decay that way (spec.md §9 item 10).
+    """
+    no_decay = {id(p) for p in (getattr(model, "mask_token", None),) if p is not None}
+    depth = len(model.blocks) if layer_decay is not None else 0
+    groups: dict[str, dict] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        decay = p.ndim >= 2 and id(p) not in no_decay
+        kind = "decay" if decay else "no_decay"
+        if layer_decay is None:
+            key, scale = kind, 1.0
+        else:
+            lid = layer_id(name, depth + 2)
+            key, scale = f"layer_{lid}_{kind}", layer_decay ** (depth + 1 - lid)
+        group = groups.setdefault(key, dict(name=key, params=[], param_names=[], lr_scale=scale,
+                                            weight_decay=weight_decay if decay else 0.0))
+        group["params"].append(p)
+        group["param_names"].append(name)
+    return list(groups.values())
+
+
+def make_optimizer(groups: list[dict], lr: float, betas, eps: float, device: torch.device) -> torch.optim.AdamW:
+    """AdamW, fused into one kernel per step where the device has one."""
+    fused = device.type in ("cuda", "cpu")
+    groups = [{k: v for k, v in g.items() if k != "param_names"} for g in groups]
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, fused=fused)
+
+
+def set_schedules(optimizer: torch.optim.Optimizer, lr: float, weight_decay: float) -> None:
+    for g in optimizer.param_groups:  # float(): plain numbers, so checkpoints load with weights_only
+        g["lr"] = float(lr) * g["lr_scale"]
+        if g["weight_decay"] > 0:
+            g["weight_decay"] = float(weight_decay)
+
+
+# -----------------------------------------------------------------------------------------------------
+# Distributed set-up, precision, seeding (shared)
+
+
+@dataclass
+class Dist:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed(device: str) -> Dist:
+    """Read torchrun's RANK / WORLD_SIZE / LOCAL_RANK; one process per GPU (NCCL) or per CPU job (gloo)."""
+    world, rank, local = (int(os.environ.get(k, d)) for k, d in (("WORLD_SIZE", 1), ("RANK", 0), ("LOCAL_RANK", 0)))
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            sys.exit("--device cuda: no CUDA device is available here; use --device cpu")
+        dev = torch.device("cuda", local)
+        torch.cuda.set_device(dev)
+    if "WORLD_SIZE" in os.environ:  # launched by torchrun (even with one process, FSDP needs the group)
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+    return Dist(rank, world, local, dev)
+
+
+def resolve_precision(precision: str | None, device: torch.device) -> str:
+    """bf16 where the device computes in it natively (CUDA with bf16), else fp32; fp16 only when asked."""
+    if precision is not None:
+        return precision
+    return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+
+
+def autocast(device: torch.device, precision: str):
+    if precision == "fp32":
+        return nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed every generator a run draws from; re-done at each epoch start from (seed, epoch, rank), so an
+    epoch replayed after a resume draws exactly what the uninterrupted run drew."""
+    random.seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    torch.manual_seed(seed)
+
+
+def wrap_model(model: torch.nn.Module, d: Dist, fsdp: bool, precision: str) -> torch.nn.Module:
+    """DDP across processes, or FSDP2 (each transformer block sharded on its own) with --fsdp."""
+    if fsdp:
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+        policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
+        for block in [m for m in model.modules() if isinstance(m, vmae.Block)]:
+            fully_shard(block, mp_policy=policy)
+        return fully_shard(model, mp_policy=policy)
+    if d.world_size > 1:
+        return DDP(model, device_ids=[d.local_rank] if d.device.type == "cuda" else None)
+    return model
+
+
+def grad_sync(model: torch.nn.Module, enabled: bool) -> None:
+    """Skip the gradient all-reduce on accumulation micro-steps (only the last one syncs)."""
+    if isinstance(model, DDP):
+        model.require_backward_grad_sync = enabled
+    elif hasattr(model, "set_requires_gradient_sync"):  # FSDP2
+        model.set_requires_gradient_sync(enabled)
+
+
+# -----------------------------------------------------------------------------------------------------
+# Checkpoints (shared)
+
+FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)  # one plain state_dict, gathered on the CPU
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    """Write atomically: a temporary file in the same folder, then a rename, so a crash mid-write never
+    leaves a truncated checkpoint under the real name."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    """torch.load with weights_only=True (no arbitrary code from a file), with errors that say what failed."""
+    path = Path(path)
+    if not path.is_file():
+        sys.exit(f"checkpoint {path}: no such file")
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):  # the reference keeps its args as one
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a truncated file, not a torch file, or one that needs unsafe unpickling
+        sys.exit(f"checkpoint {path}: cannot be read as a weights-only torch checkpoint ({type(e).__name__}: {e})")
+
+
+def training_state(model, optimizer, scaler, epoch: int, step: int, args) -> dict:
+    """The reference's layout (model, optimizer, epoch, scaler, args) plus the optimizer step. Model and
+    optimizer are gathered into plain, unsharded state dicts with clean names (no `module.` or
+    `_orig_mod.` prefixes), so the file loads anywhere. Collective under FSDP: call on every rank."""
+    return dict(model=get_model_state_dict(model, options=FULL),
+                optimizer=get_optimizer_state_dict(model, optimizer, options=FULL),
+                scaler=scaler.state_dict(), epoch=epoch, step=step,
+                args={k: v for k, v in vars(args).items() if k != "cfg"})  # plain values only: weights_only loads
+
+
+def restore_training_state(model, optimizer, scaler, state: dict) -> None:
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=False)
+    set_model_state_dict(model, state["model"], options=options)
+    set_optimizer_state_dict(model, optimizer, state["optimizer"], options=options)
+    scaler.load_state_dict(state["scaler"])
+
+
+def config_from_checkpoint(checkpoint: dict, source: str, **fields) -> vmae.VideoMAEConfig:
+    """The model a checkpoint was trained with, from the arguments it stores (ours and the reference's
+    both keep them under `args`); `fields` override them."""
+    args = checkpoint.get("args")
+    args = vars(args) if isinstance(args, argparse.Namespace) else args
+    if not isinstance(args, dict) or "model" not in args:
+        sys.exit(f"{source}: stores no training arguments, so its model size is unknown; "
+                 "pass --model, --input_size and --num_frames")
+    sizes = dict(img_size=args.get("input_size", 224), num_frames=args.get("num_frames", 16),
+                 tubelet_size=args.get("tubelet_size", 2))
+    if "decoder_depth" in args:
+        sizes["decoder_depth"] = args["decoder_depth"]
+    return vmae.config(args["model"], **{**sizes, **fields})
+
+
+def state_dict_of(checkpoint: dict, source: str) -> dict:
+    """The weights inside a checkpoint file: ours and the reference's keep them under `model`, DeepSpeed
+    runs under `module`, others store the bare dict. Wrapper prefixes are removed."""
+    for key in ("model", "module", "model_state", "state_dict"):
+        if isinstance(checkpoint.get(key), dict):
+            checkpoint = checkpoint[key]
+            break
+    if not all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
+        sys.exit(f"{source}: expected a state dict of tensors (optionally under 'model' or 'module')")
+    out = {}
+    for k, v in checkpoint.items():
+        for prefix in ("_orig_mod.", "module."):
+            k = k.removeprefix(prefix)
+        out[k] = v
+    return out
+
+
+def load_weights(model: torch.nn.Module, path: str | Path) -> None:
+    """Initialise `model` from a checkpoint file (ours or the reference's) and say what did not fit.
+
+    A pretraining model takes a pretraining checkpoint as it is. A classifier takes the encoder of one
+    (`encoder.` or `backbone.` prefix dropped, like the reference's fine-tune script) or a classifier's
+    weights; the pretraining encoder's final LayerNorm, the decoder and the mask token are not used, and
+    fc_norm and the head start fresh when the file has none. A head with another class count is dropped.
+    A weight of another shape (a checkpoint of another model size) is an error.
+    """
+    weights = state_dict_of(load_checkpoint(path), str(path))
+    if isinstance(model, vmae.VideoClassifier):
+        weights = {k.removeprefix("backbone.").removeprefix("encoder."): v for k, v in weights.items()}
+    own = model.state_dict()
+    for key in ("head.weight", "head.bias"):
+        if key in weights and key in own and weights[key].shape != own[key].shape:
+            print(f"{path}: dropping {key} {tuple(weights.pop(key).shape)}: the model's head is {tuple(own[key].shape)}")
+    wrong = [f"{k}: file {tuple(v.shape)} vs model {tuple(own[k].shape)}" for k, v in weights.items()
+             if k in own and v.shape != own[k].shape]
+    if wrong:
+        sys.exit(f"{path}: weights of a different shape (a checkpoint of another model size or input?):\n  "
+                 + "\n  ".join(wrong))
+    result = model.load_state_dict(weights, strict=False)
+    expected_missing = {"fc_norm.weight", "fc_norm.bias", "head.weight", "head.bias"}
+    missing = [k for k in result.missing_keys if k not in expected_missing]
+    fresh = [k for k in result.missing_keys if k in expected_missing]
+    print(f"loaded {len(weights) - len(result.unexpected_keys)} tensors from {path}")
+    if fresh:
+        print(f"  starting fresh (not in the file, as expected from a pretraining checkpoint): {', '.join(fresh)}")
+    if result.unexpected_keys:
+        print(f"  not used by this model ({len(result.unexpected_keys)}; the pretraining decoder, mask token and "
+              f"final encoder norm are expected here): {', '.join(result.unexpected_keys[:8])}"
+              + (" ..." if len(result.unexpected_keys) > 8 else ""))
+    if missing:
+        print(f"  WARNING: {len(missing)} weights of the model are not in the file and keep their random "
+              f"init: {', '.join(missing[:8])}" + (" ..." if len(missing) > 8 else ""))
+
+
+# -----------------------------------------------------------------------------------------------------
+# Pretraining
+
+
+def draw_masks(batch_size: int, grid, args, device) -> tuple:
+    """Encoder and decoder masks for a batch, made on the device, and their per-clip token counts."""
+    makers = {"tube": masking.tube_mask, "random": masking.random_mask, "run_cell": masking.running_cell_mask}
+    n = grid[0] * grid[1] * grid[2]
+    enc = makers[args.mask_type](batch_size, grid, args.mask_ratio, device=device)
+    num_visible = n - masking.num_hidden(args.mask_type, grid, args.mask_ratio)
+    if args.decoder_mask_ratio == 0:  # VideoMAE V1: predict every encoder-hidden cube
+        return enc, None, num_visible, n - num_visible
+    dec = makers[args.decoder_mask_type](batch_size, grid, args.decoder_mask_ratio, device=device)
+    return enc, dec, num_visible, n - masking.num_hidden(args.decoder_mask_type, grid, args.decoder_mask_ratio)
+
+
+def pretrain_step_loss(model: torch.nn.Module, cfg: vmae.VideoMAEConfig, video: torch.Tensor, args) -> torch.Tensor:
+    """Masks, forward, target and loss for one batch of clips (B, 3, T, H, W)."""
+    enc, dec, num_visible, num_queries = draw_masks(video.shape[0], cfg.grid, args, video.device)
+    pred = model(video, enc, dec, num_visible=num_visible, num_queries=num_queries)  # (B, N_q, 3·t·p²)
+    target = vmae.reconstruction_target(video, cfg.patch_size, cfg.tubelet_size, args.normalize_target)
+    return vmae.pretrain_loss(pred, target, enc, dec)
+
+
+# The demo that `python train_pretrain.py` runs when no --data_path is given; explicit flags still win.
+DEMO = dict(model="small", input_size=96, num_frames=8, batch_size=8, epochs=6, warmup_epochs=1, lr=5e-3,
+            num_sample=1, num_workers=2, save_ckpt_freq=2)
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="VideoMAE V2 pretraining", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    a = p.add_argument
+    a("--model", default="base", help="small, base, large, huge, giant, or a reference name "
+      "(pretrain_videomae_base_patch16_224, ...)")
+    a("--batch_size", type=int, default=32, help="clips per process per micro-step (before --num_sample)")
+    a("--accum_iter", type=int, default=1, help="micro-steps accumulated per optimizer step")
+    a("--epochs", type=int, default=200)
+    a("--warmup_epochs", type=int, default=20)
+    a("--warmup_steps", type=int, default=-1, help="if > 0, overrides --warmup_epochs")
+    a("--lr", type=float, default=1e-3, help="base learning rate per 256 clips")
+    a("--min_lr", type=float, default=1e-5, help="base LR the cosine decays towards (scaled like --lr)")
+    a("--weight_decay", type=float, default=0.05)
+    a("--weight_decay_end", type=float, default=None, help="cosine weight-decay schedule end (default: constant)")
+    a("--opt_betas", type=float, nargs=2, default=[0.9, 0.95])
+    a("--opt_eps", type=float, default=1e-8)
+    a("--clip_grad", type=float, default=None, help="max gradient norm (the giant recipe uses 0.02)")
+    a("--mask_type", default="tube", choices=["tube", "random"], help="encoder mask")
+    a("--mask_ratio", type=float, default=0.9, help="share of tokens hidden from the encoder")
+    a("--decoder_mask_type", default="run_cell", choices=["run_cell", "random"])
+    a("--decoder_mask_ratio", type=float, default=0.5, help="share of tokens dropped from the decoder; 0 = VideoMAE V1")
+    a("--decoder_depth", type=int, default=4)
+    a("--num_frames", type=int, default=16)
+    a("--sampling_rate", type=int, default=4, help="take every n-th frame")
+    a("--input_size", type=int, default=224)
+    a("--tubelet_size", type=int, default=2)
+    a("--num_sample", type=int, default=4, help="augmented clips per decoded video (repeated augmentation)")
+    a("--drop_path", type=float, default=0.0)
+    a("--normalize_target", "--normlize_target", action=argparse.BooleanOptionalAction, default=True,
+      help="predict per-cube normalised pixels")
+    a("--data_path", default=None, help="list file (path start_idx total_frames, or one path per line) or a "
+      "folder of videos; omitted: the built-in synthetic clips")
+    a("--data_root", default="", help="prefix for relative paths in the list")
+    a("--fname_tmpl", default="img_{:05}.jpg", help="file names of extracted frames")
+    a("--synthetic_size", type=int, default=1024, help="videos in the built-in dataset (used when no --data_path)")
+    a("--skip_bad_videos", action="store_true", help="skip unreadable videos (logged and counted) instead of stopping")
+    a("--output_dir", default="output/pretrain")
+    a("--resume", default=None, help="checkpoint to resume from (default: the newest in --output_dir)")
+    a("--auto_resume", action=argparse.BooleanOptionalAction, default=True)
+    a("--finetune", default=None, help="initialise the weights from this checkpoint (progressive training)")
+    a("--save_ckpt_freq", type=int, default=50, help="keep checkpoint-<epoch>.pth every n epochs")
+    a("--log_every", type=int, default=20, help="optimizer steps between loss read-outs (each is a host sync)")
+    a("--num_workers", type=int, default=10)
+    a("--seed", type=int, default=0)
+    a("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    a("--precision", default=None, choices=["bf16", "fp16", "fp32"], help="default: bf16 on GPUs that have it, else fp32")
+    a("--compile", action="store_true", help="torch.compile the model")
+    a("--with_checkpoint", action="store_true", help="activation checkpointing per block (less memory, ~30%% slower)")
+    a("--fsdp", action="store_true", help="shard parameters, gradients and optimizer state (launch with torchrun)")
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = get_args_parser()
+    if parser.parse_known_args(argv)[0].data_path is None:
+        parser.set_defaults(**DEMO)
+    args = parser.parse_args(argv)
+    args.cfg = model_config(parser, args, decoder_depth=args.decoder_depth)
+    if not 0 < args.mask_ratio < 1:
+        parser.error(f"--mask_ratio must be in (0, 1), got {args.mask_ratio}")
+    if not 0 <= args.decoder_mask_ratio < 1:
+        parser.error(f"--decoder_mask_ratio must be in [0, 1) (0 turns decoder masking off), got {args.decoder_mask_ratio}")
+    try:
+        draw_masks(1, args.cfg.grid, args, "cpu")
+    except ValueError as e:
+        parser.error(f"--decoder_mask_ratio/--input_size: {e}")
+    for name in ("batch_size", "accum_iter", "epochs", "num_sample", "save_ckpt_freq", "log_every"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
+    if args.data_path is not None and not Path(args.data_path).exists():
+        parser.error(f"--data_path {args.data_path}: no such file or folder")
+    if args.fsdp and "WORLD_SIZE" not in os.environ:
+        parser.error("--fsdp needs a process group: launch with torchrun (e.g. torchrun --nproc_per_node=8 ...)")
+    return args
+
+
+# config field -> the flag that sets it, so a bad value is reported under the name the user typed
+FLAGS = dict(img_size="--input_size", num_frames="--num_frames", tubelet_size="--tubelet_size",
+             decoder_depth="--decoder_depth", drop_path_rate="--drop_path")
+
+
+def model_config(parser: argparse.ArgumentParser, args, **fields) -> vmae.VideoMAEConfig:
+    """The --model preset with the size flags applied (train_finetune.py passes its own extra fields)."""
+    if vmae.ALIASES.get(args.model, args.model) not in vmae.SIZES:
+        parser.error(f"--model {args.model}: expected one of {', '.join(vmae.SIZES)} or a reference name "
+                     "such as pretrain_videomae_base_patch16_224")
+    try:
+        return vmae.config(args.model, img_size=args.input_size, num_frames=args.num_frames,
+                           tubelet_size=args.tubelet_size, drop_path_rate=args.drop_path,
+                           with_checkpoint=args.with_checkpoint, **fields)
+    except ValueError as e:
+        message = str(e)
+        for field, flag in FLAGS.items():
+            message = message.replace(field, flag)
+        parser.error(message)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    cfg = args.cfg
+    d = setup_distributed(args.device)
+    device = d.device
+    precision = resolve_precision(args.precision, device)
+    out = Path(args.output_dir)
+    log = print if d.is_main else (lambda *a, **k: None)
+    seed_everything(args.seed)  # the same initial weights on every process
+
+    dataset = data.build_pretrain_dataset(
+        args.data_path, args.data_root, num_frames=args.num_frames, sampling_rate=args.sampling_rate,
+        input_size=args.input_size, num_sample=args.num_sample, fname_tmpl=args.fname_tmpl,
+        skip_bad_videos=args.skip_bad_videos, synthetic_videos=args.synthetic_size)
+    sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=d.world_size, rank=d.rank, shuffle=True,
+                                                  seed=args.seed, drop_last=True)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, sampler=sampler, drop_last=True,
+                                         num_workers=args.num_workers, pin_memory=device.type == "cuda")
+    steps_per_epoch = len(loader) // args.accum_iter
+    if steps_per_epoch == 0:
+        sys.exit(f"--batch_size {args.batch_size} x --accum_iter {args.accum_iter} x {d.world_size} processes is more "
+                 f"than the {len(dataset)} clips of the dataset: not one step per epoch")
+
+    model = vmae.PretrainVideoMAE(cfg).to(device)
+    if args.finetune:
+        load_weights(model, args.finetune)
+    groups = param_groups(model, args.weight_decay)
+    n_params = sum(p.numel() for p in model.parameters())
+    model = wrap_model(model, d, args.fsdp, precision)
+    if args.compile:
+        (model.module if isinstance(model, DDP) else model).compile()
+    optimizer = make_optimizer(groups, args.lr, args.opt_betas, args.opt_eps, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+
+    scale = args.batch_size * args.accum_iter * d.world_size / 256
+    lr_schedule = cosine_schedule(args.lr * scale, args.min_lr * scale, args.epochs, steps_per_epoch,
+                                  args.warmup_epochs, warmup_steps=args.warmup_steps)
+    wd_end = args.weight_decay if args.weight_decay_end is None else args.weight_decay_end
+    wd_schedule = cosine_schedule(args.weight_decay, wd_end, args.epochs, steps_per_epoch)
+
+    start_epoch = 0
+    resume = args.resume or (out / "checkpoint-last.pth" if args.auto_resume and (out / "checkpoint-last.pth").exists() else None)
+    if resume:
+        state = load_checkpoint(resume)
+        restore_training_state(model, optimizer, scaler, state)
+        start_epoch = state["epoch"] + 1
+        log(f"resumed from {resume}: epoch {state['epoch']} done, continuing at epoch {start_epoch}")
+
+    enc, dec, num_visible, num_queries = draw_masks(1, cfg.grid, args, "cpu")
+    loss_tokens = int((enc & ~dec).sum()) if dec is not None else num_queries
+    clips_per_step = args.batch_size * args.num_sample * args.accum_iter * d.world_size
+    log(f"model {args.model}: {n_params / 1e6:.1f}M parameters, {cfg.num_frames}x{cfg.img_size}, grid {cfg.grid} = "
+        f"{cfg.num_tokens} tokens | {device}, {precision}, {d.world_size} process(es)"
+        + (", FSDP" if args.fsdp else "") + (", compiled" if args.compile else ""))
+    log(f"data: {'built-in synthetic clips' if args.data_path is None else args.data_path} ({len(dataset)} videos)")
+    log(f"masks per clip: encoder sees {num_visible} ({args.mask_type} {args.mask_ratio}), decoder predicts "
+        f"{num_queries}" + (f" ({args.decoder_mask_type} {args.decoder_mask_ratio})" if dec is not None else " (V1)")
+        + f", loss on {loss_tokens}")
+    log(f"effective batch {args.batch_size * args.accum_iter * d.world_size} videos = {args.batch_size} x accum "
+        f"{args.accum_iter} x {d.world_size} process(es); x num_sample {args.num_sample} = {clips_per_step} clips per step")
+    log(f"lr {args.lr:g} x {args.batch_size * args.accum_iter * d.world_size} / 256 = {args.lr * scale:.3g} (min "
+        f"{args.min_lr * scale:.3g}), warmup {int(np.argmax(lr_schedule)) + 1 if args.warmup_epochs or args.warmup_steps > 0 else 0}"
+        f" steps; {steps_per_epoch} steps per epoch, {args.epochs} epochs ({args.epochs * args.num_sample} effective)")
+
+    for epoch in range(start_epoch, args.epochs):
+        seed_everything(args.seed + (epoch + 1) * d.world_size + d.rank)
+        sampler.set_epoch(epoch)
+        model.train()
+        loss_sum = torch.zeros((), device=device)  # summed on the device; read only every --log_every steps
+        first_bad = torch.full((), -1, device=device, dtype=torch.long)  # first step with a non-finite loss
+        start = time.time()
+        bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch}", disable=not d.is_main, dynamic_ncols=True)
+        batches = iter(loader)
+        for i in range(steps_per_epoch):
+            step = epoch * steps_per_epoch + i
+            set_schedules(optimizer, lr_schedule[step], wd_schedule[step])
+            for micro in range(args.accum_iter):
+                clips = next(batches).to(device, non_blocking=True).flatten(0, 1)  # (B·num_sample, 3, T, H, W)
+                grad_sync(model, micro == args.accum_iter - 1)
+                with autocast(device, precision):
+                    loss = pretrain_step_loss(model, cfg, clips, args)
+                scaler.scale(loss / args.accum_iter).backward()
+                loss = loss.detach()
+                loss_sum += loss
+                first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), step, first_bad)
+            if args.clip_grad is not None:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            if (i + 1) % args.log_every == 0 or i + 1 == steps_per_epoch:
+                check_finite(first_bad, lr_schedule, out)
+                bar.set_postfix(loss=f"{loss_sum.item() / ((i + 1) * args.accum_iter):.4f}", lr=f"{lr_schedule[step]:.2e}",
+                                clips_s=f"{(i + 1) * clips_per_step / (time.time() - start):.1f}")
+            bar.update(1)
+        bar.close()
+        batches = None  # let this epoch's workers exit
+
+        seconds = time.time() - start
+        if d.world_size > 1:
+            dist.all_reduce(loss_sum)
+        stats = dict(epoch=epoch, train_loss=loss_sum.item() / (steps_per_epoch * args.accum_iter * d.world_size),
+                     train_lr=float(lr_schedule[step]), train_wd=float(wd_schedule[step]), steps=step + 1,
+                     epoch_time_s=round(seconds, 1), clips_per_s=round(steps_per_epoch * clips_per_step / seconds, 2),
+                     skipped_videos=len(dataset.bad_videos()))
+        state = training_state(model, optimizer, scaler, epoch, step + 1, args)
+        if d.is_main:
+            save_checkpoint(out / "checkpoint-last.pth", state)
+            if (epoch + 1) % args.save_ckpt_freq == 0 or epoch + 1 == args.epochs:
+                save_checkpoint(out / f"checkpoint-{epoch}.pth", state)
+            with open(out / "log.txt", "a") as f:
+                f.write(json.dumps(stats) + "\n")
+            log(f"epoch {epoch}: loss {stats['train_loss']:.4f}, {stats['clips_per_s']} clips/s, {seconds:.0f} s")
+    if d.is_main and args.epochs > start_epoch:
+        final_figures(state["model"], args, out)
+    if dist.is_initialized():
+        # Free DDP's reducer while the process group is still registered: if the reducer held the group's
+        # last reference, its destructor would join gloo's worker threads while holding the GIL, which can
+        # deadlock at exit (pytorch/pytorch#75097).
+        del model, optimizer
+        dist.destroy_process_group()
+
+
+def check_finite(first_bad: torch.Tensor, lr_schedule, out: Path) -> None:
+    bad = int(first_bad)
+    if bad >= 0:
+        sys.exit(f"loss became non-finite at optimizer step {bad} (lr {lr_schedule[bad]:.3g}); stopping without "
+                 f"saving. The last good checkpoint is {out / 'checkpoint-last.pth'} (if an epoch finished). "
+                 "Try --precision bf16 or fp32, a lower --lr, or --clip_grad.")
+
+
+def final_figures(weights: dict, args, out: Path) -> None:
+    """The loss curve and a reconstruction of a held-out built-in clip, next to the checkpoints. Drawn on
+    the CPU from the gathered weights, so it works the same after DDP, FSDP or torch.compile."""
+    import visualize
+    visualize.curves_figure([out / "log.txt"]).savefig(out / "loss.png", dpi=100)
+    model = vmae.PretrainVideoMAE(args.cfg)
+    model.load_state_dict(weights)
+    clip = visualize.held_out_clip(args.cfg, args.sampling_rate, args.synthetic_size)
+    enc, dec, _, _ = draw_masks(1, args.cfg.grid, args, "cpu")
+    figure = visualize.recon_figure(model, clip, enc[0], None if dec is None else dec[0], args.normalize_target)
+    figure.savefig(out / "recon.png", dpi=72)
+    print(f"figures: {out / 'loss.png'}, {out / 'recon.png'}")
+
+
+if __name__ == "__main__":
+    main()
