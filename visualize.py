@@ -1,0 +1,335 @@
+"""Pictures of dual masking: which cubes the encoder sees, which the decoder is asked for, which count in
+the loss, and what a pretrained model paints back.
+
+    python visualize.py masks --synthetic 0 --out masks.png                     # and masks.gif
+    python visualize.py recon --checkpoint output/pretrain/checkpoint-last.pth --synthetic 3 --out recon.png
+    python visualize.py recon --checkpoint C --video clip.mp4                   # or --frames a_frame_folder/
+    python visualize.py curves output/pretrain/log.txt other_run/log.txt --out curves.png
+
+Each figure has a row per temporal slot (one tubelet: a pair of frames; the row shows its first frame).
+The same figures come from masks_figure, recon_figure and curves_figure, which return a matplotlib Figure
+for the training scripts and notebooks.
+
+A model trained on normalised targets predicts each cube's pixels up to its own mean and spread; the only
+way to draw them is to put back the true cube's mean and standard deviation, which makes the pictures
+look better than the model is. The recon figure says so in its title. A model trained with
+--no-normalize_target predicts pixels and is drawn as it is.
+"""
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import matplotlib
+
+if "MPLBACKEND" not in os.environ:
+    matplotlib.use("Agg")  # files, not windows
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from matplotlib.animation import FuncAnimation, PillowWriter  # noqa: E402
+from matplotlib.patches import Patch  # noqa: E402
+
+import data  # noqa: E402
+import train_pretrain as tp  # noqa: E402
+import vmae  # noqa: E402
+
+# The fill for cubes a panel does not show; not a multiple of 1/255, so no decoded pixel equals it.
+HIDDEN = np.array([0.11, 0.11, 0.13])  # not seen by the encoder / not asked of the decoder
+CHECKS = 0.45  # the light squares of the checkerboard marking cubes hidden from both sides
+OVERLAY = {"encoder sees": (0.1, 0.8, 0.2), "in the loss": (0.95, 0.3, 0.1),
+           "decoder query the encoder saw (not in the loss)": (0.2, 0.6, 1.0)}
+
+
+def pixels(video: torch.Tensor) -> np.ndarray:
+    """(3, T, H, W) ImageNet-normalised -> (T, H, W, 3) floats in [0, 1]."""
+    mean = torch.tensor(vmae.IMAGENET_MEAN).view(3, 1, 1, 1)
+    std = torch.tensor(vmae.IMAGENET_STD).view(3, 1, 1, 1)
+    return (video.detach().float().cpu() * std + mean).clamp(0, 1).permute(1, 2, 3, 0).numpy()
+
+
+def per_pixel(token_values: torch.Tensor, cfg: vmae.VideoMAEConfig) -> np.ndarray:
+    """(N,) per-token values -> (T', H, W): each value spread over its cube's pixels (one frame per slot)."""
+    t, h, w = cfg.grid
+    grid = token_values.detach().cpu().reshape(t, h, w)
+    p = cfg.patch_size
+    return grid.repeat_interleave(p, 1).repeat_interleave(p, 2).numpy()
+
+
+def slot_frames(video: torch.Tensor, cfg: vmae.VideoMAEConfig) -> np.ndarray:
+    return pixels(video)[::cfg.tubelet_size]  # (T', H, W, 3): the first frame of each tubelet
+
+
+def fill(images: np.ndarray, where: np.ndarray, colour: np.ndarray) -> np.ndarray:
+    out = images.copy()
+    out[where] = colour
+    return out
+
+
+def checkerboard(shape: tuple, square: int = 4) -> np.ndarray:
+    """(T', H, W, 3): HIDDEN and light grey squares, the mark for cubes nobody saw or predicted."""
+    _, h, w = shape[:3]
+    light = ((np.arange(h)[:, None] // square + np.arange(w) // square) % 2).astype(bool)  # (H, W)
+    return np.broadcast_to(np.where(light[..., None], CHECKS, HIDDEN), shape)
+
+
+# -----------------------------------------------------------------------------------------------------
+# Masks
+
+
+def mask_panels(video: torch.Tensor, encoder_mask: torch.Tensor, decoder_mask: torch.Tensor | None,
+                cfg: vmae.VideoMAEConfig) -> dict[str, np.ndarray]:
+    """The masks figure's columns, each (T', H, W, 3), for one clip (3, T, H, W) and its (N,) masks."""
+    frames = slot_frames(video, cfg)
+    hidden = encoder_mask.bool()
+    queried = ~decoder_mask.bool() if decoder_mask is not None else hidden  # V1: the decoder is asked for all hidden
+    loss = hidden & queried
+    n_vis, n_q, n_loss = int((~hidden).sum()), int(queried.sum()), int(loss.sum())
+    overlay = frames * 0.35
+    for name, where in (("encoder sees", ~hidden), ("in the loss", loss),
+                        ("decoder query the encoder saw (not in the loss)", ~hidden & queried)):
+        px = per_pixel(where, cfg)
+        overlay[px] = 0.35 * frames[px] + 0.65 * np.array(OVERLAY[name])
+    return {
+        "input": frames,
+        f"encoder sees {n_vis}": fill(frames, per_pixel(hidden, cfg), HIDDEN),
+        f"decoder queries {n_q}": fill(frames, per_pixel(~queried, cfg), HIDDEN),
+        f"in the loss {n_loss}": fill(frames, per_pixel(~loss, cfg), HIDDEN),
+        "all three": overlay,
+    }
+
+
+def grid_figure(panels: dict[str, np.ndarray], title: str, cmap_last: str | None = None,
+                slots: int | None = None) -> plt.Figure:
+    """Panels side by side, a row per temporal slot (the first `slots` of them)."""
+    panels = {name: images[:slots] for name, images in panels.items()}
+    names = list(panels)
+    rows = len(panels[names[0]])
+    fig, axes = plt.subplots(rows, len(names), figsize=(2.1 * len(names), 2.1 * rows + 0.8), squeeze=False)
+    for col, name in enumerate(names):
+        for row in range(rows):
+            ax = axes[row, col]
+            last = cmap_last is not None and col == len(names) - 1
+            ax.imshow(panels[name][row], cmap=cmap_last if last else None, vmin=0, vmax=0.5 if last else None,
+                      interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if row == 0:
+                ax.set_title(name, fontsize=9)
+            if col == 0:
+                ax.set_ylabel(f"slot {row}", fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout(rect=(0, 0.35 / fig.get_figheight(), 1, 1 - 0.1 / rows))
+    return fig
+
+
+def masks_figure(video: torch.Tensor, encoder_mask: torch.Tensor, decoder_mask: torch.Tensor | None,
+                 cfg: vmae.VideoMAEConfig, slots: int | None = None) -> plt.Figure:
+    panels = mask_panels(video, encoder_mask, decoder_mask, cfg)
+    decoder = "no decoder mask (V1)" if decoder_mask is None else "running-cell decoder mask"
+    fig = grid_figure(panels, f"one clip: {cfg.num_tokens} cubes of {cfg.tubelet_size}x{cfg.patch_size}x"
+                              f"{cfg.patch_size} px\ntube encoder mask, {decoder}", slots=slots)
+    fig.legend(handles=[Patch(color=c, label=n) for n, c in OVERLAY.items()], loc="lower center", ncol=3, fontsize=8)
+    return fig
+
+
+# -----------------------------------------------------------------------------------------------------
+# Reconstructions
+
+
+@torch.no_grad()
+def reconstruct(model: vmae.PretrainVideoMAE, video: torch.Tensor, encoder_mask: torch.Tensor,
+                decoder_mask: torch.Tensor | None, normalize_target: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run the model on one clip (3, T, H, W); returns the predicted pixels of every cube (N, t·p·p·3)
+    (rows the decoder did not predict hold the input) and which cubes were predicted (N,) bool."""
+    cfg = model.cfg
+    clip, enc = video[None], encoder_mask[None]
+    dec = decoder_mask[None] if decoder_mask is not None else None
+    pred = model.eval()(clip, enc, dec)[0].float()  # (N_q, F), queries in ascending order
+    queries = ~dec[0] if dec is not None else enc[0]
+    truth = vmae.reconstruction_target(clip, cfg.patch_size, cfg.tubelet_size, normalize=False)[0]  # (N, F)
+    if normalize_target:  # undo the per-cube, per-channel normalisation with the true cube's statistics
+        cubes = truth[queries].unflatten(-1, (-1, 3))  # (N_q, t·p·p, 3)
+        pred = (pred.unflatten(-1, (-1, 3)) * (cubes.std(dim=1, keepdim=True) + 1e-6)
+                + cubes.mean(dim=1, keepdim=True)).flatten(1)
+    predicted = queries & enc[0]  # cubes the encoder saw are shown as they are
+    out = truth.clone()
+    out[predicted] = pred[enc[0][queries]]
+    return out, predicted
+
+
+def recon_panels(model: vmae.PretrainVideoMAE, video: torch.Tensor, encoder_mask: torch.Tensor,
+                 decoder_mask: torch.Tensor | None, normalize_target: bool) -> dict[str, np.ndarray]:
+    """input | masked input | reconstruction | error, each (T', H, W, 3) ((T', H, W) for the error)."""
+    cfg = model.cfg
+    cubes, predicted = reconstruct(model, video, encoder_mask, decoder_mask, normalize_target)
+    rebuilt = vmae.unpatchify(cubes[None], cfg.grid, cfg.patch_size, cfg.tubelet_size)[0]  # (3, T, H, W) in [0, 1]
+    frames = slot_frames(video, cfg)
+    recon = rebuilt.clamp(0, 1).permute(1, 2, 3, 0).numpy()[::cfg.tubelet_size]
+    hidden = per_pixel(encoder_mask.bool(), cfg)
+    never = hidden & ~per_pixel(predicted, cfg)
+    error = np.abs(recon - frames).mean(axis=-1) * per_pixel(predicted, cfg)
+    recon = np.where(never[..., None], checkerboard(recon.shape), recon)
+    return {"input": frames, "masked input": fill(frames, hidden, HIDDEN), "reconstruction": recon, "|error|": error}
+
+
+def recon_figure(model: vmae.PretrainVideoMAE, video: torch.Tensor, encoder_mask: torch.Tensor,
+                 decoder_mask: torch.Tensor | None, normalize_target: bool, slots: int | None = None) -> plt.Figure:
+    panels = recon_panels(model, video, encoder_mask, decoder_mask, normalize_target)
+    how = ("predicted cubes drawn with the TRUE cube mean and std\n(the model predicts per-cube normalised pixels)"
+           if normalize_target else "predicted pixels drawn as they are (a raw-pixel model)")
+    note = "\nchecks: hidden from the encoder and not predicted (dropped by the decoder)" if decoder_mask is not None else ""
+    return grid_figure(panels, f"visible cubes pasted back; {how}{note}", cmap_last="magma", slots=slots)
+
+
+# -----------------------------------------------------------------------------------------------------
+# Curves
+
+
+def read_log(path: str | Path) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def curves_figure(paths: list) -> plt.Figure:
+    """Loss and learning rate (and validation accuracy, if logged) per epoch, one line per log.txt, so
+    runs with different batch sizes compare on the same x axis."""
+    logs = {str(Path(p).parent.name or p): read_log(p) for p in paths}
+    keys = ["train_loss", "train_lr"] + [k for k in ("val_acc1",) if any(k in r for rs in logs.values() for r in rs)]
+    fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.4), squeeze=False)
+    for ax, key in zip(axes[0], keys):
+        for name, rows in logs.items():
+            points = [(r["epoch"] + 1, r[key]) for r in rows if key in r]
+            if points:
+                ax.plot(*zip(*points), marker=".", label=name)
+        ax.set_xlabel("epoch")
+        ax.set_title(key)
+        if key == "train_lr":
+            ax.ticklabel_format(axis="y", style="sci", scilimits=(0, 0))
+    axes[0, 0].legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+# -----------------------------------------------------------------------------------------------------
+# Command line
+
+
+def save_gif(panels: dict[str, np.ndarray], path: Path, cmap_last: str | None = None) -> None:
+    """The panels of one slot at a time, over time."""
+    names = list(panels)
+    fig, axes = plt.subplots(1, len(names), figsize=(2.1 * len(names), 2.5), squeeze=False)
+    images = []
+    for ax, name in zip(axes[0], names):
+        last = cmap_last is not None and name == names[-1]
+        images.append(ax.imshow(panels[name][0], cmap=cmap_last if last else None, vmin=0, vmax=0.5 if last else None))
+        ax.set_title(name, fontsize=8)
+        ax.axis("off")
+
+    def show(slot):
+        for image, name in zip(images, names):
+            image.set_data(panels[name][slot])
+        return images
+    FuncAnimation(fig, show, frames=len(panels[names[0]])).save(path, writer=PillowWriter(fps=2))
+    plt.close(fig)
+
+
+def held_out_clip(cfg: vmae.VideoMAEConfig, sampling_rate: int, synthetic_size: int, index: int = 0) -> torch.Tensor:
+    """A (3, T, H, W) clip of the built-in dataset that pretraining never saw (its videos come after the
+    first synthetic_size), centre window and centre crop."""
+    held_out = data.build_finetune_dataset("validation", None, nb_classes=8, synthetic_videos=synthetic_size,
+                                           num_frames=cfg.num_frames, sampling_rate=sampling_rate,
+                                           input_size=cfg.img_size, short_side_size=cfg.img_size)
+    return held_out[index][0]
+
+
+def load_clip(args, cfg: vmae.VideoMAEConfig) -> torch.Tensor:
+    """One (3, T, H, W) clip: the centre window of --video or --frames, else a held-out built-in clip."""
+    if not (args.video or args.frames):
+        return held_out_clip(cfg, args.sampling_rate, args.synthetic_size, args.synthetic)
+    path = args.video or args.frames
+    count = -1 if args.video else len([f for f in os.listdir(path) if not f.startswith(".")])
+    source = data.VideoList([data.Sample(path, 1, count, -1)], args.fname_tmpl)
+    return data.FinetuneDataset(source, "validation", num_frames=cfg.num_frames, sampling_rate=args.sampling_rate,
+                                input_size=cfg.img_size, short_side_size=cfg.img_size)[0][0]
+
+
+def load_pretrained(path: str, args) -> tuple[vmae.PretrainVideoMAE, bool]:
+    """A pretraining model and whether it predicts normalised targets, from a checkpoint with a decoder."""
+    checkpoint = tp.load_checkpoint(path)
+    weights = tp.state_dict_of(checkpoint, path)
+    if "mask_token" not in weights or not any(k.startswith("decoder.") for k in weights):
+        kind = ("a fine-tuned classifier (head.*, fc_norm.*)" if "head.weight" in weights
+                else "an encoder without its decoder")
+        sys.exit(f"{path} holds {kind}: recon needs a pretraining checkpoint with the decoder (decoder.*) and "
+                 "mask_token, such as output/pretrain/checkpoint-last.pth")
+    model = vmae.PretrainVideoMAE(tp.config_from_checkpoint(checkpoint, path))
+    model.load_state_dict(weights)
+    saved = checkpoint.get("args")
+    saved = vars(saved) if isinstance(saved, argparse.Namespace) else (saved or {})
+    normalize = saved.get("normalize_target", saved.get("normlize_target", True))
+    return model.eval(), normalize if args.normalize_target is None else args.normalize_target
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="masks, reconstructions and training curves as PNG (+ GIF)")
+    p.add_argument("figure", choices=["masks", "recon", "curves"])
+    p.add_argument("logs", nargs="*", help="curves: the log.txt files to plot")
+    p.add_argument("--checkpoint", help="recon: a pretraining checkpoint (ours or the reference's)")
+    source = p.add_mutually_exclusive_group()
+    source.add_argument("--video", help="a video file")
+    source.add_argument("--frames", help="a folder of extracted frames (named by --fname_tmpl, from 1)")
+    source.add_argument("--synthetic", type=int, default=0, help="index of a held-out built-in clip")
+    p.add_argument("--out", help="output PNG (a GIF is written beside it for masks and recon)")
+    p.add_argument("--model", default="base", help="masks without --checkpoint: the size whose grid to show")
+    p.add_argument("--input_size", type=int, default=224)
+    p.add_argument("--num_frames", type=int, default=16)
+    p.add_argument("--sampling_rate", type=int, default=4)
+    p.add_argument("--fname_tmpl", default="img_{:05}.jpg")
+    p.add_argument("--synthetic_size", type=int, default=1024, help="the --synthetic_size pretraining used")
+    p.add_argument("--mask_type", default="tube", choices=["tube", "random"])
+    p.add_argument("--mask_ratio", type=float, default=0.9)
+    p.add_argument("--decoder_mask_type", default="run_cell", choices=["run_cell", "random"])
+    p.add_argument("--decoder_mask_ratio", type=float, default=0.5, help="0 = no decoder mask (V1)")
+    p.add_argument("--normalize_target", action=argparse.BooleanOptionalAction, default=None,
+                   help="recon: override what the checkpoint says")
+    p.add_argument("--slots", type=int, default=None, help="show only the first n temporal slots")
+    p.add_argument("--seed", type=int, default=0, help="for the masks")
+    args = p.parse_args(argv)
+    if args.figure == "recon" and not args.checkpoint:
+        p.error("recon needs --checkpoint (a pretraining checkpoint with its decoder)")
+    if args.figure == "curves" and not args.logs:
+        p.error("curves needs one or more log.txt files")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    out = Path(args.out or f"{args.figure}.png")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if args.figure == "curves":
+        curves_figure(args.logs).savefig(out, dpi=100)
+        print(f"wrote {out}")
+        return
+    if args.figure == "recon":
+        model, normalize = load_pretrained(args.checkpoint, args)
+        cfg = model.cfg
+    else:
+        cfg = vmae.config(args.model, img_size=args.input_size, num_frames=args.num_frames)
+    video = load_clip(args, cfg)
+    torch.manual_seed(args.seed)
+    enc, dec, _, _ = tp.draw_masks(1, cfg.grid, args, "cpu")
+    dec = dec[0] if dec is not None else None
+    if args.figure == "masks":
+        fig, panels, cmap = masks_figure(video, enc[0], dec, cfg, args.slots), mask_panels(video, enc[0], dec, cfg), None
+    else:
+        fig = recon_figure(model, video, enc[0], dec, normalize, args.slots)
+        panels, cmap = recon_panels(model, video, enc[0], dec, normalize), "magma"
+    fig.savefig(out, dpi=72)
+    save_gif(panels, out.with_suffix(".gif"), cmap)
+    print(f"wrote {out} and {out.with_suffix('.gif')}")
+
+
+if __name__ == "__main__":
+    main()
