@@ -322,7 +322,8 @@ def pretrain_step_loss(model: torch.nn.Module, cfg: vmae.VideoMAEConfig, video: 
     """Masks, forward, target and loss for one batch of clips (B, 3, T, H, W)."""
     enc, dec, num_visible, num_queries = draw_masks(video.shape[0], cfg.grid, args, video.device)
     pred = model(video, enc, dec, num_visible=num_visible, num_queries=num_queries)  # (B, N_q, 3·t·p²)
-    target = vmae.reconstruction_target(video, cfg.patch_size, cfg.tubelet_size, args.normalize_target)
+    queries = vmae.query_indices(enc, dec, num_queries)  # the target only where the decoder predicts
+    target = vmae.reconstruction_target(video, cfg.patch_size, cfg.tubelet_size, args.normalize_target, queries)
     return vmae.pretrain_loss(pred, target, enc, dec)
 
 

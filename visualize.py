@@ -164,7 +164,8 @@ def recon_panels(model: vmae.PretrainVideoMAE, video: torch.Tensor, encoder_mask
     """input | masked input | reconstruction | error, each (T', H, W, 3) ((T', H, W) for the error)."""
     cfg = model.cfg
     cubes, predicted = reconstruct(model, video, encoder_mask, decoder_mask, normalize_target)
-    rebuilt = vmae.unpatchify(cubes[None], cfg.grid, cfg.patch_size, cfg.tubelet_size)[0]  # (3, T, H, W) in [0, 1]
+    per_channel = cubes.unflatten(-1, (-1, 3)).transpose(-1, -2)  # (N, 3, t·p·p): the target layout -> patchify's
+    rebuilt = vmae.unpatchify(per_channel[None], cfg.grid, cfg.patch_size, cfg.tubelet_size)[0]  # (3, T, H, W)
     frames = slot_frames(video, cfg)
     recon = rebuilt.clamp(0, 1).permute(1, 2, 3, 0).numpy()[::cfg.tubelet_size]
     hidden = per_pixel(encoder_mask.bool(), cfg)

@@ -127,32 +127,33 @@ def sincos_table(num_tokens: int, dim: int) -> Tensor:
 
 
 def patchify(video: Tensor, patch_size: int, tubelet_size: int) -> Tensor:
-    """(B, C, T, H, W) -> (B, N, t·p·p·C): each cube's pixels in (frame, row, column, channel) order,
-    channel fastest. This is the reference's target layout; the cube embedding uses it too."""
+    """(B, C, T, H, W) -> (B, N, C, t·p·p): each cube's pixels per channel, in the Conv3d kernel's order
+    (channel, then frame, row, column). Runs of p pixels stay contiguous, so the copy is cheap."""
     B, C, T, H, W = video.shape
     t, p = tubelet_size, patch_size
     x = video.reshape(B, C, T // t, t, H // p, p, W // p, p)
-    x = x.permute(0, 2, 4, 6, 3, 5, 7, 1)  # (B, T', H', W', t, p, p, C)
-    return x.reshape(B, (T // t) * (H // p) * (W // p), t * p * p * C)
+    x = x.permute(0, 2, 4, 6, 1, 3, 5, 7)  # (B, T', H', W', C, t, p, p)
+    return x.reshape(B, (T // t) * (H // p) * (W // p), C, t * p * p)
 
 
 def unpatchify(cubes: Tensor, grid: tuple[int, int, int], patch_size: int, tubelet_size: int) -> Tensor:
-    """(B, N, t·p·p·C) -> (B, C, T, H, W), the inverse of patchify."""
+    """(B, N, C, t·p·p) -> (B, C, T, H, W), the inverse of patchify."""
     (T, H, W), t, p = grid, tubelet_size, patch_size
-    B, C = cubes.shape[0], cubes.shape[-1] // (t * p * p)
-    x = cubes.reshape(B, T, H, W, t, p, p, C).permute(0, 7, 1, 4, 2, 5, 3, 6)  # (B, C, T', t, H', p, W', p)
+    B, C = cubes.shape[0], cubes.shape[2]
+    x = cubes.reshape(B, T, H, W, C, t, p, p).permute(0, 4, 1, 5, 2, 6, 3, 7)  # (B, C, T', t, H', p, W', p)
     return x.reshape(B, C, T * t, H * p, W * p)
 
 
 def gather_tokens(x: Tensor, idx: Tensor) -> Tensor:
-    """x (B, N, C), idx (B, M) -> (B, M, C): the tokens at positions idx of each sample."""
-    return x.gather(1, idx[:, :, None].expand(-1, -1, x.shape[-1]))
+    """x (B, N, ...), idx (B, M) -> (B, M, ...): the tokens at positions idx of each sample."""
+    return x[torch.arange(x.shape[0], device=x.device)[:, None], idx]
 
 
 class CubeEmbed(nn.Module):
     """A Conv3d with kernel = stride = (t, p, p): one D-dim token per cube. The forward writes the same
-    convolution as one matmul over the cubes' pixels, so the pretraining encoder embeds only the ~10 % of
-    cubes it will see. The parameter stays a Conv3d weight (D, 3, t, p, p), as in the reference."""
+    convolution as one matmul of the flattened kernel (D, 3·t·p·p) with the cubes' pixels, so the
+    pretraining encoder embeds only the ~10 % of cubes it will see. The parameter stays a Conv3d weight
+    (D, 3, t, p, p), as in the reference."""
 
     def __init__(self, cfg: VideoMAEConfig):
         super().__init__()
@@ -161,11 +162,10 @@ class CubeEmbed(nn.Module):
         self.proj = nn.Conv3d(3, cfg.embed_dim, kernel_size=kernel, stride=kernel)
 
     def forward(self, video: Tensor, keep: Tensor | None = None) -> Tensor:
-        cubes = patchify(video, self.patch_size, self.tubelet_size)  # (B, N, t·p·p·3)
+        cubes = patchify(video, self.patch_size, self.tubelet_size).flatten(2)  # (B, N, 3·t·p·p)
         if keep is not None:
-            cubes = gather_tokens(cubes, keep)  # (B, N_keep, t·p·p·3)
-        weight = self.proj.weight.permute(0, 2, 3, 4, 1).flatten(1)  # (D, t·p·p·3), same order as cubes
-        return F.linear(cubes, weight, self.proj.bias)  # (B, N_keep, D)
+            cubes = gather_tokens(cubes, keep)  # (B, N_keep, 3·t·p·p)
+        return F.linear(cubes, self.proj.weight.flatten(1), self.proj.bias)  # (B, N_keep, D)
 
 
 class Attention(nn.Module):
@@ -337,8 +337,8 @@ class PretrainVideoMAE(nn.Module):
         from the masks, but reading them off a mask is a host sync and a graph break under
         torch.compile, so the training loop passes them (masking.num_hidden gives them up front).
         """
-        visible, hidden = masking.split(encoder_mask, num_visible)  # (B, N_vis), (B, N - N_vis)
-        queries = hidden if decoder_mask is None else masking.split(decoder_mask, num_queries)[0]  # (B, N_q)
+        visible = masking.split(encoder_mask, num_visible)[0]  # (B, N_vis)
+        queries = query_indices(encoder_mask, decoder_mask, num_queries)  # (B, N_q)
 
         x = self.encoder(video, visible)  # (B, N_vis, D)
         x = self.encoder_to_decoder(x)  # (B, N_vis, Dd)
@@ -353,39 +353,51 @@ class PretrainVideoMAE(nn.Module):
 # Target and loss
 
 
+def query_indices(encoder_mask: Tensor, decoder_mask: Tensor | None = None, num_queries: int | None = None) -> Tensor:
+    """(B, N_q) the positions the decoder predicts, ascending: every decoder-kept position with dual
+    masking, every encoder-hidden one without a decoder mask (V1). Pass num_queries to avoid a host sync."""
+    if decoder_mask is None:
+        n = encoder_mask.shape[1]
+        return masking.split(encoder_mask, None if num_queries is None else n - num_queries)[1]
+    return masking.split(decoder_mask, num_queries)[0]
+
+
 @torch.no_grad()
-def reconstruction_target(video: Tensor, patch_size: int, tubelet_size: int, normalize: bool = True) -> Tensor:
+def reconstruction_target(video: Tensor, patch_size: int, tubelet_size: int, normalize: bool = True,
+                          tokens: Tensor | None = None) -> Tensor:
     """(B, 3, T, H, W) normalised video -> (B, N, 3·t·p²) pixels per cube, channel fastest.
 
     Undo the ImageNet normalisation (pixels in [0, 1]); with `normalize`, standardise each cube per colour
     channel over its t·p·p pixels: (x - mean) / (unbiased std + 1e-6). This is the reference's formula
     (MAE's norm_pix_loss instead pools all channels and puts the epsilon under the square root).
     The reference hard-codes a tubelet of 2 here; this uses `tubelet_size`.
+    tokens: (B, M) positions to compute, e.g. the decoder's queries -> (B, M, 3·t·p²). The reference
+    normalises all N cubes and then keeps the queried ones; computing only those halves the work.
     """
-    mean = video.new_tensor(IMAGENET_MEAN, dtype=torch.float32).view(1, 3, 1, 1, 1)
-    std = video.new_tensor(IMAGENET_STD, dtype=torch.float32).view(1, 3, 1, 1, 1)
-    pixels = video.float() * std + mean  # (B, 3, T, H, W)
-    cubes = patchify(pixels, patch_size, tubelet_size)  # (B, N, t·p·p·3)
+    cubes = patchify(video.float(), patch_size, tubelet_size)  # (B, N, 3, t·p·p), still normalised
+    if tokens is not None:
+        cubes = gather_tokens(cubes, tokens)  # (B, M, 3, t·p·p)
+    mean, std = (cubes.new_tensor(c)[:, None] for c in (IMAGENET_MEAN, IMAGENET_STD))  # (3, 1)
+    cubes = cubes * std + mean  # pixels in [0, 1]
     if normalize:
-        cubes = cubes.unflatten(-1, (-1, 3))  # (B, N, t·p·p, 3)
-        cubes = (cubes - cubes.mean(dim=-2, keepdim=True)) / (cubes.std(dim=-2, keepdim=True) + 1e-6)
-        cubes = cubes.flatten(-2)  # (B, N, t·p·p·3)
-    return cubes
+        centred = cubes - cubes.mean(dim=-1, keepdim=True)
+        cube_std = (centred.square().sum(dim=-1, keepdim=True) / (cubes.shape[-1] - 1)).sqrt()  # n - 1
+        cubes = centred / (cube_std + 1e-6)
+    return cubes.transpose(-1, -2).flatten(2)  # (B, M, t·p·p·3), channel fastest like the reference
 
 
 def pretrain_loss(pred: Tensor, target: Tensor, encoder_mask: Tensor, decoder_mask: Tensor | None = None) -> Tensor:
     """Mean squared error per cube, averaged over every cube of the batch that the encoder did not see
     and the decoder predicted (a token-weighted mean over the batch, not a mean of per-clip means).
 
-    pred (B, N_q, F) from PretrainVideoMAE with the same masks; target (B, N, F).
+    pred (B, N_q, F) from PretrainVideoMAE with the same masks; target (B, N, F) for every cube, or
+    (B, N_q, F) for the queries only (reconstruction_target's `tokens`).
     """
-    num_queries = pred.shape[1]
-    if decoder_mask is None:  # V1: the queries are the encoder-hidden cubes
-        queries = masking.split(encoder_mask, encoder_mask.shape[1] - num_queries)[1]
-    else:
-        queries = masking.split(decoder_mask, num_queries)[0]  # (B, N_q)
+    queries = query_indices(encoder_mask, decoder_mask, pred.shape[1])  # (B, N_q)
+    if target.shape[1] != pred.shape[1]:
+        target = gather_tokens(target, queries)
     counted = encoder_mask.gather(1, queries)  # (B, N_q) True where the encoder did not see the cube
-    per_cube = (pred.float() - gather_tokens(target, queries)).pow(2).mean(dim=-1)  # (B, N_q)
+    per_cube = (pred.float() - target).pow(2).mean(dim=-1)  # (B, N_q)
     return (per_cube * counted).sum() / counted.sum().clamp(min=1)
 
 

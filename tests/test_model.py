@@ -79,6 +79,13 @@ def test_sincos_table_formula():
     assert torch.equal(vmae.sincos_table(2 * n, d)[:n], table)  # depends only on the flat index
 
 
+def test_unpatchify_inverts_patchify():
+    video = torch.randn(2, 3, 8, 28, 42)
+    cubes = vmae.patchify(video, 14, 2)
+    assert cubes.shape == (2, 4 * 2 * 3, 3, 2 * 14 * 14)
+    assert torch.equal(vmae.unpatchify(cubes, (4, 2, 3), 14, 2), video)
+
+
 def test_visible_only_embedding_equals_conv3d_with_gradients():
     cfg = tiny()
     embed = vmae.CubeEmbed(cfg)
@@ -184,6 +191,15 @@ def test_target_layout_uses_the_real_tubelet(tubelet):
             feature = ((dt * p + dy) * p + dx) * 3 + ch
             where = (ch, tt * tubelet + dt, hh * p + dy, ww * p + dx)
             assert target[0, token, feature].item() == pytest.approx(pixels[(0, *where)].item(), abs=1e-6)
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+def test_target_at_some_tokens_equals_those_rows_of_the_full_target(normalize):
+    video = torch.randn(2, 3, 4, 32, 32)
+    tokens = masking.split(masking.random_mask(2, (2, 2, 2), 0.5))[0]
+    full = vmae.reconstruction_target(video, 16, 2, normalize)
+    torch.testing.assert_close(vmae.reconstruction_target(video, 16, 2, normalize, tokens),
+                               vmae.gather_tokens(full, tokens), atol=0, rtol=0)
 
 
 def test_normalised_target_is_per_cube_per_channel():
