@@ -327,7 +327,7 @@ def main(argv=None):
     else:
         fig = recon_figure(model, video, enc[0], dec, normalize, args.slots)
         panels, cmap = recon_panels(model, video, enc[0], dec, normalize), "magma"
-    fig.savefig(out, dpi=72)
+    fig.savefig(out, dpi=60)
     save_gif(panels, out.with_suffix(".gif"), cmap)
     print(f"wrote {out} and {out.with_suffix('.gif')}")
 

@@ -1,0 +1,128 @@
+"""Figures, checked pixel by pixel: hidden-cube counts in the masks panels, exact visible cubes and an exact
+de-normalisation in the reconstruction, for non-default grids."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import masking
+import train_pretrain as tp
+import visualize
+import vmae
+
+MICRO = dict(embed_dim=32, depth=1, num_heads=2, decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=2)
+
+
+def tiny(**overrides):
+    return vmae.config("small", **{**MICRO, "num_frames": 8, "img_size": 112, "patch_size": 14, **overrides})
+
+
+def hidden_cubes(image: np.ndarray, cfg) -> np.ndarray:
+    """(H', W') bool: the cubes of one panel image filled entirely with the HIDDEN colour."""
+    p = cfg.patch_size
+    h, w = image.shape[0] // p, image.shape[1] // p
+    cubes = image[:h * p, :w * p].reshape(h, p, w, p, 3)
+    return np.isclose(cubes, visualize.HIDDEN, atol=1e-6).all(axis=(1, 3, 4))
+
+
+def panel_images(fig, column: int) -> list[np.ndarray]:
+    """The images of one column of a figure, top to bottom, as drawn."""
+    columns = len(fig.axes) // len([a for a in fig.axes if a.get_ylabel()])
+    return [np.asarray(ax.images[0].get_array()) for ax in fig.axes[column::columns]]
+
+
+@pytest.mark.parametrize("img_size,patch,decoder", [(112, 14, "run_cell"), (112, 16, None), (96, 16, "random")])
+def test_masks_figure_shows_exactly_the_hidden_cubes(img_size, patch, decoder):
+    """Even grids with a running cell, and an odd 7x7 grid (no running cell there) with V1 masking."""
+    cfg = tiny(img_size=img_size, patch_size=patch)
+    video = torch.randn(3, cfg.num_frames, img_size, img_size)
+    enc = masking.tube_mask(1, cfg.grid, 0.75)[0]
+    dec = {"run_cell": masking.running_cell_mask, "random": masking.random_mask}[decoder](1, cfg.grid, 0.5)[0] \
+        if decoder else None
+    fig = visualize.masks_figure(video, enc, dec, cfg)
+    t, h, w = cfg.grid
+    queried = ~dec if dec is not None else enc
+    for column, shown in ((1, ~enc), (2, queried), (3, enc & queried)):
+        drawn = np.stack([hidden_cubes(image, cfg) for image in panel_images(fig, column)])  # (T', H', W')
+        assert drawn.sum() == int((~shown).sum())
+        assert np.array_equal(drawn, (~shown).reshape(t, h, w).numpy())
+    assert f"encoder sees {int((~enc).sum())}" in fig.axes[1].get_title()
+
+
+class Oracle(torch.nn.Module):
+    """A 'model' that predicts the exact normalised (or raw) target of the clip it is shown."""
+
+    def __init__(self, cfg, normalize):
+        super().__init__()
+        self.cfg, self.normalize = cfg, normalize
+
+    def forward(self, video, encoder_mask, decoder_mask=None):
+        queries = vmae.query_indices(encoder_mask, decoder_mask)
+        return vmae.reconstruction_target(video, self.cfg.patch_size, self.cfg.tubelet_size, self.normalize, queries)
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+def test_recon_of_a_perfect_prediction_is_the_input(normalize):
+    """De-normalising the predictions with the true cube statistics gives back the input exactly; cubes
+    nobody predicted carry the checkerboard mark."""
+    cfg = tiny()
+    video = torch.rand(3, cfg.num_frames, cfg.img_size, cfg.img_size) * 2 - 1
+    enc = masking.tube_mask(1, cfg.grid, 0.75)[0]
+    dec = masking.running_cell_mask(1, cfg.grid, 0.5)[0]
+    panels = visualize.recon_panels(Oracle(cfg, normalize), video, enc, dec, normalize)
+    frames, recon = panels["input"], panels["reconstruction"]
+    never = visualize.per_pixel(enc & dec, cfg)  # hidden from the encoder, dropped by the decoder
+    np.testing.assert_allclose(recon[~never], frames[~never], atol=1e-5)
+    assert np.all(recon[never] == visualize.checkerboard(recon.shape)[never])
+    assert panels["|error|"].max() < 1e-5
+
+
+def test_recon_panel_pastes_the_visible_cubes_exactly():
+    cfg = tiny()
+    model = vmae.PretrainVideoMAE(cfg)
+    video = torch.randn(3, cfg.num_frames, cfg.img_size, cfg.img_size)
+    enc = masking.tube_mask(1, cfg.grid, 0.75)[0]
+    dec = masking.running_cell_mask(1, cfg.grid, 0.5)[0]
+    fig = visualize.recon_figure(model, video, enc, dec, normalize_target=True)
+    frames = visualize.slot_frames(video, cfg)
+    recon = np.stack(panel_images(fig, 2))  # as drawn in the figure
+    visible = visualize.per_pixel(~enc, cfg)
+    assert np.array_equal(recon[visible], frames[visible])
+    assert not np.allclose(recon[~visible], frames[~visible], atol=1e-3)  # the rest is the model's
+    assert "TRUE cube mean and std" in fig.texts[0].get_text()
+
+
+def test_recon_refuses_a_classifier_checkpoint(tmp_path, capsys):
+    cfg = tiny()
+    path = tmp_path / "classifier.pth"
+    torch.save({"model": vmae.VideoClassifier(cfg, 4).state_dict(), "args": {"model": "small"}}, path)
+    with pytest.raises(SystemExit, match="fine-tuned classifier.*recon needs a pretraining checkpoint"):
+        visualize.load_pretrained(str(path), visualize.parse_args(["recon", "--checkpoint", str(path)]))
+
+
+def test_curves_put_runs_on_an_epoch_axis(tmp_path):
+    for name, epochs in (("a", 3), ("b", 5)):
+        (tmp_path / name).mkdir()
+        rows = [dict(epoch=e, train_loss=1.0 / (e + 1), train_lr=1e-3) for e in range(epochs)]
+        (tmp_path / name / "log.txt").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    fig = visualize.curves_figure([tmp_path / "a" / "log.txt", tmp_path / "b" / "log.txt"])
+    lines = fig.axes[0].get_lines()
+    assert [line.get_label() for line in lines] == ["a", "b"]
+    assert list(lines[1].get_xdata()) == [1, 2, 3, 4, 5]
+    np.testing.assert_allclose(lines[1].get_ydata(), [1, 1 / 2, 1 / 3, 1 / 4, 1 / 5])
+
+
+def test_command_line_writes_png_and_gif(tmp_path, monkeypatch):
+    monkeypatch.setitem(vmae.SIZES, "micro", {k: v for k, v in MICRO.items() if k != "decoder_depth"})
+    out = tmp_path / "masks.png"
+    visualize.main(["masks", "--model", "micro", "--input_size", "64", "--num_frames", "8", "--synthetic", "2",
+                    "--synthetic_size", "4", "--slots", "2", "--out", str(out)])
+    assert out.stat().st_size > 1000 and out.with_suffix(".gif").stat().st_size > 1000
+    # and a reconstruction from a checkpoint the way train_pretrain.py writes them
+    args = tp.parse_args(["--model", "micro", "--input_size", "64", "--num_frames", "8"])
+    model = vmae.PretrainVideoMAE(args.cfg)
+    checkpoint = tmp_path / "checkpoint.pth"
+    torch.save({"model": model.state_dict(), "args": {k: v for k, v in vars(args).items() if k != "cfg"}}, checkpoint)
+    visualize.main(["recon", "--checkpoint", str(checkpoint), "--synthetic_size", "4", "--out", str(tmp_path / "r.png")])
+    assert (tmp_path / "r.png").stat().st_size > 1000
