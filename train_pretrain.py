@@ -458,12 +458,13 @@ def main(argv=None):
     model = vmae.PretrainVideoMAE(cfg).to(device)
     if args.finetune:
         load_weights(model, args.finetune)
-    groups = param_groups(model, args.weight_decay)
     n_params = sum(p.numel() for p in model.parameters())
     model = wrap_model(model, d, args.fsdp, precision)
+    raw_model = model.module if isinstance(model, DDP) else model
     if args.compile:
-        (model.module if isinstance(model, DDP) else model).compile()
-    optimizer = make_optimizer(groups, args.lr, args.opt_betas, args.opt_eps, device)
+        raw_model.compile()
+    # after wrapping: FSDP replaces the parameters with sharded ones, which the optimizer must hold
+    optimizer = make_optimizer(param_groups(raw_model, args.weight_decay), args.lr, args.opt_betas, args.opt_eps, device)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
 
     scale = args.batch_size * args.accum_iter * d.world_size / 256

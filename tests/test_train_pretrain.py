@@ -244,10 +244,10 @@ def test_two_process_ddp_gradients_equal_one_process_with_the_same_global_batch(
         torch.testing.assert_close(grads[0][key], grads[1][key], atol=1e-7, rtol=1e-5, msg=lambda m: f"{key}: {m}")
 
 
-def ddp_main(rank: int, world: int, port: int, out: str):
+def ddp_main(rank: int, world: int, port: int, out: str, *flags: str):
     torchrun_env(rank, world, port)
     vmae.SIZES["micro"] = MICRO  # this process's own copy of the table
-    tp.main(cli(out, "--epochs", "2"))
+    tp.main(cli(out, "--epochs", "2", *flags))
 
 
 def test_two_process_run_end_to_end_writes_once(tmp_path):
@@ -256,3 +256,16 @@ def test_two_process_run_end_to_end_writes_once(tmp_path):
     assert [r["epoch"] for r in rows] == [0, 1]  # one line per epoch: only rank 0 writes
     state = torch.load(tmp_path / "checkpoint-last.pth", weights_only=True)
     assert state["args"]["batch_size"] == 4 and state["step"] == 2 * 2  # 16 videos / (4 x 2 processes) per epoch
+
+
+def test_two_process_fsdp_matches_ddp_and_saves_a_plain_checkpoint(tmp_path):
+    """FSDP shards parameters, gradients and optimizer state; the first epoch's losses must be DDP's (same
+    initial weights, data and masks), and the checkpoint one ordinary state dict."""
+    run_processes(ddp_main, 2, str(tmp_path / "ddp"))
+    run_processes(ddp_main, 2, str(tmp_path / "fsdp"), "--fsdp")
+    losses = [json.loads((tmp_path / run / "log.txt").read_text().splitlines()[0])["train_loss"] for run in ("ddp", "fsdp")]
+    assert losses[1] == pytest.approx(losses[0], rel=1e-5)
+    state = torch.load(tmp_path / "fsdp" / "checkpoint-last.pth", weights_only=True)
+    model = vmae.PretrainVideoMAE(vmae.config("small", **MICRO, img_size=32, num_frames=4))
+    model.load_state_dict(state["model"], strict=True)
+    assert all(type(v) is torch.Tensor for v in state["model"].values())  # gathered: no DTensor shards
