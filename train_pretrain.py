@@ -205,15 +205,19 @@ def save_checkpoint(path: Path, state: dict) -> None:
 
 
 def load_checkpoint(path: str | Path) -> dict:
-    """torch.load with weights_only=True (no arbitrary code from a file), with errors that say what failed."""
+    """torch.load with weights_only=True (no arbitrary code from a file), or a Hugging Face .safetensors file,
+    with errors that say what failed."""
     path = Path(path)
     if not path.is_file():
         sys.exit(f"checkpoint {path}: no such file")
     try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file  # installed with transformers / huggingface_hub
+            return load_file(path)
         with torch.serialization.safe_globals([argparse.Namespace]):  # the reference keeps its args as one
             return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # a truncated file, not a torch file, or one that needs unsafe unpickling
-        sys.exit(f"checkpoint {path}: cannot be read as a weights-only torch checkpoint ({type(e).__name__}: {e})")
+    except Exception as e:  # truncated, not a checkpoint, needs unsafe unpickling, or no safetensors package
+        sys.exit(f"checkpoint {path}: cannot be read as a weights-only checkpoint ({type(e).__name__}: {e})")
 
 
 def training_state(model, optimizer, scaler, epoch: int, step: int, args) -> dict:
@@ -233,12 +237,18 @@ def restore_training_state(model, optimizer, scaler, state: dict) -> None:
     scaler.load_state_dict(state["scaler"])
 
 
-def config_from_checkpoint(checkpoint: dict, source: str, **fields) -> vmae.VideoMAEConfig:
-    """The model a checkpoint was trained with, from the arguments it stores (ours and the reference's
-    both keep them under `args`); `fields` override them."""
+def saved_args(checkpoint: dict) -> dict:
+    """The training arguments a checkpoint stores under `args` (ours a dict, the reference's a Namespace);
+    {} when it has none (released weights, Hugging Face files)."""
     args = checkpoint.get("args")
     args = vars(args) if isinstance(args, argparse.Namespace) else args
-    if not isinstance(args, dict) or "model" not in args:
+    return args if isinstance(args, dict) else {}
+
+
+def config_from_checkpoint(checkpoint: dict, source: str, **fields) -> vmae.VideoMAEConfig:
+    """The model a checkpoint was trained with, from the arguments it stores; `fields` override them."""
+    args = saved_args(checkpoint)
+    if "model" not in args:
         sys.exit(f"{source}: stores no training arguments, so its model size is unknown; "
                  "pass --model, --input_size and --num_frames")
     sizes = dict(img_size=args.get("input_size", 224), num_frames=args.get("num_frames", 16),
@@ -248,9 +258,40 @@ def config_from_checkpoint(checkpoint: dict, source: str, **fields) -> vmae.Vide
     return vmae.config(args["model"], **{**sizes, **fields})
 
 
+# Hugging Face VideoMAE names -> the reference's (peers.md §4.7), replaced in this order in every key. Older
+# transformers releases store q_bias / v_bias, newer ones query.bias / value.bias; the key has no bias.
+HF_NAMES = [("videomae.embeddings.patch_embeddings.projection.", "encoder.patch_embed.proj."),
+            ("videomae.encoder.layer.", "encoder.blocks."), ("videomae.layernorm.", "encoder.norm."),
+            ("decoder.decoder_layers.", "decoder.blocks."), ("classifier.", "head."),
+            ("layernorm_before.", "norm1."), ("layernorm_after.", "norm2."),
+            ("attention.attention.q_bias", "attn.q_bias"), ("attention.attention.query.bias", "attn.q_bias"),
+            ("attention.attention.v_bias", "attn.v_bias"), ("attention.attention.value.bias", "attn.v_bias"),
+            ("attention.output.dense.", "attn.proj."), ("intermediate.dense.", "mlp.fc1."),
+            ("output.dense.", "mlp.fc2.")]
+
+
+def from_hugging_face(weights: dict) -> dict:
+    """A Hugging Face VideoMAEForPreTraining / VideoMAEForVideoClassification state dict under the
+    reference's names: encoder.* (as in a pretraining checkpoint), decoder.*, encoder_to_decoder, mask_token,
+    fc_norm, head. Hugging Face keeps query, key and value as three Linears; they are stacked back into qkv."""
+    out, qkv = {}, {}
+    for key, value in weights.items():
+        for old, new in HF_NAMES:
+            key = key.replace(old, new)
+        block, found, part = key.rpartition(".attention.attention.")
+        if found and part in ("query.weight", "key.weight", "value.weight"):
+            qkv.setdefault(block, {})[part] = value
+        else:
+            out[key] = value
+    for block, w in qkv.items():  # (3C, C): the q rows, then k, then v, the order Attention splits them in
+        out[f"{block}.attn.qkv.weight"] = torch.cat([w["query.weight"], w["key.weight"], w["value.weight"]])
+    return out
+
+
 def state_dict_of(checkpoint: dict, source: str) -> dict:
-    """The weights inside a checkpoint file: ours and the reference's keep them under `model`, DeepSpeed
-    runs under `module`, others store the bare dict. Wrapper prefixes are removed."""
+    """The weights inside a checkpoint file under the reference's names: ours and the reference's keep them
+    under `model`, DeepSpeed runs under `module`, others store the bare dict. Wrapper prefixes are removed
+    and Hugging Face names (videomae.*) converted."""
     for key in ("model", "module", "model_state", "state_dict"):
         if isinstance(checkpoint.get(key), dict):
             checkpoint = checkpoint[key]
@@ -262,44 +303,77 @@ def state_dict_of(checkpoint: dict, source: str) -> dict:
         for prefix in ("_orig_mod.", "module."):
             k = k.removeprefix(prefix)
         out[k] = v
-    return out
+    return from_hugging_face(out) if any(k.startswith("videomae.") for k in out) else out
 
 
-def load_weights(model: torch.nn.Module, path: str | Path) -> None:
-    """Initialise `model` from a checkpoint file (ours or the reference's) and say what did not fit.
+def listed(keys: list[str], limit: int = 6) -> str:
+    return ", ".join(keys[:limit]) + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
 
-    A pretraining model takes a pretraining checkpoint as it is. A classifier takes the encoder of one
-    (`encoder.` or `backbone.` prefix dropped, like the reference's fine-tune script) or a classifier's
-    weights; the pretraining encoder's final LayerNorm, the decoder and the mask token are not used, and
-    fc_norm and the head start fresh when the file has none. A head with another class count is dropped.
-    A weight of another shape (a checkpoint of another model size) is an error.
+
+def load_weights(model: torch.nn.Module, path: str | Path, label_map: list[int] | None = None):
+    """Initialise `model` from a checkpoint file and say, in words, what did not fit.
+
+    Takes ours, the reference's (V1 or V2, under `model`, `module` or bare, with `_orig_mod.`, `encoder.` or
+    `backbone.` prefixes) and Hugging Face VideoMAE state dicts. A pretraining model takes a pretraining
+    checkpoint as it is. A classifier takes a classifier's weights, or the encoder of a pretraining
+    checkpoint as the reference's fine-tuning does: the decoder, mask token and the encoder's final
+    LayerNorm are left out, and fc_norm and the head start fresh. A head for another class count is dropped,
+    unless `label_map` picks its rows (new class i = row label_map[i], e.g. the reference's
+    misc/label_710to400.json). A weight of another shape is an error naming the key and both shapes.
+    Returns load_state_dict's result (missing_keys, unexpected_keys).
     """
     weights = state_dict_of(load_checkpoint(path), str(path))
-    if isinstance(model, vmae.VideoClassifier):
+    classifier = isinstance(model, vmae.VideoClassifier)
+    if classifier:
         weights = {k.removeprefix("backbone.").removeprefix("encoder."): v for k, v in weights.items()}
     own = model.state_dict()
     for key in ("head.weight", "head.bias"):
+        if key in weights and label_map is not None:
+            if max(label_map) >= len(weights[key]):
+                sys.exit(f"{path}: label_map row {max(label_map)} is past the end of its {len(weights[key])}-class head")
+            weights[key] = weights[key][label_map]
         if key in weights and key in own and weights[key].shape != own[key].shape:
-            print(f"{path}: dropping {key} {tuple(weights.pop(key).shape)}: the model's head is {tuple(own[key].shape)}")
+            print(f"{path}: dropping {key} {tuple(weights.pop(key).shape)}, a head for another class count "
+                  f"(the model's is {tuple(own[key].shape)})")
     wrong = [f"{k}: file {tuple(v.shape)} vs model {tuple(own[k].shape)}" for k, v in weights.items()
              if k in own and v.shape != own[k].shape]
     if wrong:
         sys.exit(f"{path}: weights of a different shape (a checkpoint of another model size or input?):\n  "
                  + "\n  ".join(wrong))
     result = model.load_state_dict(weights, strict=False)
-    expected_missing = {"fc_norm.weight", "fc_norm.bias", "head.weight", "head.bias"}
-    missing = [k for k in result.missing_keys if k not in expected_missing]
-    fresh = [k for k in result.missing_keys if k in expected_missing]
-    print(f"loaded {len(weights) - len(result.unexpected_keys)} tensors from {path}")
+    fresh = [k for k in result.missing_keys if k.startswith(("fc_norm.", "head."))]
+    missing = [k for k in result.missing_keys if k not in fresh]
+    left_out = [k for k in result.unexpected_keys
+                if classifier and k.startswith(("decoder.", "encoder_to_decoder.", "mask_token", "norm."))]
+    unused = [k for k in result.unexpected_keys if k not in left_out]
+    print(f"loaded {len(own) - len(result.missing_keys)} of the model's {len(own)} tensors from {path}")
+    if left_out:
+        print(f"  left out, as the reference's fine-tuning does: the pretraining decoder, mask token and final "
+              f"encoder norm ({len(left_out)} tensors)")
     if fresh:
-        print(f"  starting fresh (not in the file, as expected from a pretraining checkpoint): {', '.join(fresh)}")
-    if result.unexpected_keys:
-        print(f"  not used by this model ({len(result.unexpected_keys)}; the pretraining decoder, mask token and "
-              f"final encoder norm are expected here): {', '.join(result.unexpected_keys[:8])}"
-              + (" ..." if len(result.unexpected_keys) > 8 else ""))
+        print(f"  starting fresh (the file has none for this model): {listed(fresh)}")
+    if "fc_norm.weight" in fresh and "head.weight" in weights:
+        print("  WARNING: the file has a head but no fc_norm, so its head was trained on other features "
+              "(a Hugging Face model with use_mean_pooling=False classifies token 0)")
     if missing:
-        print(f"  WARNING: {len(missing)} weights of the model are not in the file and keep their random "
-              f"init: {', '.join(missing[:8])}" + (" ..." if len(missing) > 8 else ""))
+        print(f"  WARNING: {len(missing)} weights of the model are not in the file and keep their random init: "
+              f"{listed(missing)}")
+    if unused:
+        print(f"  WARNING: {len(unused)} tensors of the file fit nothing in the model: {listed(unused)}")
+    return result
+
+
+# -----------------------------------------------------------------------------------------------------
+# Command line (shared)
+
+
+def set_demo_defaults(parser: argparse.ArgumentParser, argv, demo: dict) -> argparse.Namespace:
+    """Without --data_path the demo's values replace the parser's defaults; flags given explicitly still win.
+    Returns a first parse of argv, for defaults that depend on other flags."""
+    known = parser.parse_known_args(argv)[0]
+    if known.data_path is None:
+        parser.set_defaults(**demo)
+    return known
 
 
 # -----------------------------------------------------------------------------------------------------
@@ -389,8 +463,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = get_args_parser()
-    if parser.parse_known_args(argv)[0].data_path is None:
-        parser.set_defaults(**DEMO)
+    set_demo_defaults(parser, argv, DEMO)
     args = parser.parse_args(argv)
     args.cfg = model_config(parser, args, decoder_depth=args.decoder_depth)
     if not 0 < args.mask_ratio < 1:

@@ -213,6 +213,28 @@ def curves_figure(paths: list) -> plt.Figure:
     return fig
 
 
+def confusion_figure(confusion) -> plt.Figure:
+    """A (K, K) confusion matrix of video counts (rows: true class, columns: predicted), each row shaded as
+    shares of its class, so the diagonal reads as per-class accuracy; counts are written in up to 30 classes."""
+    counts = np.asarray(confusion, dtype=float)
+    shares = counts / np.maximum(counts.sum(1, keepdims=True), 1)
+    k = len(counts)
+    fig, ax = plt.subplots(figsize=(min(3 + 0.4 * k, 12), min(2.5 + 0.4 * k, 11.5)))
+    image = ax.imshow(shares, cmap="Blues", vmin=0, vmax=1)
+    if k <= 30:
+        ax.set_xticks(range(k))
+        ax.set_yticks(range(k))
+        for (i, j), n in np.ndenumerate(counts):
+            if n:
+                ax.text(j, i, int(n), ha="center", va="center", fontsize=7, color="white" if shares[i, j] > 0.5 else "black")
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class")
+    ax.set_title(f"video-level confusion ({int(counts.sum())} videos)", fontsize=10)
+    fig.colorbar(image, ax=ax, fraction=0.046, label="share of the true class")
+    fig.tight_layout()
+    return fig
+
+
 # -----------------------------------------------------------------------------------------------------
 # Command line
 

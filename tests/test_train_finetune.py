@@ -1,0 +1,322 @@
+"""The fine-tuning recipe: the CLI end to end on a micro model (train, resume, eval-only, linear probe, two
+processes), the multi-view test against a plain re-computation, overfitting, bad input, and the one weight
+loader against the reference's golden weights and Hugging Face's models."""
+import contextlib
+import io
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import masking
+import train_finetune as tf
+import train_pretrain as tp
+import vmae
+from conftest import assert_probe, config_from_reference, golden, golden_video
+from test_train_pretrain import MICRO, micro, run_processes, torchrun_env  # noqa: F401 (micro is a fixture)
+
+
+def cli(out, *extra):
+    return ["--model", "micro", "--input_size", "32", "--num_frames", "4", "--batch_size", "4", "--epochs", "1",
+            "--warmup_epochs", "1", "--lr", "5e-2", "--synthetic_size", "32", "--num_workers", "0",
+            "--mixup", "0.8", "--cutmix", "1.0", "--test_num_segment", "2", "--test_num_crop", "3",
+            "--output_dir", str(out), *extra]
+
+
+def run(argv) -> str:
+    """main(argv) with the micro size registered; returns what it printed."""
+    printed = io.StringIO()
+    with pytest.MonkeyPatch.context() as m, contextlib.redirect_stdout(printed):
+        m.setitem(vmae.SIZES, "micro", MICRO)
+        tf.main(argv)
+    return printed.getvalue()
+
+
+def rows(out) -> list[dict]:
+    return [json.loads(line) for line in (out / "log.txt").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One epoch, then a second run of the same command with --epochs 2, which resumes."""
+    out = tmp_path_factory.mktemp("finetune")
+    first = run(cli(out))
+    files = sorted(p.name for p in out.iterdir())
+    second = run(cli(out, "--epochs", "2"))
+    return dict(out=out, first=first, files_after_first=files, second=second)
+
+
+# -----------------------------------------------------------------------------------------------------
+# The command line, end to end
+
+
+def test_one_epoch_end_to_end(trained):
+    assert trained["files_after_first"] == ["checkpoint-best.pth", "checkpoint-last.pth", "confusion.png",
+                                            "curves.png", "log.txt", "per_class_accuracy.txt"]
+    printed = trained["first"]
+    assert "effective batch 4 videos" in printed and "mixup 0.8 / cutmix 1.0" in printed
+    assert "clip-level (each view alone)" in printed and "video-level (softmax averaged" in printed
+    epoch, test = rows(trained["out"])[:2]
+    assert epoch["epoch"] == 0 and {"train_loss", "train_lr", "val_loss", "val_acc1", "val_acc5"} <= set(epoch)
+    assert test["test_views"] == "4x2x3" and test["test_videos"] == 8 and test["test_clips"] == 8 * 6
+    state = torch.load(trained["out"] / "checkpoint-last.pth", weights_only=True)
+    assert set(state) >= {"model", "optimizer", "epoch", "scaler", "args", "best_acc1"}
+    model = vmae.VideoClassifier(vmae.config("small", **MICRO, img_size=32, num_frames=4), 8)
+    model.load_state_dict(state["model"], strict=True)  # plain reference keys: patch_embed, blocks, fc_norm, head
+
+
+def test_rerun_resumes_from_the_last_checkpoint(trained):
+    assert "resumed from" in trained["second"] and "continuing at epoch 1" in trained["second"]
+    assert [r.get("epoch") for r in rows(trained["out"])] == [0, None, 1, None]  # epoch, test, epoch, test
+    assert torch.load(trained["out"] / "checkpoint-last.pth", weights_only=True)["epoch"] == 1
+
+
+@pytest.mark.parametrize("segments,crops", [(1, 1), (2, 3), (5, 3)])
+def test_multi_view_test_equals_a_plain_recomputation(trained, tmp_path, segments, crops):
+    """--eval only, against the same numbers computed in a plain loop: every view through the model,
+    softmax averaged per video."""
+    checkpoint = trained["out"] / "checkpoint-best.pth"
+    argv = cli(tmp_path, "--eval", "--finetune", str(checkpoint), "--test_num_segment", str(segments),
+               "--test_num_crop", str(crops))
+    printed = run(argv)
+    assert "epoch" not in printed and not (tmp_path / "checkpoint-last.pth").exists()  # no training
+    [reported] = rows(tmp_path)
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setitem(vmae.SIZES, "micro", MICRO)
+        args = tf.parse_args(argv)
+    model = vmae.VideoClassifier(args.cfg, 8).eval()
+    model.load_state_dict(torch.load(checkpoint, weights_only=True)["model"])
+    test_set = tf.build_dataset("test", args)
+    probs, labels, clip_hits = torch.zeros(8, 8), torch.zeros(8, dtype=torch.long), 0
+    with torch.no_grad():
+        for i in range(len(test_set)):
+            clip, label, video, view = test_set[i]
+            assert (video, view) == divmod(i, segments * crops)
+            p = model(clip[None]).softmax(1)[0]
+            probs[video] += p / (segments * crops)
+            labels[video] = label
+            clip_hits += int(p.argmax() == label)
+    assert reported["test_clips"] == 8 * segments * crops and reported["test_videos"] == 8
+    assert reported["test_clip_acc1"] == pytest.approx(100 * clip_hits / len(test_set))
+    assert reported["test_video_acc1"] == pytest.approx(100 * (probs.argmax(1) == labels).float().mean().item())
+    table = (tmp_path / "per_class_accuracy.txt").read_text().splitlines()
+    assert len(table) == 1 + 8 and sum(int(line.split()[2]) for line in table[1:]) == round(reported["test_video_acc1"] * 8 / 100)
+
+
+def test_linear_probe_trains_only_the_head(trained, tmp_path):
+    start = torch.load(trained["out"] / "checkpoint-best.pth", weights_only=True)["model"]
+    printed = run(cli(tmp_path, "--linear_probe", "--finetune", str(trained["out"] / "checkpoint-best.pth")))
+    assert "linear probe" in printed and "0.00M trained" in printed  # 8 x 32 + 8 head parameters
+    end = torch.load(tmp_path / "checkpoint-last.pth", weights_only=True)["model"]
+    for key in start:
+        same = torch.equal(start[key], end[key])
+        assert same != key.startswith("head."), key
+
+
+def ddp_finetune(rank: int, world: int, port: int, out: str):
+    torchrun_env(rank, world, port)
+    vmae.SIZES["micro"] = MICRO  # this process's own copy of the table
+    tf.main(cli(out, "--synthetic_size", "12", "--batch_size", "2", "--test_num_segment", "1", "--test_num_crop", "1"))
+
+
+def test_two_processes_count_every_video_once(tmp_path):
+    """12 training videos, 3 held-out ones over 2 processes: the evaluation shards are padded to 2 + 2, and
+    the repeat must not count. The two-process test must equal a one-process test of the same weights."""
+    run_processes(ddp_finetune, 2, str(tmp_path / "ddp"))
+    epoch, test = rows(tmp_path / "ddp")
+    assert epoch["steps"] == 3  # 12 videos / (2 per process x 2 processes)
+    assert test["test_clips"] == 3 and test["test_videos"] == 3
+    run(cli(tmp_path / "one", "--synthetic_size", "12", "--test_num_segment", "1", "--test_num_crop", "1", "--eval",
+            "--finetune", str(tmp_path / "ddp" / "checkpoint-last.pth")))
+    [alone] = rows(tmp_path / "one")
+    for key in ("test_clip_acc1", "test_clip_acc5", "test_video_acc1", "test_video_acc5"):
+        assert alone[key] == pytest.approx(test[key]), key
+
+
+# -----------------------------------------------------------------------------------------------------
+# Learning
+
+
+def test_overfits_a_fixed_labelled_set():
+    """The recipe's pieces (layer-decay groups, soft-target cross-entropy) must fit 8 fixed clips exactly."""
+    model = vmae.VideoClassifier(vmae.config("small", **MICRO, img_size=32, num_frames=4), 5)
+    optimizer = tp.make_optimizer(tp.param_groups(model, 0.05, layer_decay=0.75), 3e-3, (0.9, 0.999), 1e-8,
+                                  torch.device("cpu"))
+    clips, labels = torch.randn(8, 3, 4, 32, 32), torch.tensor([0, 1, 2, 3, 4, 0, 1, 2])
+    args = tf.parse_args(["--mixup", "0", "--cutmix", "0", "--smoothing", "0.1", "--nb_classes", "5"])
+    for _ in range(60):
+        _, targets = tf.mix(clips, labels, args)
+        F.cross_entropy(model(clips), targets).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert (model.eval()(clips).argmax(1) == labels).all()
+
+
+def test_mixup_prob_decides_whether_a_batch_is_mixed():
+    clips = torch.arange(4.0).view(4, 1, 1, 1, 1).expand(4, 3, 4, 8, 8).clone()
+    labels = torch.arange(4)
+    plain = tf.parse_args(["--mixup_prob", "0", "--nb_classes", "4", "--smoothing", "0.2"])
+    mixed, targets = tf.mix(clips.clone(), labels, plain)
+    assert torch.equal(mixed, clips) and torch.allclose(targets, 0.8 * torch.eye(4) + 0.05)
+    always = tf.parse_args(["--mixup_prob", "1", "--mixup", "0", "--cutmix", "1", "--nb_classes", "4"])
+    mixed, targets = tf.mix(clips.clone(), labels, always)
+    assert torch.allclose(targets.sum(1), torch.ones(4))
+    from_partner = mixed[0] == 3  # one cutmix box, the same in every frame and channel
+    assert from_partner.any() and (from_partner == from_partner[:1, :1]).all()
+
+
+# -----------------------------------------------------------------------------------------------------
+# Defaults and bad input
+
+
+def test_demo_and_checkpoint_defaults(trained):
+    checkpoint = str(trained["out"] / "checkpoint-best.pth")
+    with pytest.MonkeyPatch.context() as m:
+        m.setitem(vmae.SIZES, "micro", MICRO)
+        args = tf.parse_args(["--finetune", checkpoint])
+        explicit = tf.parse_args(["--finetune", checkpoint, "--num_frames", "8", "--data_path", "."])
+    assert (args.model, args.input_size, args.num_frames, args.nb_classes) == ("micro", 32, 4, 8)  # from the checkpoint
+    assert args.batch_size == tf.DEMO["batch_size"] and args.short_side_size == 32
+    assert explicit.num_frames == 8 and explicit.batch_size == 64  # explicit flag; reference default with data
+    probe = tf.parse_args(["--linear_probe"])
+    assert probe.mixup == 0 and probe.drop_path == 0 and probe.aa == "none"
+
+
+@pytest.fixture
+def lists(tmp_path):
+    (tmp_path / "train.csv").write_text("a.mp4 0\nb.mp4 1\nc.mp4 7\n")
+    return tmp_path
+
+
+@pytest.mark.parametrize("case,message", [
+    ("label", "train.csv:3: label 7 is out of range for nb_classes=5"),
+    ("no val list", "no val.csv list"),
+    ("other size", "patch_embed.proj.weight: file (32, 3, 2, 16, 16) vs model (48, 3, 2, 16, 16)"),
+    ("no file", "checkpoint /no/such.pth: no such file"),
+])
+def test_bad_input_names_the_culprit(case, message, lists, trained, micro, monkeypatch):
+    monkeypatch.setitem(vmae.SIZES, "wide", dict(MICRO, embed_dim=48))
+    argv = cli(lists / "out", "--data_path", str(lists), "--nb_classes", "5" if case == "label" else "8")
+    if case == "no val list":
+        (lists / "train.csv").write_text("a.mp4 0\n")
+    if case == "other size":
+        argv += ["--model", "wide", "--finetune", str(trained["out"] / "checkpoint-best.pth")]
+    if case == "no file":
+        argv += ["--finetune", "/no/such.pth"]
+    with pytest.raises(SystemExit, match=message.replace("(", r"\(").replace(")", r"\)")):
+        tf.main(argv)
+
+
+def test_eval_needs_weights(capsys):
+    with pytest.raises(SystemExit):
+        tf.parse_args(["--eval"])
+    assert "--eval" in capsys.readouterr().err
+
+
+# -----------------------------------------------------------------------------------------------------
+# One loader for the checkpoints users have
+
+
+def save(tmp_path, state, name="ckpt.pth"):
+    torch.save(state, tmp_path / name)
+    return tmp_path / name
+
+
+def test_reference_pretraining_checkpoint_loads_compiled_and_wrapped(tmp_path, capsys):
+    entry = golden("pretrain_tiny")["p16"]
+    model = vmae.PretrainVideoMAE(config_from_reference(entry["official_kwargs"])).eval()
+    compiled = {"model": {f"_orig_mod.{k}": v for k, v in entry["state_dict"].items()}}  # the reference's compiled runs
+    result = tp.load_weights(model, save(tmp_path, compiled))
+    assert not result.missing_keys and not result.unexpected_keys and "WARNING" not in capsys.readouterr().out
+    with torch.no_grad():
+        assert_probe(model(golden_video(entry), entry["encoder_mask"], entry["decoder_mask"]), entry["outputs_dual"])
+
+
+def test_reference_pretraining_encoder_into_a_classifier(tmp_path, capsys):
+    """As the reference's fine-tuning: its encoder in, decoder / mask token / final norm left out, fresh
+    fc_norm and head (the key lists are the reference loader's own, stored in the golden file)."""
+    pretrained = golden("pretrain_tiny")["p16"]["state_dict"]
+    expected = golden("finetune_tiny")["load_pretrain_p16"]
+    model = vmae.VideoClassifier(config_from_reference(golden("finetune_tiny")["official_kwargs"]), 5)
+    result = tp.load_weights(model, save(tmp_path, {"module": pretrained}))  # DeepSpeed's key
+    assert sorted(result.missing_keys) == sorted(expected["missing_keys"])
+    assert sorted(result.unexpected_keys) == sorted(expected["unexpected_keys"])
+    printed = capsys.readouterr().out
+    assert "left out, as the reference's fine-tuning does" in printed and "(34 tensors)" in printed
+    assert "starting fresh" in printed and "WARNING" not in printed
+    torch.testing.assert_close(model.blocks[1].attn.qkv.weight, pretrained["encoder.blocks.1.attn.qkv.weight"].float())
+
+
+def test_reference_classifier_gives_its_logits(tmp_path):
+    entry = golden("finetune_tiny")
+    model = vmae.VideoClassifier(config_from_reference(entry["official_kwargs"]), 5).eval()
+    tp.load_weights(model, save(tmp_path, {"model": {f"backbone.{k}": v for k, v in entry["state_dict"].items()}}))
+    with torch.no_grad():
+        torch.testing.assert_close(model(golden_video(entry)), entry["logits"], atol=1e-5, rtol=1e-4)
+
+
+def test_head_of_another_class_count(tmp_path, capsys):
+    """Dropped with a message, or re-indexed with a label map (the reference's K710 -> K400 conversion)."""
+    entry = golden("finetune_tiny")
+    path = save(tmp_path, {"model": entry["state_dict"]})
+    cfg = config_from_reference(entry["official_kwargs"])
+    model = vmae.VideoClassifier(cfg, 3)
+    assert tp.load_weights(model, path).missing_keys == ["head.weight", "head.bias"]
+    assert "dropping head.weight (5, 64), a head for another class count" in capsys.readouterr().out
+    model = vmae.VideoClassifier(cfg, 3)
+    assert tp.load_weights(model, path, label_map=[4, 0, 2]).missing_keys == []
+    torch.testing.assert_close(model.head.weight, entry["state_dict"]["head.weight"][[4, 0, 2]].float())
+    with pytest.raises(SystemExit, match="label_map row 7 is past the end of its 5-class head"):
+        tp.load_weights(vmae.VideoClassifier(cfg, 3), path, label_map=[7, 0, 2])
+
+
+def hf_config(**extra):
+    """A Hugging Face VideoMAE config equal to MICRO at 32 px, 4 frames; their default LayerNorm eps is 1e-12."""
+    transformers = pytest.importorskip("transformers")
+    return transformers.VideoMAEConfig(
+        image_size=32, patch_size=16, num_frames=4, tubelet_size=2, hidden_size=32, num_hidden_layers=2,
+        num_attention_heads=2, intermediate_size=128, decoder_hidden_size=16, decoder_num_hidden_layers=2,
+        decoder_num_attention_heads=2, decoder_intermediate_size=64, layer_norm_eps=1e-6, hidden_act="gelu",
+        attn_implementation="eager", **extra)
+
+
+def randomised(model):
+    """Every parameter moved off its init, so a weight that fails to load shows in the outputs."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model.eval()
+
+
+def test_hugging_face_classifier_gives_its_logits(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    hf = randomised(transformers.VideoMAEForVideoClassification(hf_config(use_mean_pooling=True, num_labels=5)))
+    hf.fc_norm.eps = 1e-6  # built with LayerNorm's default 1e-5, whatever the config says
+    hf.save_pretrained(tmp_path)  # model.safetensors
+    model = vmae.VideoClassifier(vmae.config("small", **MICRO, img_size=32, num_frames=4), 5).eval()
+    result = tp.load_weights(model, tmp_path / "model.safetensors")
+    assert not result.missing_keys and not result.unexpected_keys
+    video = torch.randn(2, 3, 4, 32, 32)
+    with torch.no_grad():
+        theirs = hf(pixel_values=video.transpose(1, 2)).logits  # their layout is (B, T, C, H, W)
+        torch.testing.assert_close(model(video), theirs, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("bias_names", ["query.bias", "q_bias"])  # newer transformers / older releases
+def test_hugging_face_pretraining_model_gives_its_predictions(tmp_path, bias_names):
+    transformers = pytest.importorskip("transformers")
+    hf = randomised(transformers.VideoMAEForPreTraining(hf_config(use_mean_pooling=False)))
+    hf.decoder.norm.eps = 1e-6
+    weights = hf.state_dict()
+    if bias_names == "q_bias":
+        weights = {k.replace("query.bias", "q_bias").replace("value.bias", "v_bias"): v for k, v in weights.items()}
+    cfg = vmae.config("small", **MICRO, img_size=32, num_frames=4, decoder_depth=2)
+    model = vmae.PretrainVideoMAE(cfg).eval()
+    result = tp.load_weights(model, save(tmp_path, weights, "pytorch_model.bin"))
+    assert not result.missing_keys and not result.unexpected_keys
+    video, mask = torch.randn(2, 3, 4, 32, 32), masking.tube_mask(2, cfg.grid, 0.5)  # the same count per clip
+    with torch.no_grad():
+        theirs = hf(pixel_values=video.transpose(1, 2), bool_masked_pos=mask).logits
+        torch.testing.assert_close(model(video, mask), theirs, atol=1e-5, rtol=0)  # V1: no decoder mask

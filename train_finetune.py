@@ -1,0 +1,448 @@
+"""Fine-tune VideoMAE V2: a pretrained encoder becomes a video classifier, tested on several views per video.
+
+The classifier (vmae.VideoClassifier) runs the encoder on all tokens, mean-pools them into a LayerNorm and a
+linear head; there is no CLS token. The recipe is the reference's (spec.md §6): AdamW with layer-wise
+learning-rate decay (block k of L learns at layer_decay^(L - k) times the head's rate, the cube embedding
+at layer_decay^(L + 1)), warmup then cosine, stochastic depth, RandAugment, random resized crop, flip and
+random erasing per clip, two augmented clips per decoded video, and mixup/cutmix with label smoothing on
+the batch. Every epoch scores the centre view of each validation video (top-1/top-5) and keeps
+checkpoint-best.pth. At the end, or with --eval, the multi-view test takes test_num_segment windows x
+test_num_crop crops of every video ("16x5x3"), averages their softmax per video and reports clip-level
+(each view alone) and video-level accuracy, a per-class table and a confusion matrix.
+
+With no --data_path it fine-tunes on the built-in synthetic clips, whose label is the direction the main
+shape moves (8 classes). --finetune takes ours, the reference's (V1/V2) and Hugging Face VideoMAE
+checkpoints; the model size, input size and frame count default to the ones the checkpoint was trained with.
+
+    python train_finetune.py --finetune output/pretrain/checkpoint-last.pth        # the demo
+    python train_finetune.py --eval --finetune output/finetune/checkpoint-best.pth  # multi-view test only
+    python train_finetune.py --data_path lists/ --nb_classes 400 --model base --batch_size 16 \\
+        --finetune vit_b_hybrid_pt_800e.pth                     # lists/ holds train.csv and val.csv
+    python train_finetune.py --linear_probe --finetune ...      # frozen encoder, only the head learns
+    torchrun --standalone --nproc_per_node=8 train_finetune.py ...   # one machine, 8 GPUs (DDP; --fsdp shards)
+
+--batch_size is per process and micro-step; the learning rate is --lr x batch_size x accum_iter x processes
+/ 256, as in pretraining (the --num_sample repeats are not counted, as in the reference).
+"""
+import argparse
+import json
+import math
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+import data
+import train_pretrain as tp
+import vmae
+
+# The demo that runs without --data_path: the pretraining demo's model on the built-in classes (a --finetune
+# checkpoint's own size wins over these, and explicit flags win over both).
+DEMO = dict(**{k: tp.DEMO[k] for k in ("model", "input_size", "num_frames")}, nb_classes=8, batch_size=8,
+            epochs=4, warmup_epochs=1, lr=2e-3, aa="none", mixup=0.0, cutmix=0.0, synthetic_size=512,
+            test_num_segment=2, num_workers=2)
+# --linear_probe: the usual protocol (MAE's): no stochastic depth, regularisation or heavy augmentation.
+LINEAR_PROBE = dict(drop_path=0.0, weight_decay=0.0, smoothing=0.0, mixup=0.0, cutmix=0.0, reprob=0.0, aa="none")
+# What a --finetune checkpoint's stored arguments decide unless given explicitly.
+FROM_CHECKPOINT = ("model", "input_size", "num_frames", "tubelet_size", "nb_classes")
+DATA_SETS = ["Kinetics-400", "Kinetics-600", "Kinetics-700", "Kinetics-710", "SSV2", "UCF101", "HMDB51",
+             "Diving48", "MIT"]
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="VideoMAE V2 fine-tuning and multi-view testing",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    a = p.add_argument
+    a("--model", default="base", help="small, base, large, huge, giant, or a reference name (vit_base_patch16_224, ...)")
+    a("--nb_classes", type=int, default=400)
+    a("--finetune", default=None, help="initial weights: a pretraining or fine-tuned checkpoint (ours, the "
+      "reference's or Hugging Face's)")
+    a("--label_map", default=None, help="JSON list: new class i takes row i of the list of the checkpoint's head "
+      "(e.g. the reference's misc/label_710to400.json); without it a head of another class count is dropped")
+    a("--linear_probe", action="store_true", help="freeze the encoder and train only the head")
+    a("--eval", action="store_true", help="only the multi-view test of the --finetune (or --resume) weights")
+    a("--batch_size", type=int, default=64, help="videos per process per micro-step (x --num_sample clips)")
+    a("--accum_iter", type=int, default=1, help="micro-steps accumulated per optimizer step")
+    a("--epochs", type=int, default=30)
+    a("--warmup_epochs", type=int, default=5)
+    a("--lr", type=float, default=1e-3, help="base learning rate per 256 videos")
+    a("--min_lr", type=float, default=1e-6, help="base LR the cosine decays towards (scaled like --lr)")
+    a("--layer_decay", type=float, default=0.75, help="LR scale per block from the top; 1 = none")
+    a("--weight_decay", type=float, default=0.05)
+    a("--opt_betas", type=float, nargs=2, default=[0.9, 0.999])
+    a("--opt_eps", type=float, default=1e-8)
+    a("--clip_grad", type=float, default=None, help="max gradient norm")
+    a("--drop_path", type=float, default=0.1)
+    a("--head_drop_rate", type=float, default=0.0, help="dropout before the head")
+    a("--init_scale", type=float, default=0.001, help="the fresh head's initial weights are scaled by this")
+    a("--smoothing", type=float, default=0.1, help="label smoothing")
+    a("--mixup", type=float, default=0.8, help="mixup alpha; 0 = off")
+    a("--cutmix", type=float, default=1.0, help="cutmix alpha; 0 = off")
+    a("--mixup_prob", type=float, default=1.0, help="chance that a batch is mixed at all")
+    a("--mixup_switch_prob", type=float, default=0.5, help="chance of cutmix rather than mixup when both are on")
+    a("--aa", default="rand-m7-n4-mstd0.5-inc1", help="video RandAugment, or none")
+    a("--reprob", type=float, default=0.25, help="random erasing probability")
+    a("--num_sample", type=int, default=2, help="augmented clips per decoded video (repeated augmentation)")
+    a("--num_frames", type=int, default=16)
+    a("--sampling_rate", type=int, default=4, help="take every n-th frame")
+    a("--input_size", type=int, default=224)
+    a("--tubelet_size", type=int, default=2)
+    a("--short_side_size", type=int, default=None, help="evaluation: resize the short side to this, then crop "
+      "(default: --input_size)")
+    a("--test_num_segment", type=int, default=5, help="test windows per video")
+    a("--test_num_crop", type=int, default=3, help="test crops per window")
+    a("--data_path", default=None, help="folder with train.csv / val.csv (/ test.csv), or with train/ val/ "
+      "folders of class sub-folders; omitted: the built-in synthetic clips")
+    a("--data_root", default="", help="prefix for relative paths in the lists")
+    a("--data_set", default="Kinetics-400", choices=DATA_SETS, help="SSV2: one frame per segment and no flip "
+      "(left and right are different classes); the others: dense windows and flips")
+    a("--fname_tmpl", default="img_{:05}.jpg", help="file names of extracted frames")
+    a("--synthetic_size", type=int, default=1024, help="built-in training videos (a quarter as many held out)")
+    a("--skip_bad_videos", action="store_true", help="skip unreadable videos (logged and counted) instead of stopping")
+    a("--output_dir", default="output/finetune")
+    a("--resume", default=None, help="checkpoint to resume from (default: checkpoint-last.pth in --output_dir)")
+    a("--auto_resume", action=argparse.BooleanOptionalAction, default=True)
+    a("--log_every", type=int, default=20, help="optimizer steps between loss read-outs (each is a host sync)")
+    a("--num_workers", type=int, default=10)
+    a("--seed", type=int, default=0)
+    a("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    a("--precision", default=None, choices=["bf16", "fp16", "fp32"], help="default: bf16 on GPUs that have it, else fp32")
+    a("--compile", action="store_true", help="torch.compile the model")
+    a("--with_checkpoint", action="store_true", help="activation checkpointing per block (less memory, ~30%% slower)")
+    a("--fsdp", action="store_true", help="shard parameters, gradients and optimizer state (launch with torchrun)")
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = get_args_parser()
+    known = tp.set_demo_defaults(parser, argv, DEMO)
+    if known.linear_probe:
+        parser.set_defaults(**LINEAR_PROBE)
+    if known.finetune:
+        saved = tp.saved_args(tp.load_checkpoint(known.finetune))
+        parser.set_defaults(**{k: saved[k] for k in FROM_CHECKPOINT if k in saved})
+    args = parser.parse_args(argv)
+    args.short_side_size = args.short_side_size or args.input_size
+    args.cfg = tp.model_config(parser, args)
+    for name in ("nb_classes", "batch_size", "accum_iter", "epochs", "num_sample", "test_num_segment",
+                 "test_num_crop", "log_every"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
+    if args.short_side_size < args.input_size:
+        parser.error(f"--short_side_size {args.short_side_size} is smaller than --input_size {args.input_size}")
+    try:
+        data.parse_rand_augment(args.aa)
+    except ValueError as e:
+        parser.error(f"--aa: {e}")
+    if args.data_path is not None and not Path(args.data_path).exists():
+        parser.error(f"--data_path {args.data_path}: no such file or folder")
+    if args.eval and not (args.finetune or args.resume):
+        parser.error("--eval tests given weights: pass --finetune CHECKPOINT (or --resume CHECKPOINT)")
+    if args.fsdp and "WORLD_SIZE" not in os.environ:
+        parser.error("--fsdp needs a process group: launch with torchrun (e.g. torchrun --nproc_per_node=8 ...)")
+    return args
+
+
+# -----------------------------------------------------------------------------------------------------
+# Model and data
+
+
+def read_label_map(path: str, nb_classes: int) -> list[int]:
+    """--label_map: a JSON list of nb_classes row numbers of the checkpoint's head."""
+    try:
+        rows = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        sys.exit(f"--label_map {path}: cannot be read as JSON ({e})")
+    if not (isinstance(rows, list) and len(rows) == nb_classes and all(isinstance(r, int) and r >= 0 for r in rows)):
+        sys.exit(f"--label_map {path}: expected a JSON list of {nb_classes} row numbers (one per class of "
+                 "--nb_classes), like the reference's misc/label_710to400.json")
+    return rows
+
+
+def build_model(args) -> vmae.VideoClassifier:
+    model = vmae.VideoClassifier(args.cfg, args.nb_classes, args.head_drop_rate, args.init_scale)
+    if args.finetune:
+        label_map = read_label_map(args.label_map, args.nb_classes) if args.label_map else None
+        loaded = tp.load_weights(model, args.finetune, label_map)
+        if args.eval and "head.weight" in loaded.missing_keys:
+            sys.exit(f"--eval: {args.finetune} has no head for {args.nb_classes} classes, so there is nothing to test")
+    if args.linear_probe:  # fc_norm stays frozen too: a plain LayerNorm feeding the head normalised features
+        model.requires_grad_(False)
+        model.head.requires_grad_(True)
+    return model
+
+
+def build_dataset(mode: str, args) -> data.FinetuneDataset:
+    """The 'train', 'validation' or 'test' split. Something-Something takes one frame per segment and is
+    never flipped; nor is the built-in set, whose classes are directions of motion."""
+    ssv2 = args.data_set == "SSV2"
+    try:
+        return data.build_finetune_dataset(
+            mode, args.data_path, args.data_root, nb_classes=args.nb_classes, num_frames=args.num_frames,
+            sampling_rate=args.sampling_rate, input_size=args.input_size, short_side_size=args.short_side_size,
+            num_sample=args.num_sample, test_num_segment=args.test_num_segment, test_num_crop=args.test_num_crop,
+            sparse_sample=ssv2, flip=not ssv2 and args.data_path is not None, aa=args.aa, reprob=args.reprob,
+            fname_tmpl=args.fname_tmpl, skip_bad_videos=args.skip_bad_videos, synthetic_videos=args.synthetic_size)
+    except (data.ListError, FileNotFoundError) as e:  # a label >= --nb_classes, a missing list: file and line named
+        sys.exit(f"--data_path: {e}")
+
+
+class Shard(torch.utils.data.Dataset):
+    """One process's share of an evaluation set: items rank, rank + world, ... Every share is padded to the
+    same length by repeating items (FSDP's forward is collective, so all processes must run the same number
+    of batches); a repeat comes with keep = False and counts nowhere. (DistributedSampler pads the same way
+    but cannot say which items are repeats, so they would be counted twice.)
+    Items: (clip, label, video index, keep)."""
+
+    def __init__(self, dataset: data.FinetuneDataset, rank: int, world: int):
+        self.dataset = dataset
+        padded = world * math.ceil(len(dataset) / world)
+        self.indices = range(rank, padded, world)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int):
+        index = self.indices[i]
+        keep = index < len(self.dataset)
+        clip, label, *video = self.dataset[index % len(self.dataset)]  # test items add (video, view)
+        return clip, label, video[0] if video else index % len(self.dataset), keep
+
+
+# -----------------------------------------------------------------------------------------------------
+# Loss and evaluation
+
+
+def mix(clips: torch.Tensor, labels: torch.Tensor, args) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mixup or cutmix on the batch (with probability --mixup_prob) and its soft targets (B, K): one-hots
+    smoothed by --smoothing, mixed like the clips. Unmixed, cross-entropy on them is label-smoothing CE."""
+    on = random.random() < args.mixup_prob
+    return data.mixup_cutmix(clips, labels, args.nb_classes, args.mixup if on else 0.0, args.cutmix if on else 0.0,
+                             args.mixup_switch_prob, args.smoothing)
+
+
+def topk_hits(scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """(2, B): 1 where the label is the top score / among the five top scores."""
+    top = scores.topk(min(5, scores.shape[1]), dim=1).indices == labels[:, None]  # (B, 5)
+    return torch.stack([top[:, 0], top.any(1)]).float()
+
+
+@torch.no_grad()
+def evaluate(model, dataset: data.FinetuneDataset, args, d: tp.Dist, precision: str, desc: str) -> dict:
+    """Score every item of an evaluation set exactly once, split over the processes, summed on the device
+    and read once at the end. Returns, the same on every process: probs (V, K) each video's softmax summed
+    over its views, views (V,) how many, labels (V,), and over single clips: loss, top-1 and top-5 hits, clips.
+    (The reference writes per-rank text files and keys a view by the string chunk + split, so "1"+"12" and
+    "11"+"2" collide, spec.md §9 item 19; its final test also needs a process group, item 14. Neither here.)"""
+    loader = torch.utils.data.DataLoader(Shard(dataset, d.rank, d.world_size), batch_size=int(1.5 * args.batch_size),
+                                         num_workers=args.num_workers, pin_memory=d.device.type == "cuda")
+    videos, k, dev = len(dataset.source), args.nb_classes, d.device
+    probs, views = torch.zeros(videos, k, device=dev), torch.zeros(videos, device=dev)
+    labels = torch.full((videos,), -1, device=dev)
+    sums = torch.zeros(4, device=dev)  # loss, top-1 hits, top-5 hits, clips
+    model.eval()
+    for clips, label, video, keep in tqdm(loader, desc=desc, disable=not d.is_main, dynamic_ncols=True, leave=False):
+        clips, label, video = (t.to(dev, non_blocking=True) for t in (clips, label, video))
+        keep = keep.to(dev).float()  # (B,) 0 for the padding repeats
+        with tp.autocast(dev, precision):
+            logits = model(clips).float()  # (B, K)
+        probs.index_add_(0, video, logits.softmax(1) * keep[:, None])
+        views.index_add_(0, video, keep)
+        labels[video] = label
+        loss = F.cross_entropy(logits, label, reduction="none")
+        sums += torch.cat([(loss @ keep)[None], topk_hits(logits, label) @ keep, keep.sum()[None]])
+    if d.world_size > 1:
+        for t in (probs, views, sums):
+            dist.all_reduce(t)
+        dist.all_reduce(labels, op=dist.ReduceOp.MAX)
+    loss, top1, top5, clips = sums.tolist()
+    return dict(probs=probs.cpu(), views=views.cpu(), labels=labels.cpu(), loss=loss / clips,
+                acc1=100 * top1 / clips, acc5=100 * top5 / clips, clips=int(clips))
+
+
+def video_level(result: dict) -> tuple[dict, torch.Tensor]:
+    """Top-1/top-5 of each video's averaged softmax, and the confusion matrix (K, K) (rows: true class,
+    columns: predicted). Videos with no views (all skipped as unreadable) are left out."""
+    seen = result["views"] > 0
+    mean = result["probs"][seen] / result["views"][seen, None]  # (V, K)
+    labels, k = result["labels"][seen], mean.shape[1]
+    top1, top5 = topk_hits(mean, labels).mean(1).tolist()
+    confusion = torch.bincount(labels * k + mean.argmax(1), minlength=k * k).view(k, k)
+    return dict(test_video_acc1=100 * top1, test_video_acc5=100 * top5, test_videos=int(seen.sum())), confusion
+
+
+def per_class_table(confusion: torch.Tensor) -> str:
+    lines = ["class  videos  correct  top-1 %"]
+    for c, (total, right) in enumerate(zip(confusion.sum(1).tolist(), confusion.diag().tolist())):
+        lines.append(f"{c:5d}  {total:6d}  {right:7d}  " + (f"{100 * right / total:7.2f}" if total else "      -"))
+    return "\n".join(lines)
+
+
+def multi_view_test(model, args, d: tp.Dist, precision: str, out: Path) -> dict:
+    """The final test: every video as test_num_segment x test_num_crop views, their softmax averaged. Rank 0
+    prints and writes the results, per_class_accuracy.txt and confusion.png. One window or one crop is fine
+    (data.py centres a single view; the reference divides by n - 1 there, spec.md §9 item 15)."""
+    test_set = build_dataset("test", args)
+    views = f"{args.num_frames}x{args.test_num_segment}x{args.test_num_crop}"
+    result = evaluate(model, test_set, args, d, precision, f"test {views}")
+    stats, confusion = video_level(result)
+    stats = dict(test_views=views, test_clip_acc1=result["acc1"], test_clip_acc5=result["acc5"],
+                 test_clips=result["clips"], **stats)
+    if d.is_main:
+        table = per_class_table(confusion)
+        print(f"test ({views}: frames x windows x crops): clip-level (each view alone) top-1 {stats['test_clip_acc1']:.2f}% "
+              f"top-5 {stats['test_clip_acc5']:.2f}% over {stats['test_clips']} clips; video-level (softmax averaged "
+              f"over its views) top-1 {stats['test_video_acc1']:.2f}% top-5 {stats['test_video_acc5']:.2f}% over "
+              f"{stats['test_videos']} videos")
+        if args.nb_classes <= 20:
+            print(table)
+        import visualize  # matplotlib only at the end
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "per_class_accuracy.txt").write_text(table + "\n")
+        visualize.confusion_figure(confusion).savefig(out / "confusion.png", dpi=100)
+        with open(out / "log.txt", "a") as f:
+            f.write(json.dumps(stats) + "\n")
+        print(f"wrote {out / 'per_class_accuracy.txt'}, {out / 'confusion.png'}")
+    return stats
+
+
+# -----------------------------------------------------------------------------------------------------
+# Training
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    cfg = args.cfg
+    d = tp.setup_distributed(args.device)
+    device = d.device
+    precision = tp.resolve_precision(args.precision, device)
+    out = Path(args.output_dir)
+    log = print if d.is_main else (lambda *a, **k: None)
+    tp.seed_everything(args.seed)  # the same initial weights on every process
+
+    model = build_model(args).to(device)
+    groups = tp.param_groups(model, args.weight_decay, layer_decay=args.layer_decay)
+    n_params = sum(p.numel() for p in model.parameters())
+    n_trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    model = tp.wrap_model(model, d, args.fsdp, precision)
+    if args.compile:
+        (model.module if isinstance(model, DDP) else model).compile()
+    optimizer = tp.make_optimizer(groups, args.lr, args.opt_betas, args.opt_eps, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    log(f"model {args.model}: {n_params / 1e6:.1f}M parameters ({n_trained / 1e6:.2f}M trained), {cfg.num_frames}x"
+        f"{cfg.img_size}, {cfg.num_tokens} tokens, {args.nb_classes} classes | {device}, {precision}, "
+        f"{d.world_size} process(es)" + (", FSDP" if args.fsdp else "") + (", compiled" if args.compile else ""))
+
+    start_epoch, best = 0, -1.0  # the first validation always saves checkpoint-best.pth
+    last = out / "checkpoint-last.pth"
+    resume = args.resume or (last if args.auto_resume and not args.eval and last.exists() else None)
+    if resume:
+        state = tp.load_checkpoint(resume)
+        tp.restore_training_state(model, optimizer, scaler, state)
+        start_epoch, best = state["epoch"] + 1, state.get("best_acc1", 0.0)
+        log(f"resumed from {resume}: epoch {state['epoch']} done, continuing at epoch {start_epoch}")
+    if not args.eval:
+        train(model, optimizer, scaler, start_epoch, best, args, d, precision, out)
+    multi_view_test(model, args, d, precision, out)  # after training: the final weights, as the reference tests
+    if d.is_main and not args.eval:
+        import visualize
+        visualize.curves_figure([out / "log.txt"]).savefig(out / "curves.png", dpi=100)
+    if dist.is_initialized():
+        # Free DDP's reducer while the process group is still registered (see the end of train_pretrain.main).
+        del model, optimizer
+        dist.destroy_process_group()
+
+
+def train(model, optimizer, scaler, start_epoch: int, best: float, args, d: tp.Dist, precision: str, out: Path) -> None:
+    """The epochs: AdamW steps on the training set, then the centre-view validation, log.txt and checkpoints."""
+    device = d.device
+    log = print if d.is_main else (lambda *a, **k: None)
+    train_set, val_set = build_dataset("train", args), build_dataset("validation", args)
+    sampler = torch.utils.data.DistributedSampler(train_set, num_replicas=d.world_size, rank=d.rank, shuffle=True,
+                                                  seed=args.seed, drop_last=True)
+    loader = torch.utils.data.DataLoader(train_set, batch_size=args.batch_size, sampler=sampler, drop_last=True,
+                                         num_workers=args.num_workers, pin_memory=device.type == "cuda")
+    steps_per_epoch = len(loader) // args.accum_iter
+    if steps_per_epoch == 0:
+        sys.exit(f"--batch_size {args.batch_size} x --accum_iter {args.accum_iter} x {d.world_size} processes is more "
+                 f"than the {len(train_set)} training videos: not one step per epoch")
+    videos_per_step = args.batch_size * args.accum_iter * d.world_size
+    lr_schedule = tp.cosine_schedule(args.lr * videos_per_step / 256, args.min_lr * videos_per_step / 256,
+                                     args.epochs, steps_per_epoch, args.warmup_epochs)
+    mixing = args.mixup > 0 or args.cutmix > 0
+    log(f"data: {'built-in synthetic clips' if args.data_path is None else args.data_path} ({len(train_set)} training "
+        f"videos, {len(val_set)} validation videos) | init: {args.finetune or 'random (no --finetune)'}"
+        + (" | linear probe: only the head learns" if args.linear_probe else ""))
+    log(f"effective batch {videos_per_step} videos = {args.batch_size} x accum {args.accum_iter} x {d.world_size} "
+        f"process(es); x num_sample {args.num_sample} = {videos_per_step * args.num_sample} clips per step")
+    log(f"lr {args.lr:g} x {videos_per_step} / 256 = {args.lr * videos_per_step / 256:.3g}, layer decay "
+        f"{args.layer_decay}, {steps_per_epoch} steps per epoch, {args.epochs} epochs | loss: "
+        + (f"mixup {args.mixup} / cutmix {args.cutmix} (p {args.mixup_prob}), " if mixing else "")
+        + f"label smoothing {args.smoothing}")
+
+    for epoch in range(start_epoch, args.epochs):
+        tp.seed_everything(args.seed + (epoch + 1) * d.world_size + d.rank)
+        sampler.set_epoch(epoch)
+        model.train()
+        loss_sum = torch.zeros((), device=device)  # summed on the device; read only every --log_every steps
+        first_bad = torch.full((), -1, device=device, dtype=torch.long)  # first step with a non-finite loss
+        start = time.time()
+        bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch}", disable=not d.is_main, dynamic_ncols=True)
+        batches = iter(loader)
+        for i in range(steps_per_epoch):
+            step = epoch * steps_per_epoch + i
+            tp.set_schedules(optimizer, lr_schedule[step], args.weight_decay)
+            for micro in range(args.accum_iter):
+                clips, labels = next(batches)
+                clips = clips.to(device, non_blocking=True).flatten(0, 1)  # (B·num_sample, 3, T, H, W)
+                clips, targets = mix(clips, labels.to(device, non_blocking=True).flatten(), args)  # targets (B·num_sample, K)
+                tp.grad_sync(model, micro == args.accum_iter - 1)
+                with tp.autocast(device, precision):
+                    logits = model(clips)
+                loss = F.cross_entropy(logits.float(), targets)
+                scaler.scale(loss / args.accum_iter).backward()
+                loss = loss.detach()
+                loss_sum += loss
+                first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), step, first_bad)
+            if args.clip_grad is not None:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            if (i + 1) % args.log_every == 0 or i + 1 == steps_per_epoch:
+                tp.check_finite(first_bad, lr_schedule, out)
+                bar.set_postfix(loss=f"{loss_sum.item() / ((i + 1) * args.accum_iter):.4f}", lr=f"{lr_schedule[step]:.2e}")
+            bar.update(1)
+        bar.close()
+        batches = None  # let this epoch's workers exit
+
+        seconds = time.time() - start
+        if d.world_size > 1:
+            dist.all_reduce(loss_sum)
+        val = evaluate(model, val_set, args, d, precision, "validation")
+        stats = dict(epoch=epoch, train_loss=loss_sum.item() / (steps_per_epoch * args.accum_iter * d.world_size),
+                     train_lr=float(lr_schedule[step]), val_loss=val["loss"], val_acc1=val["acc1"], val_acc5=val["acc5"],
+                     steps=step + 1, epoch_time_s=round(seconds, 1), skipped_videos=len(train_set.bad_videos()))
+        improved = val["acc1"] > best
+        best = max(best, val["acc1"])
+        state = {**tp.training_state(model, optimizer, scaler, epoch, step + 1, args), "best_acc1": best}  # collective
+        if d.is_main:
+            tp.save_checkpoint(out / "checkpoint-last.pth", state)
+            if improved:
+                tp.save_checkpoint(out / "checkpoint-best.pth", state)
+            with open(out / "log.txt", "a") as f:
+                f.write(json.dumps(stats) + "\n")
+            log(f"epoch {epoch}: train loss {stats['train_loss']:.4f}, validation (centre view) top-1 {val['acc1']:.2f}% "
+                f"top-5 {val['acc5']:.2f}% (best {best:.2f}%), {seconds:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
