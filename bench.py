@@ -12,6 +12,7 @@ timm importable).
     python bench.py --sizes base --batch_size 8 --precision bf16 --compile
     python bench.py --flops                       # tokens and GFLOPs per clip for every size, no timing
     python bench.py --data                        # clips/s of one data worker on 720p and 240p videos
+    python bench.py --memory --sizes giant        # GB per GPU by size, precision, checkpointing (computed)
 
 FLOPs are counted by running the step once on the `meta` device under PyTorch's FLOP counter (2 FLOPs
 per multiply-add; exact shapes, no arithmetic typed in by hand). The paper's "FLOPs" are multiply-adds
@@ -46,6 +47,7 @@ def parse_args(argv=None):
     p.add_argument("--reference", metavar="DIR", help="a checkout of OpenGVLab/VideoMAEv2 to time side by side")
     p.add_argument("--flops", action="store_true", help="print the per-clip token and FLOP table and exit")
     p.add_argument("--data", action="store_true", help="time one data worker on videos the bench writes, and exit")
+    p.add_argument("--memory", action="store_true", help="compute the training-memory table for every size, and exit")
     return p.parse_args(argv)
 
 
@@ -243,6 +245,80 @@ def data_table(args) -> None:
 
 
 # -----------------------------------------------------------------------------------------------------
+# Memory
+
+
+def saved_for_backward(cfg, args, batch: int, precision: str) -> tuple[int, int, int, int]:
+    """Bytes autograd keeps for backward in one dual-masking pretraining forward of `batch` clips, recorded
+    on the CPU (flash attention keeps q, k, v, output and log-sum-exp, as on a GPU): (everything, inside
+    the transformer blocks, the largest single block's own, the blocks' inputs). Storages are counted
+    once; parameters not at all."""
+    torch.manual_seed(0)
+    model = vmae.PretrainVideoMAE(cfg)
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved, per_block, inputs, current = {}, {}, [0], [None]
+
+    def enter(block, x):
+        current[0] = block
+        inputs[0] += x[0].numel() * x[0].element_size()
+
+    def pack(t):
+        storage = t.untyped_storage()
+        key = storage.data_ptr()
+        if key not in params and key not in saved:
+            saved[key] = storage.nbytes()
+            if current[0] is not None:
+                per_block[current[0]] = per_block.get(current[0], 0) + storage.nbytes()
+        return t
+
+    for block in [m for m in model.modules() if isinstance(m, vmae.Block)]:
+        block.register_forward_pre_hook(enter)
+        block.register_forward_hook(lambda *_: current.__setitem__(0, None))
+    video = torch.randn(batch, 3, cfg.num_frames, cfg.img_size, cfg.img_size)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), tp.autocast(torch.device("cpu"), precision):
+        tp.pretrain_step_loss(model, cfg, video, recipe(args, dual=True))
+    return sum(saved.values()), sum(per_block.values()), max(per_block.values()), inputs[0]
+
+
+def in_fresh_process(fn, *args):
+    """fn(*args) in a new process: a billion-parameter model freed in this one would still hold its pages
+    (the C allocator keeps them in per-thread arenas), and the next size would not fit."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(fn, *args).result()
+
+
+def memory_table(args) -> None:
+    """GB of GPU memory a training step needs, computed: 16 bytes per parameter (fp32 weights, gradients and
+    AdamW's two moments, also under bf16 autocast) plus the activations kept for backward, measured per
+    clip as the difference between 2 clips and 1 (so autocast's cached weight copies cancel out). With
+    activation checkpointing only each block's input is kept, plus one block's activations while it is
+    recomputed. Temporaries and allocator slack come on top: read these as lower bounds."""
+    gib = 2 ** 30
+    print(f"# computed, not measured: dual masking, {args.num_frames}x{args.input_size}; activations per clip x clips "
+          "per GPU + 16 B/param (divided by the GPU count under --fsdp)")
+    print("| size | params | weights+grads+AdamW GiB | activations GiB/clip fp32 | bf16 | bf16 + checkpointing "
+          "| GiB/GPU at 32 clips, bf16 | + checkpointing | + checkpointing, FSDP over 64 GPUs |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for size in args.sizes:
+        cfg = vmae.config(size, num_frames=args.num_frames, img_size=args.input_size)
+        with torch.device("meta"):
+            n = sum(p.numel() for p in vmae.PretrainVideoMAE(cfg).parameters())
+        per_clip = {}
+        for precision in ("fp32", "bf16"):
+            one, two = (in_fresh_process(saved_for_backward, cfg, args, b, precision) for b in (1, 2))
+            total, in_blocks, largest, inputs = (y - x for x, y in zip(one, two))  # per clip
+            per_clip[precision] = total
+            if precision == "bf16":  # checkpointing keeps what lies outside the blocks, their inputs, one block
+                per_clip["ckpt"] = (total - in_blocks) + inputs + largest
+        states = 16 * n / gib
+        print(f"| {size} | {n / 1e6:.0f}M | {states:.1f} | {per_clip['fp32'] / gib:.3f} | {per_clip['bf16'] / gib:.3f} "
+              f"| {per_clip['ckpt'] / gib:.3f} | {states + 32 * per_clip['bf16'] / gib:.1f} "
+              f"| {states + 32 * per_clip['ckpt'] / gib:.1f} | {states / 64 + 32 * per_clip['ckpt'] / gib:.1f} |", flush=True)
+
+
+# -----------------------------------------------------------------------------------------------------
 # Tables
 
 
@@ -269,6 +345,8 @@ def main(argv=None):
         return flops_table(args)
     if args.data:
         return data_table(args)
+    if args.memory:
+        return memory_table(args)
     device = torch.device(args.device)
     torch.manual_seed(0)
     B = args.batch_size
