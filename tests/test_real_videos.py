@@ -1,0 +1,55 @@
+"""Both recipes trained from real video files on disk (the built-in clips written out as .mp4 with their list
+files), through the same OpenCV path a user's Kinetics folder takes."""
+import json
+
+import pytest
+import torch
+
+import data
+import train_finetune as tf
+import train_pretrain as tp
+import vmae
+from test_train_pretrain import MICRO
+
+SMALL = ["--model", "micro", "--input_size", "32", "--num_frames", "4", "--sampling_rate", "2", "--batch_size", "2",
+         "--epochs", "1", "--warmup_epochs", "1", "--num_workers", "0"]
+
+
+@pytest.fixture(scope="module")
+def videos(tmp_path_factory):
+    """root/train/*.mp4 (8 videos, 4 classes) with root/train.csv, root/val/*.mp4 (4) with root/val.csv."""
+    root = tmp_path_factory.mktemp("videos")
+    data.SyntheticVideos(8, 4, length=12, height=32, width=40).export(str(root), "train")
+    data.SyntheticVideos(4, 4, length=12, height=32, width=40, first_index=8).export(str(root), "val")
+    return root
+
+
+def rows(out) -> list[dict]:
+    return [json.loads(line) for line in (out / "log.txt").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("source", ["folder", "list"])
+def test_pretraining_from_video_files(videos, source, tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(vmae.SIZES, "micro", MICRO)
+    if source == "folder":  # scanned recursively: 12 videos
+        data_path = videos
+    else:  # the reference's format, `path 0 -1` for a video file, relative to --data_root
+        data_path = tmp_path / "pretrain.csv"
+        data_path.write_text("".join(f"train/video_{i:05d}.mp4 0 -1\n" for i in range(8)))
+    out = tmp_path / "out"
+    tp.main([*SMALL, "--data_path", str(data_path), "--data_root", str(videos), "--num_sample", "1",
+             "--output_dir", str(out)])
+    [epoch] = rows(out)
+    assert epoch["steps"] == (12 if source == "folder" else 8) // 2
+    assert torch.isfinite(torch.tensor(epoch["train_loss"]))
+    assert "synthetic" not in capsys.readouterr().out.split("data:")[1].split("\n")[0]
+
+
+def test_finetuning_from_video_files_with_lists(videos, tmp_path, monkeypatch):
+    monkeypatch.setitem(vmae.SIZES, "micro", MICRO)
+    out = tmp_path / "out"
+    tf.main([*SMALL, "--data_path", str(videos), "--data_root", str(videos), "--nb_classes", "4",
+             "--test_num_segment", "2", "--test_num_crop", "1", "--output_dir", str(out)])
+    epoch, test = rows(out)
+    assert epoch["steps"] == 8 // 2 and test["test_videos"] == 4 and test["test_clips"] == 4 * 2
+    assert epoch["skipped_videos"] == 0
