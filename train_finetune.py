@@ -27,12 +27,11 @@ checkpoints; the model size, input size and frame count default to the ones the 
 import argparse
 import json
 import math
-import os
 import random
 import sys
-import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -90,33 +89,18 @@ def get_args_parser() -> argparse.ArgumentParser:
     a("--aa", default="rand-m7-n4-mstd0.5-inc1", help="video RandAugment, or none")
     a("--reprob", type=float, default=0.25, help="random erasing probability")
     a("--num_sample", type=int, default=2, help="augmented clips per decoded video (repeated augmentation)")
-    a("--num_frames", type=int, default=16)
-    a("--sampling_rate", type=int, default=4, help="take every n-th frame")
-    a("--input_size", type=int, default=224)
-    a("--tubelet_size", type=int, default=2)
     a("--short_side_size", type=int, default=None, help="evaluation: resize the short side to this, then crop "
       "(default: --input_size)")
     a("--test_num_segment", type=int, default=5, help="test windows per video")
     a("--test_num_crop", type=int, default=3, help="test crops per window")
     a("--data_path", default=None, help="folder with train.csv / val.csv (/ test.csv), or with train/ val/ "
       "folders of class sub-folders; omitted: the built-in synthetic clips")
-    a("--data_root", default="", help="prefix for relative paths in the lists")
     a("--data_set", default="Kinetics-400", choices=DATA_SETS, help="SSV2: one frame per segment and no flip "
       "(left and right are different classes); the others: dense windows and flips")
-    a("--fname_tmpl", default="img_{:05}.jpg", help="file names of extracted frames")
     a("--synthetic_size", type=int, default=1024, help="built-in training videos (a quarter as many held out)")
-    a("--skip_bad_videos", action="store_true", help="skip unreadable videos (logged and counted) instead of stopping")
     a("--output_dir", default="output/finetune")
     a("--resume", default=None, help="checkpoint to resume from (default: checkpoint-last.pth in --output_dir)")
-    a("--auto_resume", action=argparse.BooleanOptionalAction, default=True)
-    a("--log_every", type=int, default=20, help="optimizer steps between loss read-outs (each is a host sync)")
-    a("--num_workers", type=int, default=10)
-    a("--seed", type=int, default=0)
-    a("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    a("--precision", default=None, choices=["bf16", "fp16", "fp32"], help="default: bf16 on GPUs that have it, else fp32")
-    a("--compile", action="store_true", help="torch.compile the model")
-    a("--with_checkpoint", action="store_true", help="activation checkpointing per block (less memory, ~30%% slower)")
-    a("--fsdp", action="store_true", help="shard parameters, gradients and optimizer state (launch with torchrun)")
+    tp.add_shared_flags(p)
     return p
 
 
@@ -131,22 +115,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     args.short_side_size = args.short_side_size or args.input_size
     args.cfg = tp.model_config(parser, args)
-    for name in ("nb_classes", "batch_size", "accum_iter", "epochs", "num_sample", "test_num_segment",
-                 "test_num_crop", "log_every"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
+    tp.check_shared_flags(parser, args, ("nb_classes", "batch_size", "epochs", "test_num_segment", "test_num_crop"))
     if args.short_side_size < args.input_size:
         parser.error(f"--short_side_size {args.short_side_size} is smaller than --input_size {args.input_size}")
     try:
         data.parse_rand_augment(args.aa)
     except ValueError as e:
         parser.error(f"--aa: {e}")
-    if args.data_path is not None and not Path(args.data_path).exists():
-        parser.error(f"--data_path {args.data_path}: no such file or folder")
     if args.eval and not (args.finetune or args.resume):
         parser.error("--eval tests given weights: pass --finetune CHECKPOINT (or --resume CHECKPOINT)")
-    if args.fsdp and "WORLD_SIZE" not in os.environ:
-        parser.error("--fsdp needs a process group: launch with torchrun (e.g. torchrun --nproc_per_node=8 ...)")
     return args
 
 
@@ -365,14 +342,7 @@ def train(model, optimizer, scaler, start_epoch: int, best: float, args, d: tp.D
     device = d.device
     log = print if d.is_main else (lambda *a, **k: None)
     train_set, val_set = build_dataset("train", args), build_dataset("validation", args)
-    sampler = torch.utils.data.DistributedSampler(train_set, num_replicas=d.world_size, rank=d.rank, shuffle=True,
-                                                  seed=args.seed, drop_last=True)
-    loader = torch.utils.data.DataLoader(train_set, batch_size=args.batch_size, sampler=sampler, drop_last=True,
-                                         num_workers=args.num_workers, pin_memory=device.type == "cuda")
-    steps_per_epoch = len(loader) // args.accum_iter
-    if steps_per_epoch == 0:
-        sys.exit(f"--batch_size {args.batch_size} x --accum_iter {args.accum_iter} x {d.world_size} processes is more "
-                 f"than the {len(train_set)} training videos: not one step per epoch")
+    sampler, loader, steps_per_epoch = tp.train_loader(train_set, args, d)
     videos_per_step = args.batch_size * args.accum_iter * d.world_size
     lr_schedule = tp.cosine_schedule(args.lr * videos_per_step / 256, args.min_lr * videos_per_step / 256,
                                      args.epochs, steps_per_epoch, args.warmup_epochs)
@@ -387,53 +357,23 @@ def train(model, optimizer, scaler, start_epoch: int, best: float, args, d: tp.D
         + (f"mixup {args.mixup} / cutmix {args.cutmix} (p {args.mixup_prob}), " if mixing else "")
         + f"label smoothing {args.smoothing}")
 
-    for epoch in range(start_epoch, args.epochs):
-        tp.seed_everything(args.seed + (epoch + 1) * d.world_size + d.rank)
-        sampler.set_epoch(epoch)
-        model.train()
-        loss_sum = torch.zeros((), device=device)  # summed on the device; read only every --log_every steps
-        first_bad = torch.full((), -1, device=device, dtype=torch.long)  # first step with a non-finite loss
-        start = time.time()
-        bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch}", disable=not d.is_main, dynamic_ncols=True)
-        batches = iter(loader)
-        for i in range(steps_per_epoch):
-            step = epoch * steps_per_epoch + i
-            tp.set_schedules(optimizer, lr_schedule[step], args.weight_decay)
-            for micro in range(args.accum_iter):
-                clips, labels = next(batches)
-                clips = clips.to(device, non_blocking=True).flatten(0, 1)  # (B·num_sample, 3, T, H, W)
-                clips, targets = mix(clips, labels.to(device, non_blocking=True).flatten(), args)  # targets (B·num_sample, K)
-                tp.grad_sync(model, micro == args.accum_iter - 1)
-                with tp.autocast(device, precision):
-                    logits = model(clips)
-                loss = F.cross_entropy(logits.float(), targets)
-                scaler.scale(loss / args.accum_iter).backward()
-                loss = loss.detach()
-                loss_sum += loss
-                first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), step, first_bad)
-            if args.clip_grad is not None:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            if (i + 1) % args.log_every == 0 or i + 1 == steps_per_epoch:
-                tp.check_finite(first_bad, lr_schedule, out)
-                bar.set_postfix(loss=f"{loss_sum.item() / ((i + 1) * args.accum_iter):.4f}", lr=f"{lr_schedule[step]:.2e}")
-            bar.update(1)
-        bar.close()
-        batches = None  # let this epoch's workers exit
+    def loss_of(batch):  # clips (B, num_sample, 3, T, H, W), labels (B, num_sample)
+        clips, labels = (t.to(device, non_blocking=True).flatten(0, 1) for t in batch)
+        clips, targets = mix(clips, labels, args)  # targets (B·num_sample, K): smoothed, mixed one-hots
+        return F.cross_entropy(model(clips).float(), targets)
 
-        seconds = time.time() - start
-        if d.world_size > 1:
-            dist.all_reduce(loss_sum)
+    weight_decay = np.full(len(lr_schedule), args.weight_decay)
+    for epoch in range(start_epoch, args.epochs):
+        loss, steps, seconds = tp.train_epoch(model, optimizer, scaler, loader, sampler, loss_of, epoch, steps_per_epoch,
+                                              lr_schedule, weight_decay, videos_per_step * args.num_sample, args, d,
+                                              precision, out)
         val = evaluate(model, val_set, args, d, precision, "validation")
-        stats = dict(epoch=epoch, train_loss=loss_sum.item() / (steps_per_epoch * args.accum_iter * d.world_size),
-                     train_lr=float(lr_schedule[step]), val_loss=val["loss"], val_acc1=val["acc1"], val_acc5=val["acc5"],
-                     steps=step + 1, epoch_time_s=round(seconds, 1), skipped_videos=len(train_set.bad_videos()))
+        stats = dict(epoch=epoch, train_loss=loss, train_lr=float(lr_schedule[steps - 1]), val_loss=val["loss"],
+                     val_acc1=val["acc1"], val_acc5=val["acc5"], steps=steps, epoch_time_s=round(seconds, 1),
+                     skipped_videos=len(train_set.bad_videos()))
         improved = val["acc1"] > best
         best = max(best, val["acc1"])
-        state = {**tp.training_state(model, optimizer, scaler, epoch, step + 1, args), "best_acc1": best}  # collective
+        state = {**tp.training_state(model, optimizer, scaler, epoch, steps, args), "best_acc1": best}  # collective
         if d.is_main:
             tp.save_checkpoint(out / "checkpoint-last.pth", state)
             if improved:

@@ -367,6 +367,39 @@ def load_weights(model: torch.nn.Module, path: str | Path, label_map: list[int] 
 # Command line (shared)
 
 
+def add_shared_flags(p: argparse.ArgumentParser) -> None:
+    """The flags both recipes take with the same meaning: the clip's shape, the data on disk, the run and
+    the machine. Each recipe adds its own (model, schedule, masks or classes, output_dir) around these."""
+    a = p.add_argument
+    a("--num_frames", type=int, default=16)
+    a("--sampling_rate", type=int, default=4, help="take every n-th frame")
+    a("--input_size", type=int, default=224)
+    a("--tubelet_size", type=int, default=2)
+    a("--data_root", default="", help="prefix for relative paths in --data_path's lists")
+    a("--fname_tmpl", default="img_{:05}.jpg", help="file names of extracted frames")
+    a("--skip_bad_videos", action="store_true", help="skip unreadable videos (logged and counted) instead of stopping")
+    a("--auto_resume", action=argparse.BooleanOptionalAction, default=True)
+    a("--log_every", type=int, default=20, help="optimizer steps between loss read-outs (each is a host sync)")
+    a("--num_workers", type=int, default=10)
+    a("--seed", type=int, default=0)
+    a("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    a("--precision", default=None, choices=["bf16", "fp16", "fp32"], help="default: bf16 on GPUs that have it, else fp32")
+    a("--compile", action="store_true", help="torch.compile the model")
+    a("--with_checkpoint", action="store_true", help="activation checkpointing per block (less memory, ~30%% slower)")
+    a("--fsdp", action="store_true", help="shard parameters, gradients and optimizer state (launch with torchrun)")
+
+
+def check_shared_flags(parser: argparse.ArgumentParser, args, at_least_one: tuple[str, ...]) -> None:
+    """Errors naming the flag for the shared flags, and for the recipe's counts that must be at least 1."""
+    for name in ("accum_iter", "num_sample", "log_every", *at_least_one):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
+    if args.data_path is not None and not Path(args.data_path).exists():
+        parser.error(f"--data_path {args.data_path}: no such file or folder")
+    if args.fsdp and "WORLD_SIZE" not in os.environ:
+        parser.error("--fsdp needs a process group: launch with torchrun (e.g. torchrun --nproc_per_node=8 ...)")
+
+
 def set_demo_defaults(parser: argparse.ArgumentParser, argv, demo: dict) -> argparse.Namespace:
     """Without --data_path the demo's values replace the parser's defaults; flags given explicitly still win.
     Returns a first parse of argv, for defaults that depend on other flags."""
@@ -374,6 +407,78 @@ def set_demo_defaults(parser: argparse.ArgumentParser, argv, demo: dict) -> argp
     if known.data_path is None:
         parser.set_defaults(**demo)
     return known
+
+
+# -----------------------------------------------------------------------------------------------------
+# The training loop (shared)
+
+
+def train_loader(dataset, args, d: Dist):
+    """(sampler, loader, optimizer steps per epoch): each process takes its own shuffled share of the
+    dataset, whole batches only."""
+    sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=d.world_size, rank=d.rank, shuffle=True,
+                                                  seed=args.seed, drop_last=True)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, sampler=sampler, drop_last=True,
+                                         num_workers=args.num_workers, pin_memory=d.device.type == "cuda")
+    steps_per_epoch = len(loader) // args.accum_iter
+    if steps_per_epoch == 0:
+        sys.exit(f"--batch_size {args.batch_size} x --accum_iter {args.accum_iter} x {d.world_size} processes is more "
+                 f"than the {len(dataset)} videos of the dataset: not one step per epoch")
+    return sampler, loader, steps_per_epoch
+
+
+def train_epoch(model, optimizer, scaler, loader, sampler, loss_of, epoch: int, steps_per_epoch: int, lr_schedule,
+                wd_schedule, clips_per_step: int, args, d: Dist, precision: str, out: Path) -> tuple[float, int, float]:
+    """One epoch of optimizer steps, the same in both recipes; loss_of(batch) is the recipe: the loss of one
+    micro-batch from the loader, computed here under autocast. Each step accumulates --accum_iter micro-batches
+    (DDP syncs gradients on the last only), unscales and clips gradients if asked, and steps AdamW at that
+    step's learning rate and weight decay. Losses are summed on the device and read every --log_every steps
+    (each read is a host sync). Returns (mean loss over all processes, steps done so far, seconds)."""
+    seed_everything(args.seed + (epoch + 1) * d.world_size + d.rank)  # augmentations and masks, per epoch
+    sampler.set_epoch(epoch)
+    model.train()
+    loss_sum = torch.zeros((), device=d.device)
+    first_bad = torch.full((), -1, device=d.device, dtype=torch.long)  # first step with a non-finite loss
+    start = time.time()
+    bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch}", disable=not d.is_main, dynamic_ncols=True)
+    batches = iter(loader)
+    for i in range(steps_per_epoch):
+        step = epoch * steps_per_epoch + i
+        set_schedules(optimizer, lr_schedule[step], wd_schedule[step])
+        for micro in range(args.accum_iter):
+            batch = next(batches)
+            grad_sync(model, micro == args.accum_iter - 1)
+            with autocast(d.device, precision):
+                loss = loss_of(batch)
+            scaler.scale(loss / args.accum_iter).backward()
+            loss = loss.detach()
+            loss_sum += loss
+            first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), step, first_bad)
+        if args.clip_grad is not None:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        if (i + 1) % args.log_every == 0 or i + 1 == steps_per_epoch:
+            check_finite(first_bad, lr_schedule, out)
+            bar.set_postfix(loss=f"{loss_sum.item() / ((i + 1) * args.accum_iter):.4f}", lr=f"{lr_schedule[step]:.2e}",
+                            clips_s=f"{(i + 1) * clips_per_step / (time.time() - start):.1f}")
+        bar.update(1)
+    bar.close()
+    del batches  # let this epoch's workers exit
+    seconds = time.time() - start
+    if d.world_size > 1:
+        dist.all_reduce(loss_sum)
+    return loss_sum.item() / (steps_per_epoch * args.accum_iter * d.world_size), step + 1, seconds
+
+
+def check_finite(first_bad: torch.Tensor, lr_schedule, out: Path) -> None:
+    bad = int(first_bad)
+    if bad >= 0:
+        sys.exit(f"loss became non-finite at optimizer step {bad} (lr {lr_schedule[bad]:.3g}); stopping without "
+                 f"saving. The last good checkpoint is {out / 'checkpoint-last.pth'} (if an epoch finished). "
+                 "Try --precision bf16 or fp32, a lower --lr, or --clip_grad.")
 
 
 # -----------------------------------------------------------------------------------------------------
@@ -431,33 +536,18 @@ def get_args_parser() -> argparse.ArgumentParser:
     a("--decoder_mask_type", default="run_cell", choices=["run_cell", "random"])
     a("--decoder_mask_ratio", type=float, default=0.5, help="share of tokens dropped from the decoder; 0 = VideoMAE V1")
     a("--decoder_depth", type=int, default=4)
-    a("--num_frames", type=int, default=16)
-    a("--sampling_rate", type=int, default=4, help="take every n-th frame")
-    a("--input_size", type=int, default=224)
-    a("--tubelet_size", type=int, default=2)
     a("--num_sample", type=int, default=4, help="augmented clips per decoded video (repeated augmentation)")
     a("--drop_path", type=float, default=0.0)
     a("--normalize_target", "--normlize_target", action=argparse.BooleanOptionalAction, default=True,
       help="predict per-cube normalised pixels")
     a("--data_path", default=None, help="list file (path start_idx total_frames, or one path per line) or a "
       "folder of videos; omitted: the built-in synthetic clips")
-    a("--data_root", default="", help="prefix for relative paths in the list")
-    a("--fname_tmpl", default="img_{:05}.jpg", help="file names of extracted frames")
     a("--synthetic_size", type=int, default=1024, help="videos in the built-in dataset (used when no --data_path)")
-    a("--skip_bad_videos", action="store_true", help="skip unreadable videos (logged and counted) instead of stopping")
     a("--output_dir", default="output/pretrain")
     a("--resume", default=None, help="checkpoint to resume from (default: the newest in --output_dir)")
-    a("--auto_resume", action=argparse.BooleanOptionalAction, default=True)
     a("--finetune", default=None, help="initialise the weights from this checkpoint (progressive training)")
     a("--save_ckpt_freq", type=int, default=50, help="keep checkpoint-<epoch>.pth every n epochs")
-    a("--log_every", type=int, default=20, help="optimizer steps between loss read-outs (each is a host sync)")
-    a("--num_workers", type=int, default=10)
-    a("--seed", type=int, default=0)
-    a("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    a("--precision", default=None, choices=["bf16", "fp16", "fp32"], help="default: bf16 on GPUs that have it, else fp32")
-    a("--compile", action="store_true", help="torch.compile the model")
-    a("--with_checkpoint", action="store_true", help="activation checkpointing per block (less memory, ~30%% slower)")
-    a("--fsdp", action="store_true", help="shard parameters, gradients and optimizer state (launch with torchrun)")
+    add_shared_flags(p)
     return p
 
 
@@ -474,13 +564,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         draw_masks(1, args.cfg.grid, args, "cpu")
     except ValueError as e:
         parser.error(f"--decoder_mask_ratio/--input_size: {e}")
-    for name in ("batch_size", "accum_iter", "epochs", "num_sample", "save_ckpt_freq", "log_every"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
-    if args.data_path is not None and not Path(args.data_path).exists():
-        parser.error(f"--data_path {args.data_path}: no such file or folder")
-    if args.fsdp and "WORLD_SIZE" not in os.environ:
-        parser.error("--fsdp needs a process group: launch with torchrun (e.g. torchrun --nproc_per_node=8 ...)")
+    check_shared_flags(parser, args, ("batch_size", "epochs", "save_ckpt_freq"))
     return args
 
 
@@ -519,14 +603,7 @@ def main(argv=None):
         args.data_path, args.data_root, num_frames=args.num_frames, sampling_rate=args.sampling_rate,
         input_size=args.input_size, num_sample=args.num_sample, fname_tmpl=args.fname_tmpl,
         skip_bad_videos=args.skip_bad_videos, synthetic_videos=args.synthetic_size)
-    sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=d.world_size, rank=d.rank, shuffle=True,
-                                                  seed=args.seed, drop_last=True)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, sampler=sampler, drop_last=True,
-                                         num_workers=args.num_workers, pin_memory=device.type == "cuda")
-    steps_per_epoch = len(loader) // args.accum_iter
-    if steps_per_epoch == 0:
-        sys.exit(f"--batch_size {args.batch_size} x --accum_iter {args.accum_iter} x {d.world_size} processes is more "
-                 f"than the {len(dataset)} clips of the dataset: not one step per epoch")
+    sampler, loader, steps_per_epoch = train_loader(dataset, args, d)
 
     model = vmae.PretrainVideoMAE(cfg).to(device)
     if args.finetune:
@@ -571,49 +648,17 @@ def main(argv=None):
         f"{args.min_lr * scale:.3g}), warmup {int(np.argmax(lr_schedule)) + 1 if args.warmup_epochs or args.warmup_steps > 0 else 0}"
         f" steps; {steps_per_epoch} steps per epoch, {args.epochs} epochs ({args.epochs * args.num_sample} effective)")
 
-    for epoch in range(start_epoch, args.epochs):
-        seed_everything(args.seed + (epoch + 1) * d.world_size + d.rank)
-        sampler.set_epoch(epoch)
-        model.train()
-        loss_sum = torch.zeros((), device=device)  # summed on the device; read only every --log_every steps
-        first_bad = torch.full((), -1, device=device, dtype=torch.long)  # first step with a non-finite loss
-        start = time.time()
-        bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch}", disable=not d.is_main, dynamic_ncols=True)
-        batches = iter(loader)
-        for i in range(steps_per_epoch):
-            step = epoch * steps_per_epoch + i
-            set_schedules(optimizer, lr_schedule[step], wd_schedule[step])
-            for micro in range(args.accum_iter):
-                clips = next(batches).to(device, non_blocking=True).flatten(0, 1)  # (B·num_sample, 3, T, H, W)
-                grad_sync(model, micro == args.accum_iter - 1)
-                with autocast(device, precision):
-                    loss = pretrain_step_loss(model, cfg, clips, args)
-                scaler.scale(loss / args.accum_iter).backward()
-                loss = loss.detach()
-                loss_sum += loss
-                first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), step, first_bad)
-            if args.clip_grad is not None:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            if (i + 1) % args.log_every == 0 or i + 1 == steps_per_epoch:
-                check_finite(first_bad, lr_schedule, out)
-                bar.set_postfix(loss=f"{loss_sum.item() / ((i + 1) * args.accum_iter):.4f}", lr=f"{lr_schedule[step]:.2e}",
-                                clips_s=f"{(i + 1) * clips_per_step / (time.time() - start):.1f}")
-            bar.update(1)
-        bar.close()
-        batches = None  # let this epoch's workers exit
+    def loss_of(clips):  # (B, num_sample, 3, T, H, W) normalised clips, num_sample augmentations each
+        return pretrain_step_loss(model, cfg, clips.to(device, non_blocking=True).flatten(0, 1), args)
 
-        seconds = time.time() - start
-        if d.world_size > 1:
-            dist.all_reduce(loss_sum)
-        stats = dict(epoch=epoch, train_loss=loss_sum.item() / (steps_per_epoch * args.accum_iter * d.world_size),
-                     train_lr=float(lr_schedule[step]), train_wd=float(wd_schedule[step]), steps=step + 1,
+    for epoch in range(start_epoch, args.epochs):
+        loss, steps, seconds = train_epoch(model, optimizer, scaler, loader, sampler, loss_of, epoch, steps_per_epoch,
+                                           lr_schedule, wd_schedule, clips_per_step, args, d, precision, out)
+        stats = dict(epoch=epoch, train_loss=loss, train_lr=float(lr_schedule[steps - 1]),
+                     train_wd=float(wd_schedule[steps - 1]), steps=steps,
                      epoch_time_s=round(seconds, 1), clips_per_s=round(steps_per_epoch * clips_per_step / seconds, 2),
                      skipped_videos=len(dataset.bad_videos()))
-        state = training_state(model, optimizer, scaler, epoch, step + 1, args)
+        state = training_state(model, optimizer, scaler, epoch, steps, args)
         if d.is_main:
             save_checkpoint(out / "checkpoint-last.pth", state)
             if (epoch + 1) % args.save_ckpt_freq == 0 or epoch + 1 == args.epochs:
@@ -629,14 +674,6 @@ def main(argv=None):
         # deadlock at exit (pytorch/pytorch#75097).
         del model, optimizer
         dist.destroy_process_group()
-
-
-def check_finite(first_bad: torch.Tensor, lr_schedule, out: Path) -> None:
-    bad = int(first_bad)
-    if bad >= 0:
-        sys.exit(f"loss became non-finite at optimizer step {bad} (lr {lr_schedule[bad]:.3g}); stopping without "
-                 f"saving. The last good checkpoint is {out / 'checkpoint-last.pth'} (if an epoch finished). "
-                 "Try --precision bf16 or fp32, a lower --lr, or --clip_grad.")
 
 
 def final_figures(weights: dict, args, out: Path) -> None:
