@@ -33,7 +33,7 @@ from test_train_pretrain import MICRO
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()
-SCRIPTS = {"train_pretrain.py", "train_finetune.py", "visualize.py", "bench.py"}
+SCRIPTS = {"train_pretrain.py", "train_finetune.py", "visualize.py", "bench.py", "study.py"}
 # flags whose value is a file or folder that parse_args may check or read
 PATH_FLAGS = {"--data_path", "--finetune", "--resume", "--checkpoint", "--label_map", "--video", "--frames"}
 SHELL_VARIABLES = {"NODE_RANK": "0", "HOST": "localhost", "MASTER_HOST": "localhost"}
