@@ -345,7 +345,8 @@ def figure(records: list[dict], nb_classes: int):
 
 def write_report(records: list[dict], setting: Setting, out: Path) -> None:
     (out / "study.md").write_text(table(records))
-    figure(records, setting.nb_classes).savefig(out / "study.png", dpi=80)
+    import visualize
+    visualize.save(figure(records, setting.nb_classes), out / "study.png", dpi=80)
     print(f"wrote {out / 'results.json'}, {out / 'study.md'}, {out / 'study.png'}\n\n{table(records)}")
 
 

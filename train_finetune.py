@@ -283,7 +283,7 @@ def multi_view_test(model, args, d: tp.Dist, precision: str, out: Path) -> dict:
         import visualize  # matplotlib only at the end
         out.mkdir(parents=True, exist_ok=True)
         (out / "per_class_accuracy.txt").write_text(table + "\n")
-        visualize.confusion_figure(confusion).savefig(out / "confusion.png", dpi=100)
+        visualize.save(visualize.confusion_figure(confusion), out / "confusion.png")
         with open(out / "log.txt", "a") as f:
             f.write(json.dumps(stats) + "\n")
         print(f"wrote {out / 'per_class_accuracy.txt'}, {out / 'confusion.png'}")
@@ -330,7 +330,7 @@ def main(argv=None):
     multi_view_test(model, args, d, precision, out)  # after training: the final weights, as the reference tests
     if d.is_main and not args.eval:
         import visualize
-        visualize.curves_figure([out / "log.txt"]).savefig(out / "curves.png", dpi=100)
+        visualize.save(visualize.curves_figure([out / "log.txt"]), out / "curves.png")
     if dist.is_initialized():
         # Free DDP's reducer while the process group is still registered (see the end of train_pretrain.main).
         del model, optimizer

@@ -680,13 +680,13 @@ def final_figures(weights: dict, args, out: Path) -> None:
     """The loss curve and a reconstruction of a held-out built-in clip, next to the checkpoints. Drawn on
     the CPU from the gathered weights, so it works the same after DDP, FSDP or torch.compile."""
     import visualize
-    visualize.curves_figure([out / "log.txt"]).savefig(out / "loss.png", dpi=100)
+    visualize.save(visualize.curves_figure([out / "log.txt"]), out / "loss.png")
     model = vmae.PretrainVideoMAE(args.cfg)
     model.load_state_dict(weights)
     clip = visualize.held_out_clip(args.cfg, args.sampling_rate, args.synthetic_size)
     enc, dec, _, _ = draw_masks(1, args.cfg.grid, args, "cpu")
     figure = visualize.recon_figure(model, clip, enc[0], None if dec is None else dec[0], args.normalize_target)
-    figure.savefig(out / "recon.png", dpi=72)
+    visualize.save(figure, out / "recon.png", dpi=72)
     print(f"figures: {out / 'loss.png'}, {out / 'recon.png'}")
 
 

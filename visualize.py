@@ -239,6 +239,12 @@ def confusion_figure(confusion) -> plt.Figure:
 # Command line
 
 
+def save(fig: plt.Figure, path, dpi: int = 100) -> None:
+    """Write a figure and free it (pyplot keeps every figure it made until closed)."""
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+
+
 def save_gif(panels: dict[str, np.ndarray], path: Path, cmap_last: str | None = None) -> None:
     """The panels of one slot at a time, over time."""
     names = list(panels)
@@ -332,7 +338,7 @@ def main(argv=None):
     out = Path(args.out or f"{args.figure}.png")
     out.parent.mkdir(parents=True, exist_ok=True)
     if args.figure == "curves":
-        curves_figure(args.logs).savefig(out, dpi=100)
+        save(curves_figure(args.logs), out)
         print(f"wrote {out}")
         return
     if args.figure == "recon":
@@ -349,7 +355,7 @@ def main(argv=None):
     else:
         fig = recon_figure(model, video, enc[0], dec, normalize, args.slots)
         panels, cmap = recon_panels(model, video, enc[0], dec, normalize), "magma"
-    fig.savefig(out, dpi=60)
+    save(fig, out, dpi=60)
     save_gif(panels, out.with_suffix(".gif"), cmap)
     print(f"wrote {out} and {out.with_suffix('.gif')}")
 
