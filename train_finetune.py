@@ -35,7 +35,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import data
@@ -109,8 +108,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     known = tp.set_demo_defaults(parser, argv, DEMO)
     if known.linear_probe:
         parser.set_defaults(**LINEAR_PROBE)
-    if known.finetune:
-        saved = tp.saved_args(tp.load_checkpoint(known.finetune))
+    if known.finetune or known.resume:  # the weights' own model, input and classes, unless given
+        saved = tp.saved_args(tp.load_checkpoint(known.finetune or known.resume))
         parser.set_defaults(**{k: saved[k] for k in FROM_CHECKPOINT if k in saved})
     args = parser.parse_args(argv)
     args.short_side_size = args.short_side_size or args.input_size
@@ -145,11 +144,12 @@ def read_label_map(path: str, nb_classes: int) -> list[int]:
 
 def build_model(args) -> vmae.VideoClassifier:
     model = vmae.VideoClassifier(args.cfg, args.nb_classes, args.head_drop_rate, args.init_scale)
-    if args.finetune:
+    weights = args.finetune or (args.resume if args.eval else None)  # --eval --resume C: C's weights only
+    if weights:
         label_map = read_label_map(args.label_map, args.nb_classes) if args.label_map else None
-        loaded = tp.load_weights(model, args.finetune, label_map)
+        loaded = tp.load_weights(model, weights, label_map)
         if args.eval and "head.weight" in loaded.missing_keys:
-            sys.exit(f"--eval: {args.finetune} has no head for {args.nb_classes} classes, so there is nothing to test")
+            sys.exit(f"--eval: {weights} has no head for {args.nb_classes} classes, so there is nothing to test")
     if args.linear_probe:  # fc_norm stays frozen too: a plain LayerNorm feeding the head normalised features
         model.requires_grad_(False)
         model.head.requires_grad_(True)
@@ -305,26 +305,17 @@ def main(argv=None):
     tp.seed_everything(args.seed)  # the same initial weights on every process
 
     model = build_model(args).to(device)
-    groups = tp.param_groups(model, args.weight_decay, layer_decay=args.layer_decay)
     n_params = sum(p.numel() for p in model.parameters())
     n_trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    model = tp.wrap_model(model, d, args.fsdp, precision)
-    if args.compile:
-        (model.module if isinstance(model, DDP) else model).compile()
-    optimizer = tp.make_optimizer(groups, args.lr, args.opt_betas, args.opt_eps, device)
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    model, optimizer, scaler = tp.prepare_training(model, d, args, precision, layer_decay=args.layer_decay)
     log(f"model {args.model}: {n_params / 1e6:.1f}M parameters ({n_trained / 1e6:.2f}M trained), {cfg.num_frames}x"
         f"{cfg.img_size}, {cfg.num_tokens} tokens, {args.nb_classes} classes | {device}, {precision}, "
         f"{d.world_size} process(es)" + (", FSDP" if args.fsdp else "") + (", compiled" if args.compile else ""))
 
     start_epoch, best = 0, -1.0  # the first validation always saves checkpoint-best.pth
-    last = out / "checkpoint-last.pth"
-    resume = args.resume or (last if args.auto_resume and not args.eval and last.exists() else None)
-    if resume:
-        state = tp.load_checkpoint(resume)
-        tp.restore_training_state(model, optimizer, scaler, state)
+    state = None if args.eval else tp.resume_training(model, optimizer, scaler, args, out, log)
+    if state is not None:
         start_epoch, best = state["epoch"] + 1, state.get("best_acc1", 0.0)
-        log(f"resumed from {resume}: epoch {state['epoch']} done, continuing at epoch {start_epoch}")
     if not args.eval:
         train(model, optimizer, scaler, start_epoch, best, args, d, precision, out)
     multi_view_test(model, args, d, precision, out)  # after training: the final weights, as the reference tests

@@ -413,6 +413,33 @@ def set_demo_defaults(parser: argparse.ArgumentParser, argv, demo: dict) -> argp
 # The training loop (shared)
 
 
+def prepare_training(model, d: Dist, args, precision: str, layer_decay: float | None = None):
+    """Wrap the model for the processes (DDP, or FSDP with --fsdp), compile it if asked, and build AdamW and
+    the fp16 loss scaler; returns (model, optimizer, scaler). The optimizer comes last: FSDP replaces the
+    parameters with sharded ones, and those are the ones it must hold."""
+    model = wrap_model(model, d, args.fsdp, precision)
+    raw_model = model.module if isinstance(model, DDP) else model
+    if args.compile:
+        raw_model.compile()
+    groups = param_groups(raw_model, args.weight_decay, layer_decay=layer_decay)
+    optimizer = make_optimizer(groups, args.lr, args.opt_betas, args.opt_eps, d.device)
+    scaler = torch.amp.GradScaler(d.device.type, enabled=precision == "fp16")
+    return model, optimizer, scaler
+
+
+def resume_training(model, optimizer, scaler, args, out: Path, log) -> dict | None:
+    """Continue from --resume, or else from output_dir/checkpoint-last.pth (with --auto_resume): weights,
+    optimizer and scaler restored. Returns the checkpoint, or None when the run starts fresh."""
+    last = out / "checkpoint-last.pth"
+    path = args.resume or (last if args.auto_resume and last.exists() else None)
+    if path is None:
+        return None
+    state = load_checkpoint(path)
+    restore_training_state(model, optimizer, scaler, state)
+    log(f"resumed from {path}: epoch {state['epoch']} done, continuing at epoch {state['epoch'] + 1}")
+    return state
+
+
 def train_loader(dataset, args, d: Dist):
     """(sampler, loader, optimizer steps per epoch): each process takes its own shuffled share of the
     dataset, whole batches only."""
@@ -609,13 +636,7 @@ def main(argv=None):
     if args.finetune:
         load_weights(model, args.finetune)
     n_params = sum(p.numel() for p in model.parameters())
-    model = wrap_model(model, d, args.fsdp, precision)
-    raw_model = model.module if isinstance(model, DDP) else model
-    if args.compile:
-        raw_model.compile()
-    # after wrapping: FSDP replaces the parameters with sharded ones, which the optimizer must hold
-    optimizer = make_optimizer(param_groups(raw_model, args.weight_decay), args.lr, args.opt_betas, args.opt_eps, device)
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    model, optimizer, scaler = prepare_training(model, d, args, precision)
 
     scale = args.batch_size * args.accum_iter * d.world_size / 256
     lr_schedule = cosine_schedule(args.lr * scale, args.min_lr * scale, args.epochs, steps_per_epoch,
@@ -623,13 +644,8 @@ def main(argv=None):
     wd_end = args.weight_decay if args.weight_decay_end is None else args.weight_decay_end
     wd_schedule = cosine_schedule(args.weight_decay, wd_end, args.epochs, steps_per_epoch)
 
-    start_epoch = 0
-    resume = args.resume or (out / "checkpoint-last.pth" if args.auto_resume and (out / "checkpoint-last.pth").exists() else None)
-    if resume:
-        state = load_checkpoint(resume)
-        restore_training_state(model, optimizer, scaler, state)
-        start_epoch = state["epoch"] + 1
-        log(f"resumed from {resume}: epoch {state['epoch']} done, continuing at epoch {start_epoch}")
+    state = resume_training(model, optimizer, scaler, args, out, log)
+    start_epoch = 0 if state is None else state["epoch"] + 1
 
     enc, dec, num_visible, num_queries = draw_masks(1, cfg.grid, args, "cpu")
     loss_tokens = int((enc & ~dec).sum()) if dec is not None else num_queries

@@ -105,6 +105,14 @@ def test_multi_view_test_equals_a_plain_recomputation(trained, tmp_path, segment
     assert len(table) == 1 + 8 and sum(int(line.split()[2]) for line in table[1:]) == round(reported["test_video_acc1"] * 8 / 100)
 
 
+def test_eval_of_a_resume_checkpoint_tests_its_weights(trained, tmp_path):
+    checkpoint = str(trained["out"] / "checkpoint-last.pth")
+    printed = run(cli(tmp_path / "resume", "--eval", "--resume", checkpoint, "--test_num_segment", "1"))
+    run(cli(tmp_path / "finetune", "--eval", "--finetune", checkpoint, "--test_num_segment", "1"))
+    assert "resumed from" not in printed and "epoch" not in printed  # weights only: no training state, no training
+    assert rows(tmp_path / "resume") == rows(tmp_path / "finetune")
+
+
 def test_linear_probe_trains_only_the_head(trained, tmp_path):
     start = torch.load(trained["out"] / "checkpoint-best.pth", weights_only=True)["model"]
     printed = run(cli(tmp_path, "--linear_probe", "--finetune", str(trained["out"] / "checkpoint-best.pth")))
@@ -115,10 +123,11 @@ def test_linear_probe_trains_only_the_head(trained, tmp_path):
         assert same != key.startswith("head."), key
 
 
-def ddp_finetune(rank: int, world: int, port: int, out: str):
+def ddp_finetune(rank: int, world: int, port: int, out: str, *flags: str):
     torchrun_env(rank, world, port)
     vmae.SIZES["micro"] = MICRO  # this process's own copy of the table
-    tf.main(cli(out, "--synthetic_size", "12", "--batch_size", "2", "--test_num_segment", "1", "--test_num_crop", "1"))
+    tf.main(cli(out, "--synthetic_size", "12", "--batch_size", "2", "--test_num_segment", "1", "--test_num_crop", "1",
+                *flags))
 
 
 def test_two_processes_count_every_video_once(tmp_path):
@@ -133,6 +142,20 @@ def test_two_processes_count_every_video_once(tmp_path):
     [alone] = rows(tmp_path / "one")
     for key in ("test_clip_acc1", "test_clip_acc5", "test_video_acc1", "test_video_acc5"):
         assert alone[key] == pytest.approx(test[key]), key
+
+
+def test_two_process_fsdp_trains_the_same_weights_as_ddp(tmp_path):
+    """FSDP swaps the parameters for sharded ones; an optimizer holding the old ones would train nothing.
+    Same seeds, data and augmentations: the two runs must end with the same weights, and both must move."""
+    run_processes(ddp_finetune, 2, str(tmp_path / "ddp"))
+    run_processes(ddp_finetune, 2, str(tmp_path / "fsdp"), "--fsdp")
+    ddp, fsdp = (torch.load(tmp_path / run / "checkpoint-last.pth", weights_only=True)["model"] for run in ("ddp", "fsdp"))
+    assert all(type(v) is torch.Tensor for v in fsdp.values())  # gathered: no DTensor shards
+    torch.manual_seed(0)  # the recipe's seed_everything(0) before building the model
+    start = vmae.VideoClassifier(vmae.config("small", **MICRO, img_size=32, num_frames=4), 8, init_scale=0.001).state_dict()
+    for key in ddp:
+        torch.testing.assert_close(fsdp[key], ddp[key], atol=1e-5, rtol=1e-4, msg=key)
+    assert not torch.allclose(fsdp["blocks.0.attn.qkv.weight"], start["blocks.0.attn.qkv.weight"], atol=1e-5)
 
 
 # -----------------------------------------------------------------------------------------------------
@@ -180,6 +203,10 @@ def test_demo_and_checkpoint_defaults(trained):
     assert (args.model, args.input_size, args.num_frames, args.nb_classes) == ("micro", 32, 4, 8)  # from the checkpoint
     assert args.batch_size == tf.DEMO["batch_size"] and args.short_side_size == 32
     assert explicit.num_frames == 8 and explicit.batch_size == 64  # explicit flag; reference default with data
+    with pytest.MonkeyPatch.context() as m:
+        m.setitem(vmae.SIZES, "micro", MICRO)
+        resumed = tf.parse_args(["--eval", "--resume", checkpoint])
+    assert (resumed.model, resumed.input_size, resumed.num_frames, resumed.nb_classes) == ("micro", 32, 4, 8)
     probe = tf.parse_args(["--linear_probe"])
     assert probe.mixup == 0 and probe.drop_path == 0 and probe.aa == "none"
 
