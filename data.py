@@ -739,6 +739,10 @@ class _Clips(Dataset):
             return []
         return [self.source.name(int(i)) for i in np.flatnonzero(np.frombuffer(self._bad, np.int8))]
 
+    def skipped(self, index: int) -> bool:
+        """Whether video `index` was found unreadable (so its items came from a stand-in video)."""
+        return self._bad is not None and bool(self._bad[index])
+
     def _load(self, index: int, choose: Callable[[int], Sequence[int]], rng: np.random.Generator):
         """(frames (T, H, W, 3) uint8, index of the video they come from): video `index`, or with
         skip_bad_videos a random other one if it cannot be read."""

@@ -166,7 +166,8 @@ def build_dataset(mode: str, args) -> data.FinetuneDataset:
             sampling_rate=args.sampling_rate, input_size=args.input_size, short_side_size=args.short_side_size,
             num_sample=args.num_sample, test_num_segment=args.test_num_segment, test_num_crop=args.test_num_crop,
             sparse_sample=ssv2, flip=not ssv2 and args.data_path is not None, aa=args.aa, reprob=args.reprob,
-            fname_tmpl=args.fname_tmpl, skip_bad_videos=args.skip_bad_videos, synthetic_videos=args.synthetic_size)
+            fname_tmpl=args.fname_tmpl, skip_bad_videos=args.skip_bad_videos, max_bad_fraction=args.max_bad_fraction,
+            synthetic_videos=args.synthetic_size)
     except (data.ListError, FileNotFoundError) as e:  # a label >= --nb_classes, a missing list: file and line named
         sys.exit(f"--data_path: {e}")
 
@@ -175,7 +176,9 @@ class Shard(torch.utils.data.Dataset):
     """One process's share of an evaluation set: items rank, rank + world, ... Every share is padded to the
     same length by repeating items (FSDP's forward is collective, so all processes must run the same number
     of batches); a repeat comes with keep = False and counts nowhere. (DistributedSampler pads the same way
-    but cannot say which items are repeats, so they would be counted twice.)
+    but cannot say which items are repeats, so they would be counted twice.) With --skip_bad_videos an
+    unreadable video's items come from a stand-in video; they get keep = False too, so the stand-in is not
+    counted twice and the unreadable video has no views (video-level results leave it out).
     Items: (clip, label, video index, keep)."""
 
     def __init__(self, dataset: data.FinetuneDataset, rank: int, world: int):
@@ -188,9 +191,11 @@ class Shard(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int):
         index = self.indices[i]
-        keep = index < len(self.dataset)
-        clip, label, *video = self.dataset[index % len(self.dataset)]  # test items add (video, view)
-        return clip, label, video[0] if video else index % len(self.dataset), keep
+        item = index % len(self.dataset)
+        clip, label, *video = self.dataset[item]  # test items add (video, view)
+        # a repeat, or (with --skip_bad_videos) a stand-in for an unreadable video, counts nowhere
+        keep = index < len(self.dataset) and not self.dataset.skipped(item // self.dataset.num_views)
+        return clip, label, video[0] if video else item, keep
 
 
 # -----------------------------------------------------------------------------------------------------

@@ -378,6 +378,8 @@ def add_shared_flags(p: argparse.ArgumentParser) -> None:
     a("--data_root", default="", help="prefix for relative paths in --data_path's lists")
     a("--fname_tmpl", default="img_{:05}.jpg", help="file names of extracted frames")
     a("--skip_bad_videos", action="store_true", help="skip unreadable videos (logged and counted) instead of stopping")
+    a("--max_bad_fraction", type=float, default=0.01, help="with --skip_bad_videos, stop once more than this share "
+      "of the dataset was unreadable")
     a("--auto_resume", action=argparse.BooleanOptionalAction, default=True)
     a("--log_every", type=int, default=20, help="optimizer steps between loss read-outs (each is a host sync)")
     a("--num_workers", type=int, default=10)
@@ -394,6 +396,8 @@ def check_shared_flags(parser: argparse.ArgumentParser, args, at_least_one: tupl
     for name in ("accum_iter", "num_sample", "log_every", *at_least_one):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
+    if not 0 <= args.max_bad_fraction <= 1:
+        parser.error(f"--max_bad_fraction must be in [0, 1], got {args.max_bad_fraction}")
     if args.data_path is not None and not Path(args.data_path).exists():
         parser.error(f"--data_path {args.data_path}: no such file or folder")
     if args.fsdp and "WORLD_SIZE" not in os.environ:
@@ -629,7 +633,8 @@ def main(argv=None):
     dataset = data.build_pretrain_dataset(
         args.data_path, args.data_root, num_frames=args.num_frames, sampling_rate=args.sampling_rate,
         input_size=args.input_size, num_sample=args.num_sample, fname_tmpl=args.fname_tmpl,
-        skip_bad_videos=args.skip_bad_videos, synthetic_videos=args.synthetic_size)
+        skip_bad_videos=args.skip_bad_videos, max_bad_fraction=args.max_bad_fraction,
+        synthetic_videos=args.synthetic_size)
     sampler, loader, steps_per_epoch = train_loader(dataset, args, d)
 
     model = vmae.PretrainVideoMAE(cfg).to(device)

@@ -53,3 +53,22 @@ def test_finetuning_from_video_files_with_lists(videos, tmp_path, monkeypatch):
     epoch, test = rows(out)
     assert epoch["steps"] == 8 // 2 and test["test_videos"] == 4 and test["test_clips"] == 4 * 2
     assert epoch["skipped_videos"] == 0
+
+
+def test_evaluation_leaves_out_an_unreadable_video_and_its_stand_in(videos, tmp_path, monkeypatch):
+    """With --skip_bad_videos an unreadable test video is replaced by another one when loading; that
+    stand-in must not be counted a second time, and the unreadable video must not count at all."""
+    monkeypatch.setitem(vmae.SIZES, "micro", MICRO)
+    (tmp_path / "broken.mp4").write_bytes(b"not a video")
+    lists = tmp_path / "lists"
+    lists.mkdir()
+    (lists / "train.csv").write_text((videos / "train.csv").read_text())
+    (lists / "val.csv").write_text((videos / "val.csv").read_text() + f"{tmp_path / 'broken.mp4'} 1\n")
+    out = tmp_path / "out"
+    weights = tmp_path / "weights.pth"
+    torch.save({"model": vmae.VideoClassifier(vmae.config("micro", img_size=32, num_frames=4), 4).state_dict()}, weights)
+    tf.main([*SMALL, "--data_path", str(lists), "--data_root", str(videos), "--nb_classes", "4", "--eval",
+             "--finetune", str(weights), "--skip_bad_videos", "--max_bad_fraction", "0.5", "--test_num_segment", "2", "--test_num_crop", "1",
+             "--output_dir", str(out)])
+    [test] = rows(out)
+    assert test["test_videos"] == 4 and test["test_clips"] == 4 * 2  # 5 listed, 1 unreadable
