@@ -124,13 +124,14 @@ def train_step_fn(model, loss_fn, video, device, precision):
     return step
 
 
-def step_flops(cfg, batch: int, args, dual: bool) -> tuple[int, int]:
-    """(forward, forward + backward) FLOPs of one pretraining step, counted on the meta device."""
+def step_flops(cfg, batch: int, masks: argparse.Namespace) -> tuple[int, int]:
+    """(forward, forward + backward) FLOPs of one pretraining step with the mask settings `masks` (as
+    recipe() makes them), counted on the meta device (no compute)."""
     with torch.device("meta"):
         model = vmae.PretrainVideoMAE(cfg)
-        video = torch.empty(batch, 3, cfg.num_frames, cfg.img_size, cfg.img_size)
+        video = torch.empty(batch, 3, cfg.num_frames, cfg.img_size, cfg.img_size)  # (B, 3, T, H, W)
         with FlopCounterMode(display=False) as counter:
-            loss = tp.pretrain_step_loss(model, cfg, video, recipe(args, dual))
+            loss = tp.pretrain_step_loss(model, cfg, video, masks)
             forward = counter.get_total_flops()
             loss.backward()
     return forward, counter.get_total_flops()
@@ -333,8 +334,8 @@ def flops_table(args) -> None:
         enc, dec, num_visible, num_queries = tp.draw_masks(1, cfg.grid, recipe(args, True), "cpu")
         loss_tokens = int((enc & ~dec).sum())
         v1 = cfg.num_tokens
-        f1, t1 = step_flops(cfg, 1, args, dual=False)
-        f2, t2 = step_flops(cfg, 1, args, dual=True)
+        f1, t1 = step_flops(cfg, 1, recipe(args, dual=False))
+        f2, t2 = step_flops(cfg, 1, recipe(args, dual=True))
         print(f"| {size} | {num_visible} | {v1} | {num_visible + num_queries} | {loss_tokens} | {f1 / 2e9:.2f} "
               f"| {f2 / 2e9:.2f} | {t1 / 1e9:.1f} | {t2 / 1e9:.1f} | {infer_flops(cfg, 1) / 2e9:.1f} |")
 
@@ -389,7 +390,7 @@ def main(argv=None):
                 if ref is not None:
                     contenders["reference"] = train_step_fn(ref[0], lambda m, v: reference_loss(m, v, args, dual, cfg),
                                                             video, device, precision)
-                rows(size, "train", "dual" if dual else "V1", precision, contenders, step_flops(cfg, B, args, dual)[1])
+                rows(size, "train", "dual" if dual else "V1", precision, contenders, step_flops(cfg, B, recipe(args, dual))[1])
 
             def infer(model, **kw):
                 def run():

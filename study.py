@@ -44,8 +44,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
+import bench
 import train_finetune as ft
 import train_pretrain as tp
 import vmae
@@ -216,15 +216,10 @@ def model_config(setting: Setting) -> vmae.VideoMAEConfig:
 
 def pretrain_cost(cfg: vmae.VideoMAEConfig, masks: argparse.Namespace) -> dict:
     """Per clip: tokens the encoder and the decoder run on, and forward multiply-adds in G (the paper's
-    "FLOPs"; PyTorch's counter gives 2 FLOPs per multiply-add), counted on the meta device (no compute)."""
+    "FLOPs"; PyTorch's counter gives 2 FLOPs per multiply-add), counted by bench.py on the meta device."""
     _, _, num_visible, num_queries = tp.draw_masks(1, cfg.grid, masks, "cpu")
-    with torch.device("meta"):
-        model = vmae.PretrainVideoMAE(cfg)
-        clip = torch.empty(1, 3, cfg.num_frames, cfg.img_size, cfg.img_size)  # (1, 3, T, H, W)
-        with FlopCounterMode(display=False) as counter:
-            tp.pretrain_step_loss(model, cfg, clip, masks)
-    return dict(encoder_tokens=num_visible, decoder_tokens=num_visible + num_queries,
-                gflops_per_clip=counter.get_total_flops() / 2 / 1e9)
+    forward, _ = bench.step_flops(cfg, 1, masks)
+    return dict(encoder_tokens=num_visible, decoder_tokens=num_visible + num_queries, gflops_per_clip=forward / 2e9)
 
 
 # -----------------------------------------------------------------------------------------------------
