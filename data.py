@@ -747,7 +747,7 @@ class _Clips(Dataset):
         """(frames (T, H, W, 3) uint8, index of the video they come from): video `index`, or with
         skip_bad_videos a random other one if it cannot be read."""
         while True:
-            if self._bad is None or not self._bad[index]:
+            if not self.skipped(index):
                 try:
                     return self.source.clip(index, choose), index
                 except VideoError as error:

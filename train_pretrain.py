@@ -16,7 +16,8 @@ to finish in minutes on a laptop CPU; any flag given explicitly wins over those 
 processes / 256 (the reference's rule; clips from --num_sample repeats are not counted).
 
 The pieces both recipes need live here once and train_finetune.py imports them: the cosine schedule,
-optimizer parameter groups, distributed set-up, checkpoint files and weight loading.
+optimizer parameter groups, distributed set-up, checkpoint files and weight loading, the shared flags, and
+the training loop itself (train_epoch: accumulation, clipping, loss scaling; each recipe passes its loss).
 """
 import argparse
 import json
