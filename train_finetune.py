@@ -329,10 +329,8 @@ def main(argv=None):
     if d.is_main and not args.eval:
         import visualize
         visualize.save(visualize.curves_figure([out / "log.txt"]), out / "curves.png")
-    if dist.is_initialized():
-        # Free DDP's reducer while the process group is still registered (see the end of train_pretrain.main).
-        del model, optimizer
-        dist.destroy_process_group()
+    del model, optimizer  # DDP's reducer before the process group (see the end of train_pretrain.main)
+    tp.leave_process_group()
 
 
 def train(model, optimizer, scaler, start_epoch: int, best: float, args, d: tp.Dist, precision: str, out: Path) -> None:

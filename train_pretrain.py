@@ -690,11 +690,18 @@ def main(argv=None):
             log(f"epoch {epoch}: loss {stats['train_loss']:.4f}, {stats['clips_per_s']} clips/s, {seconds:.0f} s")
     if d.is_main and args.epochs > start_epoch:
         final_figures(state["model"], args, out)
+    # Free DDP's reducer while the process group is still registered: if the reducer held the group's last
+    # reference, its destructor would join gloo's worker threads while holding the GIL, which can deadlock
+    # at exit (pytorch/pytorch#75097).
+    del model, optimizer
+    leave_process_group()
+
+
+def leave_process_group() -> None:
+    """End of a run: wait until every process is done (rank 0 may still be writing figures), then take
+    the process group down, so no process exits while a peer still talks to it."""
     if dist.is_initialized():
-        # Free DDP's reducer while the process group is still registered: if the reducer held the group's
-        # last reference, its destructor would join gloo's worker threads while holding the GIL, which can
-        # deadlock at exit (pytorch/pytorch#75097).
-        del model, optimizer
+        dist.barrier()
         dist.destroy_process_group()
 
 
