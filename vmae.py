@@ -362,6 +362,16 @@ def query_indices(encoder_mask: Tensor, decoder_mask: Tensor | None = None, num_
     return masking.split(decoder_mask, num_queries)[0]
 
 
+def imagenet_stats(like: Tensor) -> tuple[Tensor, Tensor]:
+    """ImageNet mean and std as (3, 1) tensors on `like`'s device, filled in from Python numbers. Building
+    them with new_tensor(list) would copy from host memory, and on a GPU that copy first waits for every
+    kernel already queued: one stall per training step, between the forward and the backward."""
+    stats = like.new_empty(2, 3, 1)  # (mean or std, channel, 1)
+    for c in range(3):
+        stats[0, c], stats[1, c] = IMAGENET_MEAN[c], IMAGENET_STD[c]
+    return stats[0], stats[1]
+
+
 @torch.no_grad()
 def reconstruction_target(video: Tensor, patch_size: int, tubelet_size: int, normalize: bool = True,
                           tokens: Tensor | None = None) -> Tensor:
@@ -377,7 +387,7 @@ def reconstruction_target(video: Tensor, patch_size: int, tubelet_size: int, nor
     cubes = patchify(video.float(), patch_size, tubelet_size)  # (B, N, 3, t·p·p), still normalised
     if tokens is not None:
         cubes = gather_tokens(cubes, tokens)  # (B, M, 3, t·p·p)
-    mean, std = (cubes.new_tensor(c)[:, None] for c in (IMAGENET_MEAN, IMAGENET_STD))  # (3, 1)
+    mean, std = imagenet_stats(cubes)  # (3, 1) each
     cubes = cubes * std + mean  # pixels in [0, 1]
     if normalize:
         centred = cubes - cubes.mean(dim=-1, keepdim=True)

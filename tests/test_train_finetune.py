@@ -21,7 +21,7 @@ def cli(out, *extra):
     return ["--model", "micro", "--input_size", "32", "--num_frames", "4", "--batch_size", "4", "--epochs", "1",
             "--warmup_epochs", "1", "--lr", "5e-2", "--synthetic_size", "32", "--num_workers", "0",
             "--mixup", "0.8", "--cutmix", "1.0", "--test_num_segment", "2", "--test_num_crop", "3",
-            "--output_dir", str(out), *extra]
+            "--device", "cpu", "--output_dir", str(out), *extra]  # the CPU path on any machine (GPU: test_gpu.py)
 
 
 def run(argv) -> str:

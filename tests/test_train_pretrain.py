@@ -28,7 +28,7 @@ def micro(monkeypatch):
 def cli(out, *extra):
     return ["--model", "micro", "--input_size", "32", "--num_frames", "4", "--batch_size", "4", "--epochs", "3",
             "--warmup_epochs", "1", "--lr", "5e-2", "--synthetic_size", "16", "--num_workers", "0",
-            "--output_dir", str(out), *extra]
+            "--device", "cpu", "--output_dir", str(out), *extra]  # the CPU path on any machine (GPU: test_gpu.py)
 
 
 # -----------------------------------------------------------------------------------------------------
