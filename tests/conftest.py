@@ -50,3 +50,12 @@ def config_from_reference(kwargs: dict) -> vmae.VideoMAEConfig:
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _cpu_path(request, monkeypatch):
+    """Every test but tests/test_gpu.py's checks the CPU path, also on a machine with a GPU: the scripts'
+    `--device` default (cuda when available) is cpu in the test's process, so the suite means the same
+    there as in CI. (Processes a test starts get `--device cpu` from its command line.)"""
+    if not request.module.__name__.endswith("test_gpu"):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
