@@ -329,7 +329,7 @@ def flops_table(args) -> None:
     print("| size | encoder tokens | decoder tokens V1 | decoder tokens V2 | loss tokens V2 | GMAC V1 | GMAC V2 "
           "| train-step GFLOP V1 | train-step GFLOP V2 | fine-tune GMAC |")
     print("|---|---|---|---|---|---|---|---|---|---|")
-    for size in vmae.SIZES:
+    for size in vmae.PAPER_SIZES:
         cfg = vmae.config(size, num_frames=args.num_frames, img_size=args.input_size)
         enc, dec, num_visible, num_queries = tp.draw_masks(1, cfg.grid, recipe(args, True), "cpu")
         loss_tokens = int((enc & ~dec).sum())

@@ -93,14 +93,19 @@ SIZES = {
     "huge": dict(embed_dim=1280, depth=32, num_heads=16, decoder_embed_dim=512, decoder_num_heads=8),
     "giant": dict(embed_dim=1408, depth=40, num_heads=16, decoder_embed_dim=512, decoder_num_heads=8,
                   patch_size=14, mlp_ratio=48 / 11),
+    # Not the paper's: the laptop demos' size, a 4-block 64-wide ViT on 8-pixel patches (32 px clips give a
+    # 4 x 4 grid). It learns the built-in clips' labels within minutes on a CPU; a ViT-S needs far more
+    # steps than a laptop run has before it leaves chance on them.
+    "demo": dict(embed_dim=64, depth=4, num_heads=2, decoder_embed_dim=64, decoder_num_heads=2, patch_size=8),
 }
+PAPER_SIZES = ("small", "base", "large", "huge", "giant")
 # The reference's model names, e.g. pretrain_videomae_base_patch16_224 and vit_giant_patch14_224.
-ALIASES = {f"{prefix}_{size}_patch{spec.get('patch_size', 16)}_224": size
-           for size, spec in SIZES.items() for prefix in ("pretrain_videomae", "vit")}
+ALIASES = {f"{prefix}_{size}_patch{SIZES[size].get('patch_size', 16)}_224": size
+           for size in PAPER_SIZES for prefix in ("pretrain_videomae", "vit")}
 
 
 def config(name: str = "base", **overrides) -> VideoMAEConfig:
-    """A size preset ('small' ... 'giant', or a reference model name) with `overrides` applied."""
+    """A size preset ('small' ... 'giant', 'demo', or a reference model name) with `overrides` applied."""
     size = ALIASES.get(name, name)
     if size not in SIZES:
         raise ValueError(f"unknown model {name!r}: expected one of {', '.join(SIZES)} "

@@ -178,6 +178,17 @@ def test_bad_flags_name_the_flag(flags, message, capsys):
     assert message in capsys.readouterr().err
 
 
+def test_the_demo_builds_the_laptop_size_with_masks_it_can_make():
+    """No flags: the demo size at 32 px, whose 4 x 4 frame a 75 % tube mask leaves 4 cubes of and a 50 %
+    running cell halves; the laptop size is not one of the reference's and so has no reference name."""
+    args = tp.parse_args([])
+    assert args.model == "demo" and args.cfg.grid == (4, 4, 4) and args.cfg.embed_dim == 64
+    enc, dec, num_visible, num_queries = tp.draw_masks(3, args.cfg.grid, args, "cpu")
+    assert num_visible == 4 * 4 and num_queries == 64 // 2
+    assert ((~enc).sum(1) == num_visible).all() and ((~dec).sum(1) == num_queries).all()
+    assert "demo" not in vmae.ALIASES.values() and set(vmae.ALIASES.values()) == set(vmae.PAPER_SIZES)
+
+
 def test_dataset_smaller_than_a_batch_is_an_error(micro, tmp_path):
     with pytest.raises(SystemExit, match="--batch_size 32"):
         tp.main(cli(tmp_path, "--batch_size", "32"))
