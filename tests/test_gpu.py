@@ -1,18 +1,19 @@
 """The CUDA path: the same numbers as the reference on a GPU, bf16 autocast on the flash-attention kernel,
 a train step without one host sync, torch.compile, and both recipes (FSDP too) end to end. Skipped on a
 machine without a GPU (CI); run them where there is one: `python -m pytest -q tests/test_gpu.py`."""
-import argparse
 import json
 
 import pytest
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+import bench
 import masking
 import train_pretrain as tp
 import vmae
 from conftest import assert_probe, golden_video
 from test_golden import classifier, pretrain_model
+from test_model import pretrain_step
 from test_train_pretrain import MICRO, ddp_main, micro, run_processes  # noqa: F401 (micro is a fixture)
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
@@ -35,9 +36,8 @@ def small_on_gpu(**overrides):
 
 
 def step_loss(model, cfg, video):
-    return tp.pretrain_step_loss(model, cfg, video, argparse.Namespace(
-        mask_type="tube", mask_ratio=0.75, decoder_mask_type="run_cell", decoder_mask_ratio=0.5,
-        normalize_target=True))
+    """The training loop's loss (masks drawn on the device) with bench.py's mask settings at tube 0.75."""
+    return tp.pretrain_step_loss(model, cfg, video, bench.recipe(bench.parse_args(["--mask_ratio", "0.75"]), dual=True))
 
 
 # -----------------------------------------------------------------------------------------------------
@@ -109,21 +109,12 @@ def test_compiled_step_is_one_graph_and_matches_eager_on_the_gpu(no_tf32):
     cfg, model = small_on_gpu(depth=2, decoder_depth=1)
     video = torch.randn(2, 3, cfg.num_frames, cfg.img_size, cfg.img_size, device=CUDA)
     enc, dec = masking.tube_mask(2, cfg.grid, 0.75, device=CUDA), masking.running_cell_mask(2, cfg.grid, 0.5, device=CUDA)
-
-    num_visible = cfg.num_tokens - masking.num_hidden("tube", cfg.grid, 0.75)
-    num_queries = cfg.num_tokens - masking.num_hidden("run_cell", cfg.grid, 0.5)
-
-    def loss_of(m):  # the counts come from the mask settings, as in the training loop (not read off the masks)
-        pred = m(video, enc, dec, num_visible=num_visible, num_queries=num_queries)
-        queries = vmae.query_indices(enc, dec, num_queries)
-        return vmae.pretrain_loss(pred, vmae.reconstruction_target(video, 16, 2, True, queries), enc, dec)
-
-    eager = loss_of(model)
+    eager = pretrain_step(model, video, enc, dec)  # mask counts from the settings, as in the loop
     eager.backward()
     grads = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
     torch._dynamo.reset()
-    compiled = torch.compile(loss_of, fullgraph=True)(model)
+    compiled = torch.compile(pretrain_step, fullgraph=True)(model, video, enc, dec)
     compiled.backward()
     torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=1e-5)
     for (name, p), g in zip(model.named_parameters(), grads):
