@@ -15,7 +15,7 @@ timm importable).
     python bench.py --memory --sizes giant        # GB per GPU by size, precision, checkpointing (computed)
 
 FLOPs are counted by running the step once on the `meta` device under PyTorch's FLOP counter (2 FLOPs
-per multiply-add; exact shapes, no arithmetic typed in by hand). The paper's "FLOPs" are multiply-adds
+per multiply-add; exact shapes, no arithmetic typed in by hand; train_pretrain.step_flops). The paper's "FLOPs" are multiply-adds
 of the forward pass, i.e. half of the forward figure here.
 """
 import argparse
@@ -26,8 +26,9 @@ import time
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+import engine
 import masking
-import train_pretrain as tp
+import train_pretrain
 import vmae
 
 
@@ -105,36 +106,22 @@ def matmul_peak(device: torch.device, dtype: torch.dtype) -> float:
     return 2 * n ** 3 / best
 
 
-def recipe(args, dual: bool) -> argparse.Namespace:
-    """The mask and target settings train_pretrain.py reads, for dual masking or V1."""
-    return argparse.Namespace(mask_type="tube", mask_ratio=args.mask_ratio, decoder_mask_type="run_cell",
-                              decoder_mask_ratio=args.decoder_mask_ratio if dual else 0.0, normalize_target=True)
+def recipe(args, dual: bool) -> masking.MaskConfig:
+    """The masks of the timed step: tube and running cell (dual masking) or tube alone (V1)."""
+    return masking.MaskConfig("tube", args.mask_ratio, "run_cell", args.decoder_mask_ratio if dual else 0.0)
 
 
 def train_step_fn(model, loss_fn, video, device, precision):
     """One optimizer step of `loss_fn(model, video)` as the training loop runs it."""
-    opt = tp.make_optimizer(tp.param_groups(model, 0.05), 1e-4, (0.9, 0.95), 1e-8, device)
+    opt = engine.make_optimizer(engine.param_groups(model, 0.05), 1e-4, (0.9, 0.95), 1e-8, device)
 
     def step():
-        with tp.autocast(device, precision):
+        with engine.autocast(device, precision):
             loss = loss_fn(model, video)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
     return step
-
-
-def step_flops(cfg, batch: int, masks: argparse.Namespace) -> tuple[int, int]:
-    """(forward, forward + backward) FLOPs of one pretraining step with the mask settings `masks` (as
-    recipe() makes them), counted on the meta device (no compute)."""
-    with torch.device("meta"):
-        model = vmae.PretrainVideoMAE(cfg)
-        video = torch.empty(batch, 3, cfg.num_frames, cfg.img_size, cfg.img_size)  # (B, 3, T, H, W)
-        with FlopCounterMode(display=False) as counter:
-            loss = tp.pretrain_step_loss(model, cfg, video, masks)
-            forward = counter.get_total_flops()
-            loss.backward()
-    return forward, counter.get_total_flops()
 
 
 def infer_flops(cfg, batch: int) -> int:
@@ -197,7 +184,7 @@ def reference_target(video, patch_size: int):
 
 def reference_loss(model, video, args, dual, cfg):
     """The reference model's forward (masks True = hidden / dropped, as ours), its target, the same loss."""
-    enc, dec, _, _ = tp.draw_masks(video.shape[0], cfg.grid, recipe(args, dual), video.device)
+    enc, dec, _, _ = recipe(args, dual).draw(video.shape[0], cfg.grid, video.device)
     pred = model(video, enc, dec)
     with torch.no_grad():
         target = reference_target(video, cfg.patch_size)
@@ -276,8 +263,8 @@ def saved_for_backward(cfg, args, batch: int, precision: str) -> tuple[int, int,
         block.register_forward_pre_hook(enter)
         block.register_forward_hook(lambda *_: current.__setitem__(0, None))
     video = torch.randn(batch, 3, cfg.num_frames, cfg.img_size, cfg.img_size)
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), tp.autocast(torch.device("cpu"), precision):
-        tp.pretrain_step_loss(model, cfg, video, recipe(args, dual=True))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), engine.autocast(torch.device("cpu"), precision):
+        train_pretrain.pretrain_step_loss(model, cfg, video, recipe(args, dual=True))
     return sum(saved.values()), sum(per_block.values()), max(per_block.values()), inputs[0]
 
 
@@ -331,11 +318,11 @@ def flops_table(args) -> None:
     print("|---|---|---|---|---|---|---|---|---|---|")
     for size in vmae.PAPER_SIZES:
         cfg = vmae.config(size, num_frames=args.num_frames, img_size=args.input_size)
-        enc, dec, num_visible, num_queries = tp.draw_masks(1, cfg.grid, recipe(args, True), "cpu")
+        enc, dec, num_visible, num_queries = recipe(args, True).draw(1, cfg.grid)
         loss_tokens = int((enc & ~dec).sum())
         v1 = cfg.num_tokens
-        f1, t1 = step_flops(cfg, 1, recipe(args, dual=False))
-        f2, t2 = step_flops(cfg, 1, recipe(args, dual=True))
+        f1, t1 = train_pretrain.step_flops(cfg, 1, recipe(args, dual=False))
+        f2, t2 = train_pretrain.step_flops(cfg, 1, recipe(args, dual=True))
         print(f"| {size} | {num_visible} | {v1} | {num_visible + num_queries} | {loss_tokens} | {f1 / 2e9:.2f} "
               f"| {f2 / 2e9:.2f} | {t1 / 1e9:.1f} | {t2 / 1e9:.1f} | {infer_flops(cfg, 1) / 2e9:.1f} |")
 
@@ -381,7 +368,7 @@ def main(argv=None):
         ref = [m.to(device) for m in reference_models(args.reference, size, cfg)] if args.reference else None
         for precision in args.precision:
             for dual in (True, False):
-                ours_loss = lambda m, v: tp.pretrain_step_loss(m, cfg, v, recipe(args, dual))  # noqa: E731
+                ours_loss = lambda m, v: train_pretrain.pretrain_step_loss(m, cfg, v, recipe(args, dual))  # noqa: E731
                 contenders = {"ours": train_step_fn(ours, ours_loss, video, device, precision)}
                 if args.compile:
                     contenders["ours compiled"] = train_step_fn(ours, torch.compile(ours_loss), video, device, precision)
@@ -390,11 +377,11 @@ def main(argv=None):
                 if ref is not None:
                     contenders["reference"] = train_step_fn(ref[0], lambda m, v: reference_loss(m, v, args, dual, cfg),
                                                             video, device, precision)
-                rows(size, "train", "dual" if dual else "V1", precision, contenders, step_flops(cfg, B, recipe(args, dual))[1])
+                rows(size, "train", "dual" if dual else "V1", precision, contenders, train_pretrain.step_flops(cfg, B, recipe(args, dual))[1])
 
             def infer(model, **kw):
                 def run():
-                    with torch.no_grad(), tp.autocast(device, precision):
+                    with torch.no_grad(), engine.autocast(device, precision):
                         model(**kw)
                 return run
             contenders = {"ours": infer(classifier, video=video)}

@@ -43,6 +43,7 @@ Public API
                       i // V, V = test_num_segment·test_num_crop, view = segment·test_num_crop + crop;
                       average the softmax of a video's views to score it
   mixup_cutmix(clips, labels, num_classes, ...) -> (clips, soft targets): the batch-level mix
+  held_out_clip, one_clip: a single (3, T, H, W) clip to look at (built-in, or from a file or folder)
   dataset.bad_videos(): with skip_bad_videos, the unreadable files skipped so far (all workers)
   SyntheticVideos: the built-in set; .export(root, split) writes it as .mp4 files plus a list file
   read_video, read_frames: decoding; read_pretrain_list, read_finetune_split: the list formats
@@ -75,9 +76,12 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from vmae import IMAGENET_MEAN, IMAGENET_STD
-
 log = logging.getLogger(__name__)
+# Clips come out normalised with ImageNet's mean and std per channel, the model's input convention (its
+# target undoes this with vmae.IMAGENET_MEAN / _STD; a test keeps the two copies equal, so that data.py
+# does not import the model).
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 cv2.setNumThreads(1)  # see the module docstring: a DataLoader worker forked after a parallel OpenCV call hangs
 
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mkv", ".webm", ".mov", ".m4v", ".mpg", ".mpeg", ".flv", ".wmv")
@@ -881,6 +885,25 @@ def build_finetune_dataset(mode: str, data_path: str | None = None, data_root: s
     return FinetuneDataset(source, mode, num_frames, sampling_rate, input_size, short_side_size, num_sample,
                            test_num_segment, test_num_crop, sparse_sample, flip, aa, reprob, skip_bad_videos,
                            max_bad_fraction)
+
+
+def held_out_clip(num_frames: int, input_size: int, sampling_rate: int, synthetic_size: int,
+                  index: int = 0) -> Tensor:
+    """A (3, T, H, W) clip of the built-in dataset that pretraining never saw (its videos come after the
+    first synthetic_size), centre window and centre crop."""
+    held_out = build_finetune_dataset("validation", None, nb_classes=8, synthetic_videos=synthetic_size,
+                                      num_frames=num_frames, sampling_rate=sampling_rate, input_size=input_size,
+                                      short_side_size=input_size)
+    return held_out[index][0]
+
+
+def one_clip(path: str, num_frames: int, input_size: int, sampling_rate: int,
+             fname_tmpl: str = "img_{:05}.jpg") -> Tensor:
+    """The centre window of a video file, or of a folder of frames, as one (3, T, H, W) clip."""
+    count = len([f for f in os.listdir(path) if not f.startswith(".")]) if os.path.isdir(path) else -1
+    source = VideoList([Sample(path, 1, count, -1)], fname_tmpl)
+    return FinetuneDataset(source, "validation", num_frames=num_frames, sampling_rate=sampling_rate,
+                           input_size=input_size, short_side_size=input_size)[0][0]
 
 
 def _synthetic(num_videos: int, num_classes: int, num_frames: int, sampling_rate: int, input_size: int,

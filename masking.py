@@ -12,11 +12,16 @@ A clip of T frames at H x W pixels is cut into cubes of tubelet x patch x patch 
 - random_mask: int(ratio·N) positions chosen uniformly (the plain MAE mask, for either side).
 
 Every mask hides the same number of tokens in every clip of a batch. The model relies on that: it turns
-each mask into index tensors of a fixed length (`split`) instead of boolean indexing, which keeps shapes
-static, needs no host sync and lets `torch.compile` see one graph.
+each mask into index tensors of a fixed length (vmae.mask_indices) instead of boolean indexing, which keeps
+shapes static, needs no host sync and lets `torch.compile` see one graph.
 
-All functions build the batch with tensor ops on the given device; no Python loop over samples.
+All functions build the batch with tensor ops on the given device; no Python loop over samples. The
+recipes name the masks by `MASKS`, the one registry: a new kind of mask is a function with tube_mask's
+signature and a line there. `MaskConfig` holds a run's choice for both sides and draws them.
 """
+from dataclasses import dataclass
+from typing import NamedTuple
+
 import torch
 from torch import Tensor
 
@@ -82,30 +87,58 @@ def running_cell_mask(batch_size: int, grid: Grid, ratio: float, device=None, ge
     return phases[pick]
 
 
+# The mask makers by the name the command line uses (--mask_type, --decoder_mask_type).
+MASKS = {"tube": tube_mask, "run_cell": running_cell_mask, "random": random_mask}
+
+
+@torch.compiler.assume_constant_result  # under torch.compile: called once while tracing, a constant after
 def num_hidden(kind: str, grid: Grid, ratio: float) -> int:
-    """How many tokens per clip a mask of this kind hides, known before any mask is drawn."""
-    t, h, w = grid
-    if kind == "tube":
-        return t * int(ratio * h * w)
-    if kind == "random":
-        return int(ratio * t * h * w)
-    if kind == "run_cell":
-        return t * h * w * int(4 * ratio) // 4
-    raise ValueError(f"unknown mask kind {kind!r}; expected 'tube', 'random' or 'run_cell'")
+    """How many tokens per clip a mask of this kind hides, known before the training loop draws any: every
+    clip of every batch hides the same number, so one clip drawn on the CPU tells."""
+    if kind not in MASKS:
+        raise ValueError(f"unknown mask kind {kind!r}; expected one of {', '.join(MASKS)}")
+    key = (kind, tuple(grid), ratio)
+    if key not in _counted:  # drawn once per setting: every training step asks
+        _counted[key] = int(MASKS[kind](1, grid, ratio).sum())
+    return _counted[key]
 
 
-def split(mask: Tensor, num_kept: int | None = None) -> tuple[Tensor, Tensor]:
-    """(B, N) bool -> (indices of False (B, num_kept), indices of True (B, N - num_kept)), each ascending.
+_counted: dict[tuple, int] = {}
 
-    `num_kept` (False entries per row) is known to whoever drew the mask (see `num_hidden`); pass it in the
-    training loop. Left out, it is read off the mask, which is one host sync and a graph break under
-    torch.compile, and the rows are checked to hold the same count.
-    """
-    if num_kept is None:
-        per_row = (~mask).sum(dim=1)
-        num_kept = int(per_row[0])
-        if not bool((per_row == num_kept).all()):
-            raise ValueError(f"every row of a mask must hide the same number of tokens; got per-row kept "
-                             f"counts {per_row.tolist()}")
-    order = mask.to(torch.uint8).argsort(dim=1, stable=True)  # (B, N): False positions first, both ascending
-    return order[:, :num_kept], order[:, num_kept:]
+
+class Masks(NamedTuple):
+    encoder: Tensor  # (B, N) bool, True = hidden from the encoder
+    decoder: Tensor | None  # (B, N) bool, True = dropped from the decoder; None = VideoMAE V1
+    num_visible: int  # tokens per clip the encoder sees
+    num_queries: int  # tokens per clip the decoder predicts
+
+
+@dataclass(frozen=True)
+class MaskConfig:
+    """Which mask each side gets, and how much it hides. decoder_mask_ratio 0 turns decoder masking off
+    (VideoMAE V1: the decoder predicts every cube the encoder did not see)."""
+    mask_type: str = "tube"
+    mask_ratio: float = 0.9
+    decoder_mask_type: str = "run_cell"
+    decoder_mask_ratio: float = 0.5
+
+    @property
+    def dual(self) -> bool:
+        return self.decoder_mask_ratio > 0
+
+    def counts(self, grid: Grid) -> tuple[int, int]:
+        """(tokens the encoder sees, tokens the decoder predicts) per clip. Raises ValueError for a kind,
+        ratio or grid the masks cannot make, so a run can check its settings before it starts."""
+        n = grid[0] * grid[1] * grid[2]
+        num_visible = n - num_hidden(self.mask_type, grid, self.mask_ratio)
+        if not self.dual:
+            return num_visible, n - num_visible
+        return num_visible, n - num_hidden(self.decoder_mask_type, grid, self.decoder_mask_ratio)
+
+    def draw(self, batch_size: int, grid: Grid, device=None, generator=None) -> Masks:
+        """Both masks for a batch, made on `device`, with their per-clip token counts."""
+        num_visible, num_queries = self.counts(grid)
+        encoder = MASKS[self.mask_type](batch_size, grid, self.mask_ratio, device, generator)
+        decoder = (MASKS[self.decoder_mask_type](batch_size, grid, self.decoder_mask_ratio, device, generator)
+                   if self.dual else None)
+        return Masks(encoder, decoder, num_visible, num_queries)

@@ -46,9 +46,10 @@ from pathlib import Path
 
 import torch
 
-import bench
-import train_finetune as ft
-import train_pretrain as tp
+import masking
+import train_finetune
+import train_pretrain
+import visualize
 import vmae
 
 SIZE_NAME = "study"  # the --model name the recipes are given; registered in vmae.SIZES per process
@@ -165,8 +166,7 @@ def child(recipe: str, argv: list[str], size: dict, threads: int, log_file: str,
         os.dup2(log.fileno(), 2)
     vmae.SIZES[SIZE_NAME] = size
     torch.set_num_threads(threads)
-    import visualize  # noqa: F401  the recipes draw figures at the end; load matplotlib before the baseline
-    main = {"pretrain": tp.main, "finetune": ft.main}[recipe]
+    main = {"pretrain": train_pretrain.main, "finetune": train_finetune.main}[recipe]
     cuda = "--device" in argv and argv[argv.index("--device") + 1].startswith("cuda")
     if cuda:
         torch.cuda.reset_peak_memory_stats()
@@ -195,19 +195,13 @@ def run_recipe(recipe: str, argv: list[str], out: Path, size: dict, threads: int
     return json.loads(result_file.read_text())
 
 
-def read_log(path: Path) -> list[dict]:
-    """The JSON lines a recipe appends to its log.txt."""
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 # -----------------------------------------------------------------------------------------------------
 # Cost per clip
 
 
-def mask_recipe(setting: Setting, arm: Arm) -> argparse.Namespace:
-    """The mask and target settings train_pretrain.pretrain_step_loss reads, for one arm."""
-    return argparse.Namespace(mask_type="tube", mask_ratio=setting.mask_ratio, decoder_mask_type=arm.decoder_mask_type,
-                              decoder_mask_ratio=arm.decoder_mask_ratio, normalize_target=False)
+def mask_recipe(setting: Setting, arm: Arm) -> masking.MaskConfig:
+    """The masks of one arm's pretraining."""
+    return masking.MaskConfig("tube", setting.mask_ratio, arm.decoder_mask_type, arm.decoder_mask_ratio)
 
 
 def model_config(setting: Setting) -> vmae.VideoMAEConfig:
@@ -215,11 +209,11 @@ def model_config(setting: Setting) -> vmae.VideoMAEConfig:
                                   "decoder_depth": setting.decoder_depth})
 
 
-def pretrain_cost(cfg: vmae.VideoMAEConfig, masks: argparse.Namespace) -> dict:
+def pretrain_cost(cfg: vmae.VideoMAEConfig, masks: masking.MaskConfig) -> dict:
     """Per clip: tokens the encoder and the decoder run on, and forward multiply-adds in G (the paper's
-    "FLOPs"; PyTorch's counter gives 2 FLOPs per multiply-add), counted by bench.py on the meta device."""
-    _, _, num_visible, num_queries = tp.draw_masks(1, cfg.grid, masks, "cpu")
-    forward, _ = bench.step_flops(cfg, 1, masks)
+    "FLOPs"; PyTorch's counter gives 2 FLOPs per multiply-add), counted on the meta device."""
+    num_visible, num_queries = masks.counts(cfg.grid)
+    forward, _ = train_pretrain.step_flops(cfg, 1, masks)
     return dict(encoder_tokens=num_visible, decoder_tokens=num_visible + num_queries, gflops_per_clip=forward / 2e9)
 
 
@@ -235,14 +229,14 @@ def run_arm(setting: Setting, arm: Arm, seed: int, out: Path, device: str, threa
         pre_dir = out / "runs" / f"{arm.name}-seed{seed}" / "pretrain"
         child_stats = run_recipe("pretrain", pretrain_argv(setting, arm, seed, pre_dir, device, num_workers),
                                  pre_dir, setting.size, threads)
-        epochs = read_log(pre_dir / "log.txt")
+        epochs = visualize.read_log(pre_dir / "log.txt")
         record.update(pretrain_time_s=sum(e["epoch_time_s"] for e in epochs), pretrain_loss=epochs[-1]["train_loss"],
                       peak_memory_mb=child_stats["peak_memory_mb"])
         checkpoint = pre_dir / "checkpoint-last.pth"
     ft_dir = out / "runs" / f"{arm.name}-seed{seed}" / "finetune"
     run_recipe("finetune", finetune_argv(setting, checkpoint, seed, ft_dir, device, num_workers), ft_dir,
                setting.size, threads)
-    test = [row for row in read_log(ft_dir / "log.txt") if "test_video_acc1" in row][-1]
+    test = [row for row in visualize.read_log(ft_dir / "log.txt") if "test_video_acc1" in row][-1]
     record.update(top1=test["test_video_acc1"], test_videos=test["test_videos"])
     if checkpoint is not None:  # the study keeps numbers, not weights
         for file in checkpoint.parent.glob("checkpoint-*.pth"):
@@ -320,7 +314,7 @@ def table(records: list[dict]) -> str:
 
 def figure(records: list[dict], nb_classes: int):
     """Downstream top-1 per arm (bars: mean, dots: seeds, dashed: chance) and the pretraining costs."""
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # after visualize chose the file backend
     arms = [arm for arm in ARMS if any(r["arm"] == arm.name for r in records)]
     pretrained = [arm for arm in arms if arm.pretrained]
     fig, axes = plt.subplots(1, 4, figsize=(13, 3.2), gridspec_kw=dict(width_ratios=[1.4, 1, 1, 1]))
@@ -341,7 +335,6 @@ def figure(records: list[dict], nb_classes: int):
 
 def write_report(records: list[dict], setting: Setting, out: Path) -> None:
     (out / "study.md").write_text(table(records))
-    import visualize
     visualize.save(figure(records, setting.nb_classes), out / "study.png", dpi=80)
     print(f"wrote {out / 'results.json'}, {out / 'study.md'}, {out / 'study.png'}\n\n{table(records)}")
 

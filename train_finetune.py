@@ -1,7 +1,7 @@
 """Fine-tune VideoMAE V2: a pretrained encoder becomes a video classifier, tested on several views per video.
 
 The classifier (vmae.VideoClassifier) runs the encoder on all tokens, mean-pools them into a LayerNorm and a
-linear head; there is no CLS token. The recipe is the reference's (spec.md §6): AdamW with layer-wise
+linear head; there is no CLS token. The recipe is the reference's: AdamW with layer-wise
 learning-rate decay (block k of L learns at layer_decay^(L - k) times the head's rate, the cube embedding
 at layer_decay^(L + 1)), warmup then cosine, stochastic depth, RandAugment, random resized crop, flip and
 random erasing per clip, two augmented clips per decoded video, and mixup/cutmix with label smoothing on
@@ -22,13 +22,13 @@ checkpoints; the model size, input size and frame count default to the ones the 
     torchrun --standalone --nproc_per_node=8 train_finetune.py ...   # one machine, 8 GPUs (DDP; --fsdp shards)
 
 --batch_size is per process and micro-step; the learning rate is --lr x batch_size x accum_iter x processes
-/ 256, as in pretraining (the --num_sample repeats are not counted, as in the reference).
+/ 256, as in pretraining (the --num_sample repeats are not counted, as in the reference). The optimizer,
+processes, checkpoints and the loop are engine.py's, shared with pretraining.
 """
 import argparse
 import json
 import math
 import random
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -38,21 +38,26 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import data
-import train_pretrain as tp
+import engine
+import visualize
 import vmae
 
 # The demo that runs without --data_path: the pretraining demo's model on the built-in classes (a --finetune
 # checkpoint's own size wins over these, and explicit flags win over both). No mixup, cutmix or
 # RandAugment: the labels are directions of motion, and 25 epochs of 64 steps are a short schedule.
-DEMO = dict(**{k: tp.DEMO[k] for k in ("model", "input_size", "num_frames")}, nb_classes=8, batch_size=16,
+DEMO = dict(**engine.DEMO_CLIPS, nb_classes=8, batch_size=16,
             epochs=25, warmup_epochs=5, lr=1e-2, aa="none", mixup=0.0, cutmix=0.0, synthetic_size=1024,
             test_num_segment=2, num_workers=2)
 # --linear_probe: the usual protocol (MAE's): no stochastic depth, regularisation or heavy augmentation.
 LINEAR_PROBE = dict(drop_path=0.0, weight_decay=0.0, smoothing=0.0, mixup=0.0, cutmix=0.0, reprob=0.0, aa="none")
 # What a --finetune (or --resume) checkpoint's stored arguments decide unless given explicitly.
 FROM_CHECKPOINT = ("model", "input_size", "num_frames", "tubelet_size", "nb_classes")
-DATA_SETS = ["Kinetics-400", "Kinetics-600", "Kinetics-700", "Kinetics-710", "SSV2", "UCF101", "HMDB51",
-             "Diving48", "MIT"]
+# What --data_set sets, by the reference's names: Something-Something's classes depend on direction and
+# order, so it takes one frame per segment (TSN sampling) and is never flipped; the others take dense
+# windows and flip. --sparse_sample and --flip set the same switches directly.
+DENSE, SEGMENTS = dict(sparse_sample=False, flip=True), dict(sparse_sample=True, flip=False)
+DATA_SETS = {"Kinetics-400": DENSE, "Kinetics-600": DENSE, "Kinetics-700": DENSE, "Kinetics-710": DENSE,
+             "SSV2": SEGMENTS, "UCF101": DENSE, "HMDB51": DENSE, "Diving48": DENSE, "MIT": DENSE}
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -96,27 +101,42 @@ def get_args_parser() -> argparse.ArgumentParser:
     a("--test_num_crop", type=int, default=3, help="test crops per window")
     a("--data_path", default=None, help="folder with train.csv / val.csv (/ test.csv), or with train/ val/ "
       "folders of class sub-folders; omitted: the built-in synthetic clips")
-    a("--data_set", default="Kinetics-400", choices=DATA_SETS, help="SSV2: one frame per segment and no flip "
-      "(left and right are different classes); the others: dense windows and flips")
+    a("--data_set", default="Kinetics-400", choices=list(DATA_SETS), help="sets --sparse_sample and --flip: "
+      "SSV2 one frame per segment and no flip (left and right are different classes), the others dense windows "
+      "and flips")
+    a("--sparse_sample", action=argparse.BooleanOptionalAction, default=None,
+      help="one frame from each of --num_frames equal segments (default: from --data_set)")
+    a("--flip", action=argparse.BooleanOptionalAction, default=None, help="random horizontal flips in training "
+      "(default: from --data_set; never for the built-in clips, whose labels are directions)")
     a("--synthetic_size", type=int, default=1024, help="built-in training videos (a quarter as many held out)")
     a("--output_dir", default="output/finetune")
     a("--resume", default=None, help="checkpoint to resume from (default: checkpoint-last.pth in --output_dir)")
-    tp.add_shared_flags(p)
+    engine.add_shared_flags(p)
     return p
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = get_args_parser()
-    known = tp.set_demo_defaults(parser, argv, DEMO)
+    known = engine.set_demo_defaults(parser, argv, DEMO)
     if known.linear_probe:
         parser.set_defaults(**LINEAR_PROBE)
+    init = None  # the starting checkpoint, read once: its stored arguments are defaults, its weights the model's
     if known.finetune or known.resume:  # the weights' own model, input and classes, unless given
-        saved = tp.saved_args(tp.load_checkpoint(known.finetune or known.resume))
+        try:
+            init = vmae.load_checkpoint(known.finetune or known.resume)
+        except vmae.CheckpointError as e:
+            parser.error(str(e))
+        saved = vmae.saved_args(init)
         parser.set_defaults(**{k: saved[k] for k in FROM_CHECKPOINT if k in saved})
     args = parser.parse_args(argv)
+    args._init = init if args.finetune or args.eval else None
     args.short_side_size = args.short_side_size or args.input_size
-    args.cfg = tp.model_config(parser, args)
-    tp.check_shared_flags(parser, args, ("nb_classes", "batch_size", "epochs", "test_num_segment", "test_num_crop"))
+    if args.sparse_sample is None:
+        args.sparse_sample = DATA_SETS[args.data_set]["sparse_sample"]
+    if args.flip is None:  # the built-in clips' labels are directions: never flipped
+        args.flip = DATA_SETS[args.data_set]["flip"] and args.data_path is not None
+    args.cfg = engine.model_config(parser, args)
+    engine.check_shared_flags(parser, args, ("nb_classes", "batch_size", "epochs", "test_num_segment", "test_num_crop"))
     if args.short_side_size < args.input_size:
         parser.error(f"--short_side_size {args.short_side_size} is smaller than --input_size {args.input_size}")
     try:
@@ -137,10 +157,10 @@ def read_label_map(path: str, nb_classes: int) -> list[int]:
     try:
         rows = json.loads(Path(path).read_text())
     except (OSError, ValueError) as e:
-        sys.exit(f"--label_map {path}: cannot be read as JSON ({e})")
+        raise engine.RunError(f"--label_map {path}: cannot be read as JSON ({e})") from e
     if not (isinstance(rows, list) and len(rows) == nb_classes and all(isinstance(r, int) and r >= 0 for r in rows)):
-        sys.exit(f"--label_map {path}: expected a JSON list of {nb_classes} row numbers (one per class of "
-                 "--nb_classes), like the reference's misc/label_710to400.json")
+        raise engine.RunError(f"--label_map {path}: expected a JSON list of {nb_classes} row numbers (one per class "
+                              "of --nb_classes), like the reference's misc/label_710to400.json")
     return rows
 
 
@@ -149,9 +169,11 @@ def build_model(args) -> vmae.VideoClassifier:
     weights = args.finetune or (args.resume if args.eval else None)  # --eval --resume C: C's weights only
     if weights:
         label_map = read_label_map(args.label_map, args.nb_classes) if args.label_map else None
-        loaded = tp.load_weights(model, weights, label_map)
+        loaded = vmae.load_weights(model, weights, label_map, checkpoint=args._init)
+        args._init = None  # loaded: the file's tensors need not stay in memory for the run
         if args.eval and "head.weight" in loaded.missing_keys:
-            sys.exit(f"--eval: {weights} has no head for {args.nb_classes} classes, so there is nothing to test")
+            raise engine.RunError(f"--eval: {weights} has no head for {args.nb_classes} classes, so there is "
+                                  "nothing to test")
     if args.linear_probe:  # fc_norm stays frozen too: a plain LayerNorm feeding the head normalised features
         model.requires_grad_(False)
         model.head.requires_grad_(True)
@@ -159,19 +181,14 @@ def build_model(args) -> vmae.VideoClassifier:
 
 
 def build_dataset(mode: str, args) -> data.FinetuneDataset:
-    """The 'train', 'validation' or 'test' split. Something-Something takes one frame per segment and is
-    never flipped; nor is the built-in set, whose classes are directions of motion."""
-    ssv2 = args.data_set == "SSV2"
-    try:
-        return data.build_finetune_dataset(
-            mode, args.data_path, args.data_root, nb_classes=args.nb_classes, num_frames=args.num_frames,
-            sampling_rate=args.sampling_rate, input_size=args.input_size, short_side_size=args.short_side_size,
-            num_sample=args.num_sample, test_num_segment=args.test_num_segment, test_num_crop=args.test_num_crop,
-            sparse_sample=ssv2, flip=not ssv2 and args.data_path is not None, aa=args.aa, reprob=args.reprob,
-            fname_tmpl=args.fname_tmpl, skip_bad_videos=args.skip_bad_videos, max_bad_fraction=args.max_bad_fraction,
-            synthetic_videos=args.synthetic_size)
-    except (data.ListError, FileNotFoundError) as e:  # a label >= --nb_classes, a missing list: file and line named
-        sys.exit(f"--data_path: {e}")
+    """The 'train', 'validation' or 'test' split (--sparse_sample and --flip as --data_set set them)."""
+    return data.build_finetune_dataset(
+        mode, args.data_path, args.data_root, nb_classes=args.nb_classes, num_frames=args.num_frames,
+        sampling_rate=args.sampling_rate, input_size=args.input_size, short_side_size=args.short_side_size,
+        num_sample=args.num_sample, test_num_segment=args.test_num_segment, test_num_crop=args.test_num_crop,
+        sparse_sample=args.sparse_sample, flip=args.flip, aa=args.aa, reprob=args.reprob,
+        fname_tmpl=args.fname_tmpl, skip_bad_videos=args.skip_bad_videos, max_bad_fraction=args.max_bad_fraction,
+        synthetic_videos=args.synthetic_size)
 
 
 class Shard(torch.utils.data.Dataset):
@@ -219,15 +236,15 @@ def topk_hits(scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate(model, dataset: data.FinetuneDataset, args, d: tp.Dist, precision: str, desc: str) -> dict:
+def evaluate(model, dataset: data.FinetuneDataset, batch_size: int, num_classes: int, num_workers: int,
+             d: engine.Dist, precision: str, desc: str) -> dict:
     """Score every item of an evaluation set exactly once, split over the processes, summed on the device
     and read once at the end. Returns, the same on every process: probs (V, K) each video's softmax summed
     over its views, views (V,) how many, labels (V,), and over single clips: loss, top-1 and top-5 hits, clips.
-    (The reference writes per-rank text files and keys a view by the string chunk + split, so "1"+"12" and
-    "11"+"2" collide, spec.md §9 item 19; its final test also needs a process group, item 14. Neither here.)"""
-    loader = torch.utils.data.DataLoader(Shard(dataset, d.rank, d.world_size), batch_size=int(1.5 * args.batch_size),
-                                         num_workers=args.num_workers, pin_memory=d.device.type == "cuda")
-    videos, k, dev = len(dataset.source), args.nb_classes, d.device
+    Views are summed per video in a tensor, in one process or many (docs/reference.md, traps 14 and 18)."""
+    loader = torch.utils.data.DataLoader(Shard(dataset, d.rank, d.world_size), batch_size=batch_size,
+                                         num_workers=num_workers, pin_memory=d.device.type == "cuda")
+    videos, k, dev = len(dataset.source), num_classes, d.device
     probs, views = torch.zeros(videos, k, device=dev), torch.zeros(videos, device=dev)
     labels = torch.full((videos,), -1, device=dev)
     sums = torch.zeros(4, device=dev)  # loss, top-1 hits, top-5 hits, clips
@@ -235,7 +252,7 @@ def evaluate(model, dataset: data.FinetuneDataset, args, d: tp.Dist, precision: 
     for clips, label, video, keep in tqdm(loader, desc=desc, disable=not d.is_main, dynamic_ncols=True, leave=False):
         clips, label, video = (t.to(dev, non_blocking=True) for t in (clips, label, video))
         keep = keep.to(dev).float()  # (B,) 0 for the padding repeats
-        with tp.autocast(dev, precision):
+        with engine.autocast(dev, precision):
             logits = model(clips).float()  # (B, K)
         probs.index_add_(0, video, logits.softmax(1) * keep[:, None])
         views.index_add_(0, video, keep)
@@ -269,13 +286,14 @@ def per_class_table(confusion: torch.Tensor) -> str:
     return "\n".join(lines)
 
 
-def multi_view_test(model, args, d: tp.Dist, precision: str, out: Path) -> dict:
+def multi_view_test(model, args, d: engine.Dist, precision: str, out: Path) -> dict:
     """The final test: every video as test_num_segment x test_num_crop views, their softmax averaged. Rank 0
     prints and writes the results, per_class_accuracy.txt and confusion.png. One window or one crop is fine
-    (data.py centres a single view; the reference divides by n - 1 there, spec.md §9 item 15)."""
+    (data.py centres a single view: docs/reference.md, trap 15)."""
     test_set = build_dataset("test", args)
     views = f"{args.num_frames}x{args.test_num_segment}x{args.test_num_crop}"
-    result = evaluate(model, test_set, args, d, precision, f"test {views}")
+    result = evaluate(model, test_set, eval_batch(args), args.nb_classes, args.num_workers, d, precision,
+                      f"test {views}")
     stats, confusion = video_level(result)
     stats = dict(test_views=views, test_clip_acc1=result["acc1"], test_clip_acc5=result["acc5"],
                  test_clips=result["clips"], **stats)
@@ -287,12 +305,10 @@ def multi_view_test(model, args, d: tp.Dist, precision: str, out: Path) -> dict:
               f"{stats['test_videos']} videos")
         if args.nb_classes <= 20:
             print(table)
-        import visualize  # matplotlib only at the end
         out.mkdir(parents=True, exist_ok=True)
         (out / "per_class_accuracy.txt").write_text(table + "\n")
         visualize.save(visualize.confusion_figure(confusion), out / "confusion.png")
-        with open(out / "log.txt", "a") as f:
-            f.write(json.dumps(stats) + "\n")
+        engine.append_log(out, stats)
         print(f"wrote {out / 'per_class_accuracy.txt'}, {out / 'confusion.png'}")
     return stats
 
@@ -301,84 +317,76 @@ def multi_view_test(model, args, d: tp.Dist, precision: str, out: Path) -> dict:
 # Training
 
 
+def eval_batch(args) -> int:
+    return int(1.5 * args.batch_size)  # no gradients to keep: evaluation takes larger batches
+
+
 def main(argv=None):
     args = parse_args(argv)
     cfg = args.cfg
-    d = tp.setup_distributed(args.device)
-    device = d.device
-    precision = tp.resolve_precision(args.precision, device)
-    out = Path(args.output_dir)
-    log = print if d.is_main else (lambda *a, **k: None)
-    tp.seed_everything(args.seed)  # the same initial weights on every process
+    d = engine.setup_distributed(args.device)
+    precision = engine.resolve_precision(args.precision, d.device)
+    engine.seed_everything(args.seed)  # the same initial weights on every process
 
-    model = build_model(args).to(device)
+    model = build_model(args).to(d.device)
     n_params = sum(p.numel() for p in model.parameters())
     n_trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    model, optimizer, scaler = tp.prepare_training(model, d, args, precision, layer_decay=args.layer_decay)
-    log(f"model {args.model}: {n_params / 1e6:.1f}M parameters ({n_trained / 1e6:.2f}M trained), {cfg.num_frames}x"
-        f"{cfg.img_size}, {cfg.num_tokens} tokens, {args.nb_classes} classes | {device}, {precision}, "
-        f"{d.world_size} process(es)" + (", FSDP" if args.fsdp else "") + (", compiled" if args.compile else ""))
-
-    start_epoch, best = 0, -1.0  # the first validation always saves checkpoint-best.pth
-    state = None if args.eval else tp.resume_training(model, optimizer, scaler, args, out, log)
-    if state is not None:
-        start_epoch, best = state["epoch"] + 1, state.get("best_acc1", 0.0)
+    t = engine.build_trainer(model, d, precision, Path(args.output_dir), weight_decay=args.weight_decay,
+                             betas=args.opt_betas, eps=args.opt_eps, layer_decay=args.layer_decay, fsdp=args.fsdp,
+                             compile=args.compile, seed=args.seed, accum_iter=args.accum_iter,
+                             clip_grad=args.clip_grad, log_every=args.log_every)
+    d.print(f"model {args.model}: {n_params / 1e6:.1f}M parameters ({n_trained / 1e6:.2f}M trained), {cfg.num_frames}x"
+            f"{cfg.img_size}, {cfg.num_tokens} tokens, {args.nb_classes} classes | {d.device}, {precision}, "
+            f"{d.world_size} process(es)" + (", FSDP" if args.fsdp else "") + (", compiled" if args.compile else ""))
     if not args.eval:
-        train(model, optimizer, scaler, start_epoch, best, args, d, precision, out)
-    multi_view_test(model, args, d, precision, out)  # after training: the final weights, as the reference tests
+        train(t, args)
+    multi_view_test(t.model, args, d, precision, t.out)  # after training: the final weights, as the reference tests
     if d.is_main and not args.eval:
-        import visualize
-        visualize.save(visualize.curves_figure([out / "log.txt"]), out / "curves.png")
-    del model, optimizer  # DDP's reducer before the process group (see the end of train_pretrain.main)
-    tp.leave_process_group()
+        visualize.save(visualize.curves_figure([t.out / "log.txt"]), t.out / "curves.png")
+    del model, t  # DDP's reducer before the process group (see the end of train_pretrain.main)
+    engine.leave_process_group()
 
 
-def train(model, optimizer, scaler, start_epoch: int, best: float, args, d: tp.Dist, precision: str, out: Path) -> None:
+def train(t: engine.Trainer, args) -> None:
     """The epochs: AdamW steps on the training set, then the centre-view validation, log.txt and checkpoints."""
-    device = d.device
-    log = print if d.is_main else (lambda *a, **k: None)
+    d = t.d
     train_set, val_set = build_dataset("train", args), build_dataset("validation", args)
-    sampler, loader, steps_per_epoch = tp.train_loader(train_set, args, d)
+    batches = engine.train_loader(train_set, args.batch_size, t, args.num_workers)
     videos_per_step = args.batch_size * args.accum_iter * d.world_size
-    lr_schedule = tp.cosine_schedule(args.lr * videos_per_step / 256, args.min_lr * videos_per_step / 256,
-                                     args.epochs, steps_per_epoch, args.warmup_epochs)
+    lr_schedule = engine.cosine_schedule(args.lr * videos_per_step / 256, args.min_lr * videos_per_step / 256,
+                                         args.epochs, batches.steps_per_epoch, args.warmup_epochs)
+    state = engine.resume_training(t, args.resume, args.auto_resume)
+    start_epoch, best = (0, -1.0) if state is None else (state["epoch"] + 1, state.get("best_acc1", 0.0))
     mixing = args.mixup > 0 or args.cutmix > 0
-    log(f"data: {'built-in synthetic clips' if args.data_path is None else args.data_path} ({len(train_set)} training "
-        f"videos, {len(val_set)} validation videos) | init: {args.finetune or 'random (no --finetune)'}"
-        + (" | linear probe: only the head learns" if args.linear_probe else ""))
-    log(f"effective batch {videos_per_step} videos = {args.batch_size} x accum {args.accum_iter} x {d.world_size} "
-        f"process(es); x num_sample {args.num_sample} = {videos_per_step * args.num_sample} clips per step")
-    log(f"lr {args.lr:g} x {videos_per_step} / 256 = {args.lr * videos_per_step / 256:.3g}, layer decay "
-        f"{args.layer_decay}, {steps_per_epoch} steps per epoch, {args.epochs} epochs | loss: "
-        + (f"mixup {args.mixup} / cutmix {args.cutmix} (p {args.mixup_prob}), " if mixing else "")
-        + f"label smoothing {args.smoothing}")
+    d.print(f"data: {'built-in synthetic clips' if args.data_path is None else args.data_path} ({len(train_set)} "
+            f"training videos, {len(val_set)} validation videos) | init: {args.finetune or 'random (no --finetune)'}"
+            + (" | linear probe: only the head learns" if args.linear_probe else ""))
+    d.print(f"effective batch {videos_per_step} videos = {args.batch_size} x accum {args.accum_iter} x {d.world_size} "
+            f"process(es); x num_sample {args.num_sample} = {batches.clips_per_step} clips per step")
+    d.print(f"lr {args.lr:g} x {videos_per_step} / 256 = {args.lr * videos_per_step / 256:.3g}, layer decay "
+            f"{args.layer_decay}, {batches.steps_per_epoch} steps per epoch, {args.epochs} epochs | loss: "
+            + (f"mixup {args.mixup} / cutmix {args.cutmix} (p {args.mixup_prob}), " if mixing else "")
+            + f"label smoothing {args.smoothing}")
 
     def loss_of(batch):  # clips (B, num_sample, 3, T, H, W), labels (B, num_sample)
-        clips, labels = (t.to(device, non_blocking=True).flatten(0, 1) for t in batch)
+        clips, labels = (x.to(d.device, non_blocking=True).flatten(0, 1) for x in batch)
         clips, targets = mix(clips, labels, args)  # targets (B·num_sample, K): smoothed, mixed one-hots
-        return F.cross_entropy(model(clips).float(), targets)
+        return F.cross_entropy(t.model(clips).float(), targets)
 
     weight_decay = np.full(len(lr_schedule), args.weight_decay)
     for epoch in range(start_epoch, args.epochs):
-        loss, steps, seconds = tp.train_epoch(model, optimizer, scaler, loader, sampler, loss_of, epoch, steps_per_epoch,
-                                              lr_schedule, weight_decay, videos_per_step * args.num_sample, args, d,
-                                              precision, out)
-        val = evaluate(model, val_set, args, d, precision, "validation")
+        loss, steps, seconds = engine.train_epoch(t, batches, loss_of, epoch, lr_schedule, weight_decay)
+        val = evaluate(t.model, val_set, eval_batch(args), args.nb_classes, args.num_workers, d, t.precision,
+                       "validation")
         stats = dict(epoch=epoch, train_loss=loss, train_lr=float(lr_schedule[steps - 1]), val_loss=val["loss"],
                      val_acc1=val["acc1"], val_acc5=val["acc5"], steps=steps, epoch_time_s=round(seconds, 1),
                      skipped_videos=len(train_set.bad_videos()))
         improved = val["acc1"] > best
         best = max(best, val["acc1"])
-        state = {**tp.training_state(model, optimizer, scaler, epoch, steps, args), "best_acc1": best}  # collective
-        if d.is_main:
-            tp.save_checkpoint(out / "checkpoint-last.pth", state)
-            if improved:
-                tp.save_checkpoint(out / "checkpoint-best.pth", state)
-            with open(out / "log.txt", "a") as f:
-                f.write(json.dumps(stats) + "\n")
-            log(f"epoch {epoch}: train loss {stats['train_loss']:.4f}, validation (centre view) top-1 {val['acc1']:.2f}% "
+        engine.end_of_epoch(t, stats, engine.args_to_save(args), keep=False, best=improved, best_acc1=best)
+        d.print(f"epoch {epoch}: train loss {loss:.4f}, validation (centre view) top-1 {val['acc1']:.2f}% "
                 f"top-5 {val['acc5']:.2f}% (best {best:.2f}%), {seconds:.0f} s")
 
 
 if __name__ == "__main__":
-    main()
+    engine.run(main)

@@ -18,7 +18,6 @@ look better than the model is. The recon figure says so in its title. A model tr
 import argparse
 import json
 import os
-import sys
 from pathlib import Path
 
 import matplotlib
@@ -32,7 +31,8 @@ from matplotlib.animation import FuncAnimation, PillowWriter  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 
 import data  # noqa: E402
-import train_pretrain as tp  # noqa: E402
+import engine  # noqa: E402
+import masking  # noqa: E402
 import vmae  # noqa: E402
 
 # The fill for cubes a panel does not show; not a multiple of 1/255, so no decoded pixel equals it.
@@ -264,41 +264,14 @@ def save_gif(panels: dict[str, np.ndarray], path: Path, cmap_last: str | None = 
     plt.close(fig)
 
 
-def held_out_clip(cfg: vmae.VideoMAEConfig, sampling_rate: int, synthetic_size: int, index: int = 0) -> torch.Tensor:
-    """A (3, T, H, W) clip of the built-in dataset that pretraining never saw (its videos come after the
-    first synthetic_size), centre window and centre crop."""
-    held_out = data.build_finetune_dataset("validation", None, nb_classes=8, synthetic_videos=synthetic_size,
-                                           num_frames=cfg.num_frames, sampling_rate=sampling_rate,
-                                           input_size=cfg.img_size, short_side_size=cfg.img_size)
-    return held_out[index][0]
-
-
-def load_clip(args, cfg: vmae.VideoMAEConfig) -> torch.Tensor:
-    """One (3, T, H, W) clip: the centre window of --video or --frames, else a held-out built-in clip."""
-    if not (args.video or args.frames):
-        return held_out_clip(cfg, args.sampling_rate, args.synthetic_size, args.synthetic)
-    path = args.video or args.frames
-    count = -1 if args.video else len([f for f in os.listdir(path) if not f.startswith(".")])
-    source = data.VideoList([data.Sample(path, 1, count, -1)], args.fname_tmpl)
-    return data.FinetuneDataset(source, "validation", num_frames=cfg.num_frames, sampling_rate=args.sampling_rate,
-                                input_size=cfg.img_size, short_side_size=cfg.img_size)[0][0]
-
-
-def load_pretrained(path: str, args) -> tuple[vmae.PretrainVideoMAE, bool]:
-    """A pretraining model and whether it predicts normalised targets, from a checkpoint with a decoder."""
-    checkpoint = tp.load_checkpoint(path)
-    weights = tp.state_dict_of(checkpoint, path)
-    if "mask_token" not in weights or not any(k.startswith("decoder.") for k in weights):
-        kind = ("a fine-tuned classifier (head.*, fc_norm.*)" if "head.weight" in weights
-                else "an encoder without its decoder")
-        sys.exit(f"{path} holds {kind}: recon needs a pretraining checkpoint with the decoder (decoder.*) and "
-                 "mask_token, such as output/pretrain/checkpoint-last.pth")
-    model = vmae.PretrainVideoMAE(tp.config_from_checkpoint(checkpoint, path))
-    model.load_state_dict(weights)
-    saved = checkpoint.get("args")
-    saved = vars(saved) if isinstance(saved, argparse.Namespace) else (saved or {})
-    normalize = saved.get("normalize_target", saved.get("normlize_target", True))
-    return model.eval(), normalize if args.normalize_target is None else args.normalize_target
+def load_clip(args) -> torch.Tensor:
+    """One (3, T, H, W) clip for the figure: the centre window of --video or --frames, else a held-out
+    built-in clip."""
+    if args.video or args.frames:
+        return data.one_clip(args.video or args.frames, args.num_frames, args.input_size, args.sampling_rate,
+                             args.fname_tmpl)
+    return data.held_out_clip(args.num_frames, args.input_size, args.sampling_rate, args.synthetic_size,
+                              args.synthetic)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -317,9 +290,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--sampling_rate", type=int, default=4)
     p.add_argument("--fname_tmpl", default="img_{:05}.jpg")
     p.add_argument("--synthetic_size", type=int, default=1024, help="the --synthetic_size pretraining used")
-    p.add_argument("--mask_type", default="tube", choices=["tube", "random"])
+    p.add_argument("--mask_type", default="tube", choices=list(masking.MASKS))
     p.add_argument("--mask_ratio", type=float, default=0.9)
-    p.add_argument("--decoder_mask_type", default="run_cell", choices=["run_cell", "random"])
+    p.add_argument("--decoder_mask_type", default="run_cell", choices=list(masking.MASKS))
     p.add_argument("--decoder_mask_ratio", type=float, default=0.5, help="0 = no decoder mask (V1)")
     p.add_argument("--normalize_target", action=argparse.BooleanOptionalAction, default=None,
                    help="recon: override what the checkpoint says")
@@ -342,13 +315,18 @@ def main(argv=None):
         print(f"wrote {out}")
         return
     if args.figure == "recon":
-        model, normalize = load_pretrained(args.checkpoint, args)
+        model, trained_with = vmae.load_pretrained(args.checkpoint)
         cfg = model.cfg
+        args.num_frames, args.input_size = cfg.num_frames, cfg.img_size  # the clip the model takes
+        normalize = args.normalize_target
+        if normalize is None:  # what the checkpoint was trained on (the reference's spelling too)
+            normalize = trained_with.get("normalize_target", trained_with.get("normlize_target", True))
     else:
         cfg = vmae.config(args.model, img_size=args.input_size, num_frames=args.num_frames)
-    video = load_clip(args, cfg)
+    video = load_clip(args)
     torch.manual_seed(args.seed)
-    enc, dec, _, _ = tp.draw_masks(1, cfg.grid, args, "cpu")
+    masks = masking.MaskConfig(args.mask_type, args.mask_ratio, args.decoder_mask_type, args.decoder_mask_ratio)
+    enc, dec, _, _ = masks.draw(1, cfg.grid)
     dec = dec[0] if dec is not None else None
     if args.figure == "masks":
         fig, panels, cmap = masks_figure(video, enc[0], dec, cfg, args.slots), mask_panels(video, enc[0], dec, cfg), None
@@ -361,4 +339,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    engine.run(main)

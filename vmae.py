@@ -20,17 +20,17 @@ the tokens mean-pooled into a LayerNorm and a linear head.
 Everything here matches the reference implementation (OpenGVLab/VideoMAEv2) number for number, and its
 state_dict keys and shapes, so its checkpoints load with strict=True and ours load into it. Read top to
 bottom: config and sizes, building blocks, encoder, decoder, the pretraining model, target and loss, the
-classifier.
+classifier; then the checkpoint formats, which read other layouts' key names into these.
 """
+import argparse
 from dataclasses import dataclass, fields
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
-
-import masking
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -152,6 +152,23 @@ def unpatchify(cubes: Tensor, grid: tuple[int, int, int], patch_size: int, tubel
 def gather_tokens(x: Tensor, idx: Tensor) -> Tensor:
     """x (B, N, ...), idx (B, M) -> (B, M, ...): the tokens at positions idx of each sample."""
     return x[torch.arange(x.shape[0], device=x.device)[:, None], idx]
+
+
+def mask_indices(mask: Tensor, num_kept: int | None = None) -> tuple[Tensor, Tensor]:
+    """(B, N) bool -> (indices of False (B, num_kept), indices of True (B, N - num_kept)), each ascending.
+
+    `num_kept` (False entries per row) is known to whoever drew the mask (masking.num_hidden); pass it in the
+    training loop. Left out, it is read off the mask, which is one host sync and a graph break under
+    torch.compile, and the rows are checked to hold the same count.
+    """
+    if num_kept is None:
+        per_row = (~mask).sum(dim=1)
+        num_kept = int(per_row[0])
+        if not bool((per_row == num_kept).all()):
+            raise ValueError(f"every row of a mask must hide the same number of tokens; got per-row kept "
+                             f"counts {per_row.tolist()}")
+    order = mask.to(torch.uint8).argsort(dim=1, stable=True)  # (B, N): False positions first, both ascending
+    return order[:, :num_kept], order[:, num_kept:]
 
 
 class CubeEmbed(nn.Module):
@@ -342,7 +359,7 @@ class PretrainVideoMAE(nn.Module):
         from the masks, but reading them off a mask is a host sync and a graph break under
         torch.compile, so the training loop passes them (masking.num_hidden gives them up front).
         """
-        visible = masking.split(encoder_mask, num_visible)[0]  # (B, N_vis)
+        visible = mask_indices(encoder_mask, num_visible)[0]  # (B, N_vis)
         queries = query_indices(encoder_mask, decoder_mask, num_queries)  # (B, N_q)
 
         x = self.encoder(video, visible)  # (B, N_vis, D)
@@ -363,8 +380,8 @@ def query_indices(encoder_mask: Tensor, decoder_mask: Tensor | None = None, num_
     masking, every encoder-hidden one without a decoder mask (V1). Pass num_queries to avoid a host sync."""
     if decoder_mask is None:
         n = encoder_mask.shape[1]
-        return masking.split(encoder_mask, None if num_queries is None else n - num_queries)[1]
-    return masking.split(decoder_mask, num_queries)[0]
+        return mask_indices(encoder_mask, None if num_queries is None else n - num_queries)[1]
+    return mask_indices(decoder_mask, num_queries)[0]
 
 
 def imagenet_stats(like: Tensor) -> tuple[Tensor, Tensor]:
@@ -448,3 +465,176 @@ class VideoClassifier(Encoder):
 
     def forward(self, video: Tensor) -> Tensor:
         return self.head(self.head_dropout(self.forward_features(video)[1]))  # (B, num_classes)
+
+
+# -----------------------------------------------------------------------------------------------------
+# Checkpoint formats: files in, weights under the names above
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read or does not fit the model; the message names the file."""
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    """A checkpoint file as a dict: torch.load with weights_only=True (a file cannot run code), or a
+    .safetensors file."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path}: no such file")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file  # installed with transformers / huggingface_hub
+            return load_file(path)
+        with torch.serialization.safe_globals([argparse.Namespace]):  # the reference keeps its args as one
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated, not a checkpoint, needs unsafe unpickling, or no safetensors package
+        raise CheckpointError(f"checkpoint {path}: cannot be read as a weights-only checkpoint "
+                              f"({type(e).__name__}: {e})") from e
+
+
+def saved_args(checkpoint: dict) -> dict:
+    """The training arguments a checkpoint stores under `args` (ours a dict, the reference's a Namespace);
+    {} when it has none (released weights, Hugging Face files)."""
+    args = checkpoint.get("args")
+    args = vars(args) if isinstance(args, argparse.Namespace) else args
+    return args if isinstance(args, dict) else {}
+
+
+def config_from_checkpoint(checkpoint: dict, source: str, **fields) -> VideoMAEConfig:
+    """The model a checkpoint was trained with, from the arguments it stores; `fields` override them."""
+    args = saved_args(checkpoint)
+    if "model" not in args:
+        raise CheckpointError(f"{source}: stores no training arguments, so its model size is unknown; "
+                              "pass --model, --input_size and --num_frames")
+    sizes = dict(img_size=args.get("input_size", 224), num_frames=args.get("num_frames", 16),
+                 tubelet_size=args.get("tubelet_size", 2))
+    if "decoder_depth" in args:
+        sizes["decoder_depth"] = args["decoder_depth"]
+    return config(args["model"], **{**sizes, **fields})
+
+
+# Hugging Face VideoMAE names -> the reference's, replaced in this order in every key. Older transformers
+# releases store q_bias / v_bias, newer ones query.bias / value.bias; the key has no bias.
+HF_NAMES = [("videomae.embeddings.patch_embeddings.projection.", "encoder.patch_embed.proj."),
+            ("videomae.encoder.layer.", "encoder.blocks."), ("videomae.layernorm.", "encoder.norm."),
+            ("decoder.decoder_layers.", "decoder.blocks."), ("classifier.", "head."),
+            ("layernorm_before.", "norm1."), ("layernorm_after.", "norm2."),
+            ("attention.attention.q_bias", "attn.q_bias"), ("attention.attention.query.bias", "attn.q_bias"),
+            ("attention.attention.v_bias", "attn.v_bias"), ("attention.attention.value.bias", "attn.v_bias"),
+            ("attention.output.dense.", "attn.proj."), ("intermediate.dense.", "mlp.fc1."),
+            ("output.dense.", "mlp.fc2.")]
+
+
+def from_hugging_face(weights: dict) -> dict:
+    """A Hugging Face VideoMAEForPreTraining / VideoMAEForVideoClassification state dict under the
+    reference's names: encoder.* (as in a pretraining checkpoint), decoder.*, encoder_to_decoder, mask_token,
+    fc_norm, head. Hugging Face keeps query, key and value as three Linears; they are stacked back into qkv."""
+    out, qkv = {}, {}
+    for key, value in weights.items():
+        for old, new in HF_NAMES:
+            key = key.replace(old, new)
+        block, found, part = key.rpartition(".attention.attention.")
+        if found and part in ("query.weight", "key.weight", "value.weight"):
+            qkv.setdefault(block, {})[part] = value
+        else:
+            out[key] = value
+    for block, w in qkv.items():  # (3C, C): the q rows, then k, then v, the order Attention splits them in
+        out[f"{block}.attn.qkv.weight"] = torch.cat([w["query.weight"], w["key.weight"], w["value.weight"]])
+    return out
+
+
+def state_dict_of(checkpoint: dict, source: str) -> dict:
+    """The weights inside a checkpoint file under the reference's names: ours and the reference's keep them
+    under `model`, DeepSpeed runs under `module`, others store the bare dict. Wrapper prefixes are removed
+    and Hugging Face names (videomae.*) converted."""
+    for key in ("model", "module", "model_state", "state_dict"):
+        if isinstance(checkpoint.get(key), dict):
+            checkpoint = checkpoint[key]
+            break
+    if not all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
+        raise CheckpointError(f"{source}: expected a state dict of tensors (optionally under 'model' or 'module')")
+    out = {}
+    for k, v in checkpoint.items():
+        for prefix in ("_orig_mod.", "module."):
+            k = k.removeprefix(prefix)
+        out[k] = v
+    return from_hugging_face(out) if any(k.startswith("videomae.") for k in out) else out
+
+
+def has_decoder(weights: dict) -> bool:
+    return "mask_token" in weights and any(k.startswith("decoder.") for k in weights)
+
+
+def listed(keys: list[str], limit: int = 6) -> str:
+    return ", ".join(keys[:limit]) + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
+
+
+def load_weights(model: nn.Module, path: str | Path, label_map: list[int] | None = None,
+                 checkpoint: dict | None = None):
+    """Initialise `model` from a checkpoint file and say, in words, what did not fit.
+
+    Takes ours, the reference's (V1 or V2, under `model`, `module` or bare, with `_orig_mod.`, `encoder.` or
+    `backbone.` prefixes) and Hugging Face VideoMAE state dicts. A pretraining model takes a pretraining
+    checkpoint as it is. A classifier takes a classifier's weights, or the encoder of a pretraining
+    checkpoint as the reference's fine-tuning does: the decoder, mask token and the encoder's final
+    LayerNorm are left out, and fc_norm and the head start fresh. A head for another class count is dropped,
+    unless `label_map` picks its rows (new class i = row label_map[i], e.g. the reference's
+    misc/label_710to400.json). A weight of another shape is an error naming the key and both shapes.
+    `checkpoint`: the file's contents, when the caller has read it already. Returns load_state_dict's
+    result (missing_keys, unexpected_keys).
+    """
+    weights = state_dict_of(load_checkpoint(path) if checkpoint is None else checkpoint, str(path))
+    classifier = isinstance(model, VideoClassifier)
+    if classifier:
+        weights = {k.removeprefix("backbone.").removeprefix("encoder."): v for k, v in weights.items()}
+    own = model.state_dict()
+    for key in ("head.weight", "head.bias"):
+        if key in weights and label_map is not None:
+            if max(label_map) >= len(weights[key]):
+                raise CheckpointError(f"{path}: label_map row {max(label_map)} is past the end of its "
+                                      f"{len(weights[key])}-class head")
+            weights[key] = weights[key][label_map]
+        if key in weights and key in own and weights[key].shape != own[key].shape:
+            print(f"{path}: dropping {key} {tuple(weights.pop(key).shape)}, a head for another class count "
+                  f"(the model's is {tuple(own[key].shape)})")
+    wrong = [f"{k}: file {tuple(v.shape)} vs model {tuple(own[k].shape)}" for k, v in weights.items()
+             if k in own and v.shape != own[k].shape]
+    if wrong:
+        raise CheckpointError(f"{path}: weights of a different shape (a checkpoint of another model size or "
+                              "input?):\n  " + "\n  ".join(wrong))
+    result = model.load_state_dict(weights, strict=False)
+    fresh = [k for k in result.missing_keys if k.startswith(("fc_norm.", "head."))]
+    missing = [k for k in result.missing_keys if k not in fresh]
+    left_out = [k for k in result.unexpected_keys
+                if classifier and k.startswith(("decoder.", "encoder_to_decoder.", "mask_token", "norm."))]
+    unused = [k for k in result.unexpected_keys if k not in left_out]
+    print(f"loaded {len(own) - len(result.missing_keys)} of the model's {len(own)} tensors from {path}")
+    if left_out:
+        print(f"  left out, as the reference's fine-tuning does: the pretraining decoder, mask token and final "
+              f"encoder norm ({len(left_out)} tensors)")
+    if fresh:
+        print(f"  starting fresh (the file has none for this model): {listed(fresh)}")
+    if "fc_norm.weight" in fresh and "head.weight" in weights:
+        print("  WARNING: the file has a head but no fc_norm, so its head was trained on other features "
+              "(a Hugging Face model with use_mean_pooling=False classifies token 0)")
+    if missing:
+        print(f"  WARNING: {len(missing)} weights of the model are not in the file and keep their random init: "
+              f"{listed(missing)}")
+    if unused:
+        print(f"  WARNING: {len(unused)} tensors of the file fit nothing in the model: {listed(unused)}")
+    return result
+
+
+def load_pretrained(path: str | Path) -> tuple[PretrainVideoMAE, dict]:
+    """A pretraining model (decoder included) from a checkpoint file, in eval mode, and the training
+    arguments the file stores ({} if none)."""
+    checkpoint = load_checkpoint(path)
+    weights = state_dict_of(checkpoint, str(path))
+    if not has_decoder(weights):
+        kind = ("a fine-tuned classifier (head.*, fc_norm.*)" if "head.weight" in weights
+                else "an encoder without its decoder")
+        raise CheckpointError(f"{path} holds {kind}: a reconstruction needs a pretraining checkpoint with the "
+                              "decoder (decoder.*) and mask_token, such as output/pretrain/checkpoint-last.pth")
+    model = PretrainVideoMAE(config_from_checkpoint(checkpoint, str(path)))
+    model.load_state_dict(weights)
+    return model.eval(), saved_args(checkpoint)

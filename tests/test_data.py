@@ -48,6 +48,13 @@ def write_frames(folder: str, n: int, tmpl: str = "img_{:05}.jpg", start_idx: in
     return folder
 
 
+def test_clips_are_normalised_the_way_the_model_undoes_it():
+    """data.py keeps its own copy of ImageNet's mean and std (so it need not import the model); the
+    model's target undoes the normalisation with vmae's. The two must agree."""
+    import vmae
+    assert data.IMAGENET_MEAN == vmae.IMAGENET_MEAN and data.IMAGENET_STD == vmae.IMAGENET_STD
+
+
 def clip_indices(clip: torch.Tensor) -> list[int]:
     """Indices painted into a normalised (3, T, H, W) clip."""
     mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1, 1)

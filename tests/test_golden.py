@@ -73,8 +73,8 @@ def test_targets(name):
     _, entry = pretrain_model(name)
     p = entry["config"]["patch_size"]
     video = golden_video(entry)
-    kept = masking.split(entry["decoder_mask"])[0]
-    hidden = masking.split(entry["encoder_mask"])[1]
+    kept = vmae.mask_indices(entry["decoder_mask"])[0]
+    hidden = vmae.mask_indices(entry["encoder_mask"])[1]
     target = vmae.reconstruction_target(video, p, 2)
     raw = vmae.reconstruction_target(video, p, 2, normalize=False)
     assert_probe(vmae.gather_tokens(target, kept), entry["target_dual"], rtol=1e-3)
@@ -101,10 +101,10 @@ def test_losses(name):
 def test_loss_mask_and_token_counts(name):
     _, entry = pretrain_model(name)
     enc, dec = entry["encoder_mask"], entry["decoder_mask"]
-    kept, _ = masking.split(dec)
+    kept, _ = vmae.mask_indices(dec)
     assert torch.equal(enc.gather(1, kept), entry["loss_mask_dual"])
     counts = entry["token_counts"]
-    visible, hidden = masking.split(enc)
+    visible, hidden = vmae.mask_indices(enc)
     assert visible.shape[1] == counts["encoder_tokens"]
     assert visible.shape[1] + kept.shape[1] == counts["decoder_input_tokens_dual"]
     assert kept.shape[1] == counts["decoder_predictions_dual"]

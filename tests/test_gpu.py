@@ -9,6 +9,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import bench
 import masking
+import engine
 import train_pretrain as tp
 import vmae
 from conftest import assert_probe, golden_video
@@ -83,7 +84,7 @@ def test_a_train_step_makes_no_host_sync():
     GPU (no .item(), no data-dependent shape, no copy to the host)."""
     torch.manual_seed(0)
     cfg, model = small_on_gpu()
-    optimizer = tp.make_optimizer(tp.param_groups(model, 0.05), 1e-4, (0.9, 0.95), 1e-8, CUDA)
+    optimizer = engine.make_optimizer(engine.param_groups(model, 0.05), 1e-4, (0.9, 0.95), 1e-8, CUDA)
     video = torch.randn(4, 3, cfg.num_frames, cfg.img_size, cfg.img_size, device=CUDA)
 
     def step():

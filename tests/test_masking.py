@@ -3,6 +3,7 @@ import pytest
 import torch
 
 import masking
+import vmae
 from conftest import golden
 
 BASE_GRID = (8, 14, 14)  # ViT-B, 16 frames at 224 px
@@ -69,8 +70,8 @@ def test_token_counts_per_clip(key):
         dec = masking.running_cell_mask(64, grid, ref["cell_ratio"])
     else:
         dec = ~enc  # V1: the decoder is asked for exactly the encoder-hidden positions
-    visible, _ = masking.split(enc)
-    queries, _ = masking.split(dec)
+    visible, _ = vmae.mask_indices(enc)
+    queries, _ = vmae.mask_indices(dec)
     assert visible.shape[1] == ref["encoder_tokens"]
     assert visible.shape[1] + queries.shape[1] == ref["decoder_input_tokens"]
     assert queries.shape[1] == ref["decoder_predictions"]
@@ -87,7 +88,7 @@ def test_num_hidden_is_what_the_masks_hide(kind, fn, ratio, grid):
 
 def test_split_returns_sorted_complementary_indices():
     mask = masking.random_mask(16, BASE_GRID, 0.6)
-    kept, dropped = masking.split(mask)
+    kept, dropped = vmae.mask_indices(mask)
     for b in range(16):
         assert torch.equal(kept[b], (~mask[b]).nonzero().squeeze(1))
         assert torch.equal(dropped[b], mask[b].nonzero().squeeze(1))
@@ -97,7 +98,7 @@ def test_split_rejects_rows_with_different_counts():
     mask = torch.zeros(2, 10, dtype=torch.bool)
     mask[0, :3] = True
     with pytest.raises(ValueError, match="same number"):
-        masking.split(mask)
+        vmae.mask_indices(mask)
 
 
 def test_generator_makes_masks_reproducible():
@@ -133,3 +134,22 @@ def test_masks_are_made_on_the_gpu():
                  masking.running_cell_mask(4, BASE_GRID, 0.5, device="cuda"),
                  masking.random_mask(4, BASE_GRID, 0.9, device="cuda")):
         assert mask.is_cuda and mask.shape == (4, 1568)
+
+
+def test_a_new_mask_kind_is_one_function_and_one_registry_line(monkeypatch):
+    """Register a maker in MASKS and the recipes' flags, the counts and the training step take it."""
+    import train_pretrain
+
+    def every_other_slot(batch_size, grid, ratio, device=None, generator=None):  # hides slots 0, 2, 4, ...
+        t, h, w = grid
+        hidden = (torch.arange(t, device=device) % 2 == 0)[:, None].expand(t, h * w).reshape(-1)
+        return hidden[None].expand(batch_size, -1)
+
+    monkeypatch.setitem(masking.MASKS, "slots", every_other_slot)
+    args = train_pretrain.parse_args(["--mask_type", "slots", "--decoder_mask_ratio", "0"])
+    masks = train_pretrain.mask_config(args)
+    assert masks.counts(args.cfg.grid) == (32, 32)  # demo grid (4, 4, 4): two of four slots hidden
+    model = vmae.PretrainVideoMAE(args.cfg)
+    video = torch.randn(2, 3, args.cfg.num_frames, args.cfg.img_size, args.cfg.img_size)
+    loss = train_pretrain.pretrain_step_loss(model, args.cfg, video, masks)
+    assert torch.isfinite(loss)

@@ -90,7 +90,7 @@ def test_visible_only_embedding_equals_conv3d_with_gradients():
     cfg = tiny()
     embed = vmae.CubeEmbed(cfg)
     video = torch.randn(3, 3, cfg.num_frames, cfg.img_size, cfg.img_size)
-    keep = masking.split(masking.tube_mask(3, cfg.grid, 0.75))[0]  # (B, N_vis)
+    keep = vmae.mask_indices(masking.tube_mask(3, cfg.grid, 0.75))[0]  # (B, N_vis)
 
     ours = embed(video, keep)
     ours.square().sum().backward()
@@ -196,7 +196,7 @@ def test_target_layout_uses_the_real_tubelet(tubelet):
 @pytest.mark.parametrize("normalize", [True, False])
 def test_target_at_some_tokens_equals_those_rows_of_the_full_target(normalize):
     video = torch.randn(2, 3, 4, 32, 32)
-    tokens = masking.split(masking.random_mask(2, (2, 2, 2), 0.5))[0]
+    tokens = vmae.mask_indices(masking.random_mask(2, (2, 2, 2), 0.5))[0]
     full = vmae.reconstruction_target(video, 16, 2, normalize)
     torch.testing.assert_close(vmae.reconstruction_target(video, 16, 2, normalize, tokens),
                                vmae.gather_tokens(full, tokens), atol=0, rtol=0)

@@ -297,7 +297,6 @@ def test_python_snippet_runs(index, tiny_sizes, tmp_path, monkeypatch, capsys):
 
 def loader_output(tmp_path: Path) -> list[str]:
     """What load_weights prints in every situation the README explains."""
-    import train_pretrain as tp
     cfg = vmae.config("small", **MICRO, img_size=32, num_frames=4)
     pretrain, classifier = vmae.PretrainVideoMAE(cfg).state_dict(), vmae.VideoClassifier(cfg, 710).state_dict()
     files = {"pretrain.pth": {"model": pretrain}, "classifier.pth": {"model": classifier},
@@ -307,14 +306,14 @@ def loader_output(tmp_path: Path) -> list[str]:
         torch.save(content, tmp_path / name)
     printed, lines = io.StringIO(), []
     with contextlib.redirect_stdout(printed):
-        tp.load_weights(vmae.VideoClassifier(cfg, 400), tmp_path / "pretrain.pth")  # left out, starting fresh
-        tp.load_weights(vmae.VideoClassifier(cfg, 400), tmp_path / "classifier.pth")  # dropping head
-        tp.load_weights(vmae.VideoClassifier(cfg, 710), tmp_path / "no_fc_norm.pth")  # head without fc_norm
-        tp.load_weights(vmae.PretrainVideoMAE(cfg), tmp_path / "classifier.pth")  # missing and unused
+        vmae.load_weights(vmae.VideoClassifier(cfg, 400), tmp_path / "pretrain.pth")  # left out, starting fresh
+        vmae.load_weights(vmae.VideoClassifier(cfg, 400), tmp_path / "classifier.pth")  # dropping head
+        vmae.load_weights(vmae.VideoClassifier(cfg, 710), tmp_path / "no_fc_norm.pth")  # head without fc_norm
+        vmae.load_weights(vmae.PretrainVideoMAE(cfg), tmp_path / "classifier.pth")  # missing and unused
         try:
-            tp.load_weights(vmae.PretrainVideoMAE(cfg), tmp_path / "small.pth")  # another size
-        except SystemExit as e:
-            lines += str(e.code).splitlines()
+            vmae.load_weights(vmae.PretrainVideoMAE(cfg), tmp_path / "small.pth")  # another size
+        except vmae.CheckpointError as e:
+            lines += str(e).splitlines()
     return [line.strip() for line in printed.getvalue().splitlines() + lines]
 
 

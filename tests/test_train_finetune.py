@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 
 import masking
+import engine
 import train_finetune as tf
-import train_pretrain as tp
 import vmae
 from conftest import assert_probe, config_from_reference, golden, golden_video
 from test_train_pretrain import MICRO, micro, run_processes, torchrun_env  # noqa: F401 (micro is a fixture)
@@ -165,7 +165,7 @@ def test_two_process_fsdp_trains_the_same_weights_as_ddp(tmp_path):
 def test_overfits_a_fixed_labelled_set():
     """The recipe's pieces (layer-decay groups, soft-target cross-entropy) must fit 8 fixed clips exactly."""
     model = vmae.VideoClassifier(vmae.config("small", **MICRO, img_size=32, num_frames=4), 5)
-    optimizer = tp.make_optimizer(tp.param_groups(model, 0.05, layer_decay=0.75), 3e-3, (0.9, 0.999), 1e-8,
+    optimizer = engine.make_optimizer(engine.param_groups(model, 0.05, layer_decay=0.75), 3e-3, (0.9, 0.999), 1e-8,
                                   torch.device("cpu"))
     clips, labels = torch.randn(8, 3, 4, 32, 32), torch.tensor([0, 1, 2, 3, 4, 0, 1, 2])
     args = tf.parse_args(["--mixup", "0", "--cutmix", "0", "--smoothing", "0.1", "--nb_classes", "5"])
@@ -223,7 +223,7 @@ def lists(tmp_path):
     ("other size", "patch_embed.proj.weight: file (32, 3, 2, 16, 16) vs model (48, 3, 2, 16, 16)"),
     ("no file", "checkpoint /no/such.pth: no such file"),
 ])
-def test_bad_input_names_the_culprit(case, message, lists, trained, micro, monkeypatch):
+def test_bad_input_names_the_culprit(case, message, lists, trained, micro, monkeypatch, capsys):
     monkeypatch.setitem(vmae.SIZES, "wide", dict(MICRO, embed_dim=48))
     argv = cli(lists / "out", "--data_path", str(lists), "--nb_classes", "5" if case == "label" else "8")
     if case == "no val list":
@@ -232,8 +232,9 @@ def test_bad_input_names_the_culprit(case, message, lists, trained, micro, monke
         argv += ["--model", "wide", "--finetune", str(trained["out"] / "checkpoint-best.pth")]
     if case == "no file":
         argv += ["--finetune", "/no/such.pth"]
-    with pytest.raises(SystemExit, match=message.replace("(", r"\(").replace(")", r"\)")):
-        tf.main(argv)
+    with pytest.raises(SystemExit) as stop:
+        engine.run(tf.main, argv)
+    assert stop.value.code == 2 and message in capsys.readouterr().err
 
 
 def test_eval_needs_weights(capsys):
@@ -255,7 +256,7 @@ def test_reference_pretraining_checkpoint_loads_compiled_and_wrapped(tmp_path, c
     entry = golden("pretrain_tiny")["p16"]
     model = vmae.PretrainVideoMAE(config_from_reference(entry["official_kwargs"])).eval()
     compiled = {"model": {f"_orig_mod.{k}": v for k, v in entry["state_dict"].items()}}  # the reference's compiled runs
-    result = tp.load_weights(model, save(tmp_path, compiled))
+    result = vmae.load_weights(model, save(tmp_path, compiled))
     assert not result.missing_keys and not result.unexpected_keys and "WARNING" not in capsys.readouterr().out
     with torch.no_grad():
         assert_probe(model(golden_video(entry), entry["encoder_mask"], entry["decoder_mask"]), entry["outputs_dual"])
@@ -267,7 +268,7 @@ def test_reference_pretraining_encoder_into_a_classifier(tmp_path, capsys):
     pretrained = golden("pretrain_tiny")["p16"]["state_dict"]
     expected = golden("finetune_tiny")["load_pretrain_p16"]
     model = vmae.VideoClassifier(config_from_reference(golden("finetune_tiny")["official_kwargs"]), 5)
-    result = tp.load_weights(model, save(tmp_path, {"module": pretrained}))  # DeepSpeed's key
+    result = vmae.load_weights(model, save(tmp_path, {"module": pretrained}))  # DeepSpeed's key
     assert sorted(result.missing_keys) == sorted(expected["missing_keys"])
     assert sorted(result.unexpected_keys) == sorted(expected["unexpected_keys"])
     printed = capsys.readouterr().out
@@ -279,7 +280,7 @@ def test_reference_pretraining_encoder_into_a_classifier(tmp_path, capsys):
 def test_reference_classifier_gives_its_logits(tmp_path):
     entry = golden("finetune_tiny")
     model = vmae.VideoClassifier(config_from_reference(entry["official_kwargs"]), 5).eval()
-    tp.load_weights(model, save(tmp_path, {"model": {f"backbone.{k}": v for k, v in entry["state_dict"].items()}}))
+    vmae.load_weights(model, save(tmp_path, {"model": {f"backbone.{k}": v for k, v in entry["state_dict"].items()}}))
     with torch.no_grad():
         torch.testing.assert_close(model(golden_video(entry)), entry["logits"], atol=1e-5, rtol=1e-4)
 
@@ -290,13 +291,13 @@ def test_head_of_another_class_count(tmp_path, capsys):
     path = save(tmp_path, {"model": entry["state_dict"]})
     cfg = config_from_reference(entry["official_kwargs"])
     model = vmae.VideoClassifier(cfg, 3)
-    assert tp.load_weights(model, path).missing_keys == ["head.weight", "head.bias"]
+    assert vmae.load_weights(model, path).missing_keys == ["head.weight", "head.bias"]
     assert "dropping head.weight (5, 64), a head for another class count" in capsys.readouterr().out
     model = vmae.VideoClassifier(cfg, 3)
-    assert tp.load_weights(model, path, label_map=[4, 0, 2]).missing_keys == []
+    assert vmae.load_weights(model, path, label_map=[4, 0, 2]).missing_keys == []
     torch.testing.assert_close(model.head.weight, entry["state_dict"]["head.weight"][[4, 0, 2]].float())
-    with pytest.raises(SystemExit, match="label_map row 7 is past the end of its 5-class head"):
-        tp.load_weights(vmae.VideoClassifier(cfg, 3), path, label_map=[7, 0, 2])
+    with pytest.raises(vmae.CheckpointError, match="label_map row 7 is past the end of its 5-class head"):
+        vmae.load_weights(vmae.VideoClassifier(cfg, 3), path, label_map=[7, 0, 2])
 
 
 def hf_config(**extra):
@@ -323,7 +324,7 @@ def test_hugging_face_classifier_gives_its_logits(tmp_path):
     hf.fc_norm.eps = 1e-6  # built with LayerNorm's default 1e-5, whatever the config says
     hf.save_pretrained(tmp_path)  # model.safetensors
     model = vmae.VideoClassifier(vmae.config("small", **MICRO, img_size=32, num_frames=4), 5).eval()
-    result = tp.load_weights(model, tmp_path / "model.safetensors")
+    result = vmae.load_weights(model, tmp_path / "model.safetensors")
     assert not result.missing_keys and not result.unexpected_keys
     video = torch.randn(2, 3, 4, 32, 32)
     with torch.no_grad():
@@ -341,7 +342,7 @@ def test_hugging_face_pretraining_model_gives_its_predictions(tmp_path, bias_nam
         weights = {k.replace("query.bias", "q_bias").replace("value.bias", "v_bias"): v for k, v in weights.items()}
     cfg = vmae.config("small", **MICRO, img_size=32, num_frames=4, decoder_depth=2)
     model = vmae.PretrainVideoMAE(cfg).eval()
-    result = tp.load_weights(model, save(tmp_path, weights, "pytorch_model.bin"))
+    result = vmae.load_weights(model, save(tmp_path, weights, "pytorch_model.bin"))
     assert not result.missing_keys and not result.unexpected_keys
     video, mask = torch.randn(2, 3, 4, 32, 32), masking.tube_mask(2, cfg.grid, 0.5)  # the same count per clip
     with torch.no_grad():

@@ -11,6 +11,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+import engine
 import masking
 import train_pretrain as tp
 import vmae
@@ -38,14 +39,14 @@ def cli(out, *extra):
 @pytest.mark.parametrize("name", list(golden("schedules")["cosine"]))
 def test_cosine_schedule_equals_the_reference(name):
     ref = golden("schedules")["cosine"][name]
-    ours = tp.cosine_schedule(**ref["args"])
+    ours = engine.cosine_schedule(**ref["args"])
     np.testing.assert_allclose(ours, ref["values"].numpy(), rtol=1e-12, atol=0)
 
 
 def test_warmup_steps_without_warmup_epochs_works():
     """The reference fails an assert here; a warmup given in steps must not need warmup epochs."""
     args = golden("schedules")["cosine_warmup_steps_without_warmup_epochs"]["args"]
-    values = tp.cosine_schedule(**args)
+    values = engine.cosine_schedule(**args)
     assert len(values) == args["epochs"] * args["niter_per_ep"]
     np.testing.assert_allclose(values[:5], np.linspace(0, args["base_value"], 5))
     assert values[5] == args["base_value"] and values[-1] > args["final_value"]
@@ -53,7 +54,7 @@ def test_warmup_steps_without_warmup_epochs_works():
 
 def test_layer_ids_equal_the_reference():
     ref = golden("schedules")["layer_id_examples"]
-    assert [tp.layer_id(n, ref["num_max_layer"]) for n in ref["names"]] == ref["layer_id"]
+    assert [engine.layer_id(n, ref["num_max_layer"]) for n in ref["names"]] == ref["layer_id"]
 
 
 def flat(groups):
@@ -65,7 +66,7 @@ def test_pretrain_groups_equal_the_reference():
     ref = golden("schedules")["pretrain_param_groups"]
     entry = golden("pretrain_tiny")["p16"]
     model = vmae.PretrainVideoMAE(config_from_reference(entry["official_kwargs"]))
-    ours = flat(tp.param_groups(model, 0.05))
+    ours = flat(engine.param_groups(model, 0.05))
     assert sorted(ours) == sorted(ref["names"])
     assert [ours[n][1] for n in ref["names"]] == ref["weight_decay"]
     assert [ours[n][0] for n in ref["names"]] == ref["group_name"]
@@ -77,7 +78,7 @@ def test_compiling_does_not_give_the_mask_token_weight_decay():
     assert dict(zip(buggy["names"], buggy["group"]))["_orig_mod.mask_token"] == "decay"  # the reference's bug
     model = vmae.PretrainVideoMAE(vmae.config("small", depth=1, decoder_depth=1))
     model.compile()
-    groups = {n: g["weight_decay"] for g in tp.param_groups(model, 0.05) for n in g["param_names"]}
+    groups = {n: g["weight_decay"] for g in engine.param_groups(model, 0.05) for n in g["param_names"]}
     assert groups["mask_token"] == 0.0 and groups["encoder.blocks.0.attn.qkv.weight"] == 0.05
 
 
@@ -85,7 +86,7 @@ def test_compiling_does_not_give_the_mask_token_weight_decay():
 def test_finetune_groups_with_layer_decay_equal_the_reference(name, depth):
     ref = golden("schedules")["param_groups"][name]
     model = vmae.VideoClassifier(vmae.config("small", embed_dim=16, num_heads=2, depth=depth, img_size=32), 5)
-    ours = flat(tp.param_groups(model, 0.05, layer_decay=0.75))
+    ours = flat(engine.param_groups(model, 0.05, layer_decay=0.75))
     assert sorted(ours) == sorted(ref["names"])
     assert [ours[n][0] for n in ref["names"]] == ref["group_name"]
     assert [ours[n][1] for n in ref["names"]] == ref["weight_decay"]
@@ -101,7 +102,7 @@ def test_loss_falls_on_a_fixed_batch(dual):
     """Overfit check: the same clips and masks every step; the model must learn to paint them back."""
     cfg = vmae.config("small", **MICRO, img_size=32, num_frames=4)
     model = vmae.PretrainVideoMAE(cfg)
-    opt = tp.make_optimizer(tp.param_groups(model, 0.0), 1e-2, (0.9, 0.95), 1e-8, torch.device("cpu"))
+    opt = engine.make_optimizer(engine.param_groups(model, 0.0), 1e-2, (0.9, 0.95), 1e-8, torch.device("cpu"))
     video = torch.randn(4, 3, 4, 32, 32)
     enc = masking.tube_mask(4, cfg.grid, 0.75)
     dec = masking.running_cell_mask(4, cfg.grid, 0.5) if dual else None
@@ -131,7 +132,7 @@ def test_one_run_writes_loadable_checkpoints_and_logs(micro, tmp_path, capsys):
     state = torch.load(tmp_path / "checkpoint-2.pth", weights_only=True)
     assert set(state) >= {"model", "optimizer", "epoch", "scaler", "args", "step"}
     assert state["epoch"] == 2 and state["step"] == 3 * 4
-    model = vmae.PretrainVideoMAE(tp.config_from_checkpoint(state, "checkpoint-2"))
+    model = vmae.PretrainVideoMAE(vmae.config_from_checkpoint(state, "checkpoint-2"))
     model.load_state_dict(state["model"], strict=True)  # plain keys, no module. / _orig_mod.
 
 
@@ -183,15 +184,16 @@ def test_the_demo_builds_the_laptop_size_with_masks_it_can_make():
     running cell halves; the laptop size is not one of the reference's and so has no reference name."""
     args = tp.parse_args([])
     assert args.model == "demo" and args.cfg.grid == (4, 4, 4) and args.cfg.embed_dim == 64
-    enc, dec, num_visible, num_queries = tp.draw_masks(3, args.cfg.grid, args, "cpu")
+    enc, dec, num_visible, num_queries = tp.mask_config(args).draw(3, args.cfg.grid)
     assert num_visible == 4 * 4 and num_queries == 64 // 2
     assert ((~enc).sum(1) == num_visible).all() and ((~dec).sum(1) == num_queries).all()
     assert "demo" not in vmae.ALIASES.values() and set(vmae.ALIASES.values()) == set(vmae.PAPER_SIZES)
 
 
-def test_dataset_smaller_than_a_batch_is_an_error(micro, tmp_path):
-    with pytest.raises(SystemExit, match="--batch_size 32"):
-        tp.main(cli(tmp_path, "--batch_size", "32"))
+def test_dataset_smaller_than_a_batch_is_an_error(micro, tmp_path, capsys):
+    with pytest.raises(SystemExit) as stop:
+        engine.run(tp.main, cli(tmp_path, "--batch_size", "32"))
+    assert stop.value.code == 2 and "--batch_size 32" in capsys.readouterr().err
 
 
 # -----------------------------------------------------------------------------------------------------
@@ -224,10 +226,10 @@ def torchrun_env(rank: int, world: int, port: int) -> None:
 def ddp_gradients(rank: int, world: int, port: int, video, enc, dec, result_file: str):
     """Gradients after one backward on this rank's share of a fixed global batch, under DDP."""
     torchrun_env(rank, world, port)
-    d = tp.setup_distributed("cpu")
+    d = engine.setup_distributed("cpu")
     torch.manual_seed(0)
     model = vmae.PretrainVideoMAE(vmae.config("small", **MICRO, img_size=32, num_frames=8))
-    model = tp.wrap_model(model, d, fsdp=False, precision="fp32")
+    model = engine.wrap_model(model, d, fsdp=False, precision="fp32")
     share = slice(rank * len(video) // world, (rank + 1) * len(video) // world)
     pred = model(video[share], enc[share], dec[share])
     target = vmae.reconstruction_target(video[share], 16, 2)

@@ -97,8 +97,8 @@ def test_recon_refuses_a_classifier_checkpoint(tmp_path, capsys):
     cfg = tiny()
     path = tmp_path / "classifier.pth"
     torch.save({"model": vmae.VideoClassifier(cfg, 4).state_dict(), "args": {"model": "small"}}, path)
-    with pytest.raises(SystemExit, match="fine-tuned classifier.*recon needs a pretraining checkpoint"):
-        visualize.load_pretrained(str(path), visualize.parse_args(["recon", "--checkpoint", str(path)]))
+    with pytest.raises(vmae.CheckpointError, match="fine-tuned classifier.*reconstruction needs a pretraining checkpoint"):
+        vmae.load_pretrained(path)
 
 
 def test_curves_put_runs_on_an_epoch_axis(tmp_path):

@@ -1,0 +1,463 @@
+"""What both training recipes share. train_pretrain.py and train_finetune.py each bring a model, a dataset
+and a loss; the rest of running them is here, once: AdamW with the reference's parameter groups and
+warmup + cosine schedules; one process per GPU under torchrun (DDP, or FSDP2 with --fsdp) and bf16 autocast;
+the loop (`train_epoch`: micro-batches accumulated per step, gradients clipped if asked, the loss read only
+every --log_every steps, since each read waits for the GPU); checkpoints in the reference's layout with plain
+key names, written atomically, and log.txt (`end_of_epoch`); the shared flags; and `run`, the one place
+that turns a user's mistake (a bad file, list, checkpoint or state) into `error: ...` and exit code 2.
+"""
+import argparse
+import json
+import os
+import random
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, NamedTuple
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                     get_optimizer_state_dict, set_model_state_dict,
+                                                     set_optimizer_state_dict)
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+import data
+import vmae
+
+
+class RunError(RuntimeError):
+    """A run that cannot start or go on for a reason the user can act on; the message says which."""
+
+
+# -----------------------------------------------------------------------------------------------------
+# The optimizer and its schedules
+
+
+def cosine_schedule(base_value: float, final_value: float, epochs: int, niter_per_ep: int, warmup_epochs: int = 0,
+                    start_warmup_value: float = 0.0, warmup_steps: int = -1) -> np.ndarray:
+    """One value per optimizer step: a linear warmup from start_warmup_value to base_value (both included),
+    then a half cosine from base_value towards final_value (reached one step after the end). The warmup
+    lasts warmup_steps if > 0, else warmup_epochs · niter_per_ep."""
+    total = epochs * niter_per_ep
+    warmup_iters = warmup_steps if warmup_steps > 0 else warmup_epochs * niter_per_ep
+    warmup_iters = min(warmup_iters, total)
+    warmup = np.linspace(start_warmup_value, base_value, warmup_iters)
+    i = np.arange(total - warmup_iters)
+    cosine = final_value + 0.5 * (base_value - final_value) * (1 + np.cos(np.pi * i / max(len(i), 1)))
+    return np.concatenate([warmup, cosine])
+
+
+def layer_id(name: str, num_layers: int) -> int:
+    """Layer-wise LR decay depth of a parameter: embedding and positions 0, block k k+1, the rest the top."""
+    if name in ("cls_token", "mask_token", "pos_embed") or name.startswith("patch_embed"):
+        return 0
+    if name.startswith("blocks."):
+        return int(name.split(".")[1]) + 1
+    return num_layers - 1
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float, layer_decay: float | None = None) -> list[dict]:
+    """AdamW groups: no weight decay for 1-D parameters (biases, LayerNorm, q/v biases) and the mask token;
+    with `layer_decay`, block k's learning rate is scaled by layer_decay^(depth + 1 - (k + 1)).
+    Decided by the parameter object, not its name, so wrapping the model (DDP, torch.compile's `_orig_mod.`)
+    cannot change it (the reference's compiled runs decay the mask token: docs/reference.md, trap 10)."""
+    no_decay = {id(p) for p in (getattr(model, "mask_token", None),) if p is not None}
+    depth = len(model.blocks) if layer_decay is not None else 0
+    groups: dict[str, dict] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        decay = p.ndim >= 2 and id(p) not in no_decay
+        kind = "decay" if decay else "no_decay"
+        if layer_decay is None:
+            key, scale = kind, 1.0
+        else:
+            lid = layer_id(name, depth + 2)
+            key, scale = f"layer_{lid}_{kind}", layer_decay ** (depth + 1 - lid)
+        group = groups.setdefault(key, dict(name=key, params=[], param_names=[], lr_scale=scale,
+                                            weight_decay=weight_decay if decay else 0.0))
+        group["params"].append(p)
+        group["param_names"].append(name)
+    return list(groups.values())
+
+
+def make_optimizer(groups: list[dict], lr: float, betas, eps: float, device: torch.device) -> torch.optim.AdamW:
+    """AdamW, fused into one kernel per step where the device has one."""
+    fused = device.type in ("cuda", "cpu")
+    groups = [{k: v for k, v in g.items() if k != "param_names"} for g in groups]
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, fused=fused)
+
+
+def set_schedules(optimizer: torch.optim.Optimizer, lr: float, weight_decay: float) -> None:
+    for g in optimizer.param_groups:  # float(): plain numbers, so checkpoints load with weights_only
+        g["lr"] = float(lr) * g["lr_scale"]
+        if g["weight_decay"] > 0:
+            g["weight_decay"] = float(weight_decay)
+
+
+# -----------------------------------------------------------------------------------------------------
+# Processes, precision and seeds
+
+
+@dataclass
+class Dist:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def print(self, *args, **kwargs) -> None:
+        """print on rank 0 only."""
+        if self.is_main:
+            print(*args, **kwargs)
+
+
+def setup_distributed(device: str) -> Dist:
+    """Read torchrun's RANK / WORLD_SIZE / LOCAL_RANK; one process per GPU (NCCL) or per CPU job (gloo)."""
+    world, rank, local = (int(os.environ.get(k, d)) for k, d in (("WORLD_SIZE", 1), ("RANK", 0), ("LOCAL_RANK", 0)))
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise RunError("--device cuda: no CUDA device is available here; use --device cpu")
+        dev = torch.device("cuda", local)
+        torch.cuda.set_device(dev)
+    if "WORLD_SIZE" in os.environ:  # launched by torchrun (even with one process, FSDP needs the group)
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+    return Dist(rank, world, local, dev)
+
+
+def leave_process_group() -> None:
+    """End of a run: wait until every process is done (rank 0 may still be writing figures), then take
+    the process group down, so no process exits while a peer still talks to it."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def resolve_precision(precision: str | None, device: torch.device) -> str:
+    """bf16 where the device computes in it natively (CUDA with bf16), else fp32; fp16 only when asked."""
+    if precision is not None:
+        return precision
+    return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+
+
+def autocast(device: torch.device, precision: str):
+    if precision == "fp32":
+        return nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed every generator a run draws from; re-done at each epoch start from (seed, epoch, rank), so an
+    epoch replayed after a resume draws exactly what the uninterrupted run drew."""
+    random.seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    torch.manual_seed(seed)
+
+
+def wrap_model(model: torch.nn.Module, d: Dist, fsdp: bool, precision: str) -> torch.nn.Module:
+    """DDP across processes, or FSDP2 (each transformer block sharded on its own) with --fsdp."""
+    if fsdp:
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+        policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
+        for block in [m for m in model.modules() if isinstance(m, vmae.Block)]:
+            fully_shard(block, mp_policy=policy)
+        return fully_shard(model, mp_policy=policy)
+    if d.world_size > 1:
+        return DDP(model, device_ids=[d.local_rank] if d.device.type == "cuda" else None)
+    return model
+
+
+def grad_sync(model: torch.nn.Module, enabled: bool) -> None:
+    """Skip the gradient all-reduce on accumulation micro-steps (only the last one syncs)."""
+    if isinstance(model, DDP):
+        model.require_backward_grad_sync = enabled
+    elif hasattr(model, "set_requires_gradient_sync"):  # FSDP2
+        model.set_requires_gradient_sync(enabled)
+
+
+# -----------------------------------------------------------------------------------------------------
+# The trainer: a model ready to train, and how its steps run
+
+
+@dataclass
+class Trainer:
+    model: torch.nn.Module  # wrapped for the processes (DDP / FSDP) and compiled if asked
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler  # active only with fp16
+    d: Dist
+    precision: str
+    out: Path  # the run's output folder
+    seed: int = 0
+    accum_iter: int = 1  # micro-batches per optimizer step
+    clip_grad: float | None = None  # max gradient norm
+    log_every: int = 20  # optimizer steps between loss read-outs
+
+
+def build_trainer(model: torch.nn.Module, d: Dist, precision: str, out: Path, *, weight_decay: float, betas,
+                  eps: float, layer_decay: float | None = None, fsdp: bool = False, compile: bool = False,
+                  **loop) -> Trainer:
+    """Wrap the model for the processes (DDP, or FSDP with --fsdp), compile it if asked, and build AdamW and
+    the fp16 loss scaler. The optimizer comes last: FSDP replaces the parameters with sharded ones, and
+    those are the ones it must hold. `loop`: Trainer's seed, accum_iter, clip_grad, log_every."""
+    model = wrap_model(model, d, fsdp, precision)
+    raw_model = model.module if isinstance(model, DDP) else model
+    if compile:
+        raw_model.compile()
+    groups = param_groups(raw_model, weight_decay, layer_decay=layer_decay)
+    optimizer = make_optimizer(groups, 0.0, betas, eps, d.device)  # the schedule sets lr every step
+    scaler = torch.amp.GradScaler(d.device.type, enabled=precision == "fp16")
+    return Trainer(model, optimizer, scaler, d, precision, Path(out), **loop)
+
+
+class Batches(NamedTuple):
+    sampler: torch.utils.data.DistributedSampler
+    loader: torch.utils.data.DataLoader
+    steps_per_epoch: int  # optimizer steps
+    clips_per_step: int  # over all processes and micro-batches, num_sample repeats included
+
+
+def train_loader(dataset, batch_size: int, t: Trainer, num_workers: int) -> Batches:
+    """Each process takes its own shuffled share of the dataset, whole batches only."""
+    d = t.d
+    sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=d.world_size, rank=d.rank, shuffle=True,
+                                                  seed=t.seed, drop_last=True)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=True,
+                                         num_workers=num_workers, pin_memory=d.device.type == "cuda")
+    steps_per_epoch = len(loader) // t.accum_iter
+    if steps_per_epoch == 0:
+        raise RunError(f"--batch_size {batch_size} x --accum_iter {t.accum_iter} x {d.world_size} processes is more "
+                       f"than the {len(dataset)} videos of the dataset: not one step per epoch")
+    clips = batch_size * t.accum_iter * d.world_size * dataset.num_sample
+    return Batches(sampler, loader, steps_per_epoch, clips)
+
+
+# -----------------------------------------------------------------------------------------------------
+# The loop
+
+
+class Epoch(NamedTuple):
+    loss: float  # mean over all processes and micro-batches
+    steps: int  # optimizer steps done so far in the run
+    seconds: float
+
+
+def train_epoch(t: Trainer, batches: Batches, loss_of: Callable, epoch: int, lr_schedule: np.ndarray,
+                wd_schedule: np.ndarray) -> Epoch:
+    """One epoch of optimizer steps, the same in both recipes. loss_of(batch) is the recipe: the loss of one
+    micro-batch from the loader, computed here under autocast. Each step accumulates t.accum_iter
+    micro-batches (DDP syncs gradients on the last only), unscales and clips gradients if asked, and steps
+    AdamW at that step's learning rate and weight decay."""
+    d, model, optimizer, scaler = t.d, t.model, t.optimizer, t.scaler
+    seed_everything(t.seed + (epoch + 1) * d.world_size + d.rank)  # augmentations and masks, per epoch
+    batches.sampler.set_epoch(epoch)
+    model.train()
+    loss_sum = torch.zeros((), device=d.device)
+    first_bad = torch.full((), -1, device=d.device, dtype=torch.long)  # first step with a non-finite loss
+    start = time.time()
+    bar = tqdm(total=batches.steps_per_epoch, desc=f"epoch {epoch}", disable=not d.is_main, dynamic_ncols=True)
+    micro_batches = iter(batches.loader)
+    for i in range(batches.steps_per_epoch):
+        step = epoch * batches.steps_per_epoch + i
+        set_schedules(optimizer, lr_schedule[step], wd_schedule[step])
+        for micro in range(t.accum_iter):
+            batch = next(micro_batches)
+            grad_sync(model, micro == t.accum_iter - 1)
+            with autocast(d.device, t.precision):
+                loss = loss_of(batch)
+            scaler.scale(loss / t.accum_iter).backward()
+            loss = loss.detach()
+            loss_sum += loss
+            first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), step, first_bad)
+        if t.clip_grad is not None:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), t.clip_grad)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        if (i + 1) % t.log_every == 0 or i + 1 == batches.steps_per_epoch:
+            check_finite(first_bad, lr_schedule, t.out)
+            bar.set_postfix(loss=f"{loss_sum.item() / ((i + 1) * t.accum_iter):.4f}", lr=f"{lr_schedule[step]:.2e}",
+                            clips_s=f"{(i + 1) * batches.clips_per_step / (time.time() - start):.1f}")
+        bar.update(1)
+    bar.close()
+    del micro_batches  # let this epoch's workers exit
+    seconds = time.time() - start
+    if d.world_size > 1:
+        dist.all_reduce(loss_sum)
+    return Epoch(loss_sum.item() / (batches.steps_per_epoch * t.accum_iter * d.world_size), step + 1, seconds)
+
+
+def check_finite(first_bad: torch.Tensor, lr_schedule, out: Path) -> None:
+    bad = int(first_bad)
+    if bad >= 0:
+        raise RunError(f"loss became non-finite at optimizer step {bad} (lr {lr_schedule[bad]:.3g}); stopping without "
+                       f"saving. The last good checkpoint is {out / 'checkpoint-last.pth'} (if an epoch finished). "
+                       "Try --precision bf16 or fp32, a lower --lr, or --clip_grad.")
+
+
+# -----------------------------------------------------------------------------------------------------
+# Checkpoints and the log
+
+FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)  # one plain state_dict, gathered on the CPU
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    """Write atomically: a temporary file in the same folder, then a rename, so a crash mid-write never
+    leaves a truncated checkpoint under the real name."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def training_state(t: Trainer, epoch: int, step: int, run_args: dict, **extra) -> dict:
+    """The reference's layout (model, optimizer, epoch, scaler, args) plus the optimizer step. Model and
+    optimizer are gathered into plain, unsharded state dicts with clean names (no `module.` or
+    `_orig_mod.` prefixes), so the file loads anywhere. Collective under FSDP: call on every rank."""
+    return dict(model=get_model_state_dict(t.model, options=FULL),
+                optimizer=get_optimizer_state_dict(t.model, t.optimizer, options=FULL),
+                scaler=t.scaler.state_dict(), epoch=epoch, step=step, args=run_args, **extra)
+
+
+def resume_training(t: Trainer, resume: str | None, auto_resume: bool) -> dict | None:
+    """Continue from `resume`, or else from the output folder's checkpoint-last.pth (with auto_resume):
+    weights, optimizer and scaler restored. Returns the checkpoint, or None when the run starts fresh."""
+    last = t.out / "checkpoint-last.pth"
+    path = resume or (last if auto_resume and last.exists() else None)
+    if path is None:
+        return None
+    state = vmae.load_checkpoint(path)
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=False)
+    set_model_state_dict(t.model, state["model"], options=options)
+    set_optimizer_state_dict(t.model, t.optimizer, state["optimizer"], options=options)
+    t.scaler.load_state_dict(state["scaler"])
+    t.d.print(f"resumed from {path}: epoch {state['epoch']} done, continuing at epoch {state['epoch'] + 1}")
+    return state
+
+
+def end_of_epoch(t: Trainer, stats: dict, run_args: dict, *, keep: bool, best: bool = False, **extra) -> dict:
+    """An epoch's outputs: checkpoint-last.pth, checkpoint-<epoch>.pth when `keep`, checkpoint-best.pth when
+    `best`, and the epoch's line of log.txt (stats as JSON). Collective (the state is gathered on every
+    rank); rank 0 writes. Returns the state saved; `extra` goes into it (e.g. best_acc1)."""
+    state = training_state(t, stats["epoch"], stats["steps"], run_args, **extra)
+    if t.d.is_main:
+        save_checkpoint(t.out / "checkpoint-last.pth", state)
+        if keep:
+            save_checkpoint(t.out / f"checkpoint-{stats['epoch']}.pth", state)
+        if best:
+            save_checkpoint(t.out / "checkpoint-best.pth", state)
+        append_log(t.out, stats)
+    return state
+
+
+def append_log(out: Path, stats: dict) -> None:
+    with open(out / "log.txt", "a") as f:
+        f.write(json.dumps(stats) + "\n")
+
+
+# -----------------------------------------------------------------------------------------------------
+# The command line, shared by both recipes
+
+
+def add_shared_flags(p: argparse.ArgumentParser) -> None:
+    """The flags both recipes take with the same meaning: the clip's shape, the data on disk, the run and
+    the machine. Each recipe adds its own (model, schedule, masks or classes, output_dir) around these."""
+    a = p.add_argument
+    a("--num_frames", type=int, default=16)
+    a("--sampling_rate", type=int, default=4, help="take every n-th frame")
+    a("--input_size", type=int, default=224)
+    a("--tubelet_size", type=int, default=2)
+    a("--data_root", default="", help="prefix for relative paths in --data_path's lists")
+    a("--fname_tmpl", default="img_{:05}.jpg", help="file names of extracted frames")
+    a("--skip_bad_videos", action="store_true", help="skip unreadable videos (logged and counted) instead of stopping")
+    a("--max_bad_fraction", type=float, default=0.01, help="with --skip_bad_videos, stop once more than this share "
+      "of the dataset was unreadable")
+    a("--auto_resume", action=argparse.BooleanOptionalAction, default=True)
+    a("--log_every", type=int, default=20, help="optimizer steps between loss read-outs (each is a host sync)")
+    a("--num_workers", type=int, default=10)
+    a("--seed", type=int, default=0)
+    a("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    a("--precision", default=None, choices=["bf16", "fp16", "fp32"], help="default: bf16 on GPUs that have it, else fp32")
+    a("--compile", action="store_true", help="torch.compile the model")
+    a("--with_checkpoint", action="store_true", help="activation checkpointing per block (less memory, ~30%% slower)")
+    a("--fsdp", action="store_true", help="shard parameters, gradients and optimizer state (launch with torchrun)")
+
+
+def check_shared_flags(parser: argparse.ArgumentParser, args, at_least_one: tuple[str, ...]) -> None:
+    """Errors naming the flag for the shared flags, and for the recipe's counts that must be at least 1."""
+    for name in ("accum_iter", "num_sample", "log_every", *at_least_one):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
+    if not 0 <= args.max_bad_fraction <= 1:
+        parser.error(f"--max_bad_fraction must be in [0, 1], got {args.max_bad_fraction}")
+    if args.data_path is not None and not Path(args.data_path).exists():
+        parser.error(f"--data_path {args.data_path}: no such file or folder")
+    if args.fsdp and "WORLD_SIZE" not in os.environ:
+        parser.error("--fsdp needs a process group: launch with torchrun (e.g. torchrun --nproc_per_node=8 ...)")
+
+
+# Both recipes' demos (no --data_path): the laptop size on 8 frames of 32 x 32 built-in clips.
+DEMO_CLIPS = dict(model="demo", input_size=32, num_frames=8)
+
+
+def set_demo_defaults(parser: argparse.ArgumentParser, argv, demo: dict) -> argparse.Namespace:
+    """Without --data_path the demo's values replace the parser's defaults; flags given explicitly still win.
+    Returns a first parse of argv, for defaults that depend on other flags."""
+    known = parser.parse_known_args(argv)[0]
+    if known.data_path is None:
+        parser.set_defaults(**demo)
+    return known
+
+
+# config field -> the flag that sets it, so a bad value is reported under the name the user typed
+FLAGS = dict(img_size="--input_size", num_frames="--num_frames", tubelet_size="--tubelet_size",
+             decoder_depth="--decoder_depth", drop_path_rate="--drop_path")
+
+
+def model_config(parser: argparse.ArgumentParser, args, **fields) -> vmae.VideoMAEConfig:
+    """The --model preset with the size flags applied (each recipe passes its own extra fields)."""
+    if vmae.ALIASES.get(args.model, args.model) not in vmae.SIZES:
+        parser.error(f"--model {args.model}: expected one of {', '.join(vmae.SIZES)} or a reference name "
+                     "such as pretrain_videomae_base_patch16_224")
+    try:
+        return vmae.config(args.model, img_size=args.input_size, num_frames=args.num_frames,
+                           tubelet_size=args.tubelet_size, drop_path_rate=args.drop_path,
+                           with_checkpoint=args.with_checkpoint, **fields)
+    except ValueError as e:
+        message = str(e)
+        for field, flag in FLAGS.items():
+            message = message.replace(field, flag)
+        parser.error(message)
+
+
+def args_to_save(args: argparse.Namespace) -> dict:
+    """The run's flags as plain values, for the checkpoint's `args` (the parsed config and anything loaded
+    along the way are left out, so the file loads with weights_only)."""
+    return {k: v for k, v in vars(args).items() if not k.startswith("_") and k != "cfg"}
+
+
+# Exceptions that mean the user gave something that does not work: a message, not a traceback.
+USER_ERRORS = (RunError, vmae.CheckpointError, data.ListError, data.VideoError, FileNotFoundError)
+
+
+def run(main: Callable, argv=None) -> None:
+    """Run a command-line `main`, turning a user error into `error: <message>` on stderr and exit code 2."""
+    try:
+        main(argv)
+    except USER_ERRORS as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
