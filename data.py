@@ -44,6 +44,7 @@ Public API
                       average the softmax of a video's views to score it
   mixup_cutmix(clips, labels, num_classes, ...) -> (clips, soft targets): the batch-level mix
   held_out_clip, one_clip: a single (3, T, H, W) clip to look at (built-in, or from a file or folder)
+  labelled_clips: a labelled list (or built-in videos) as validation clips, for a probe
   dataset.bad_videos(): with skip_bad_videos, the unreadable files skipped so far (all workers)
   SyntheticVideos: the built-in set; .export(root, split) writes it as .mp4 files plus a list file
   read_video, read_frames: decoding; read_pretrain_list, read_finetune_split: the list formats
@@ -895,6 +896,17 @@ def held_out_clip(num_frames: int, input_size: int, sampling_rate: int, syntheti
                                       num_frames=num_frames, sampling_rate=sampling_rate, input_size=input_size,
                                       short_side_size=input_size)
     return held_out[index][0]
+
+
+def labelled_clips(list_file: str | None, data_root: str = "", *, num_frames: int, sampling_rate: int,
+                   input_size: int, fname_tmpl: str = "img_{:05}.jpg", synthetic_videos: int = 512,
+                   first_index: int = 0) -> FinetuneDataset:
+    """A labelled set read as validation clips (centre window, centre crop), e.g. for a probe: the lines of
+    list_file (`path label` or `frame_dir total_frames label`), or synthetic_videos built-in videos from
+    first_index on."""
+    source = (VideoList(read_finetune_list(list_file, data_root), fname_tmpl) if list_file else
+              _synthetic(synthetic_videos, 8, num_frames, sampling_rate, input_size, first_index))
+    return FinetuneDataset(source, "validation", num_frames, sampling_rate, input_size, short_side_size=input_size)
 
 
 def one_clip(path: str, num_frames: int, input_size: int, sampling_rate: int,

@@ -27,6 +27,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import data
 import engine
 import masking
+import probe
 import visualize
 import vmae
 
@@ -102,6 +103,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     a("--resume", default=None, help="checkpoint to resume from (default: the newest in --output_dir)")
     a("--finetune", default=None, help="initialise the weights from this checkpoint (progressive training)")
     a("--save_ckpt_freq", type=int, default=50, help="keep checkpoint-<epoch>.pth every n epochs")
+    a("--probe_every", type=int, default=0, help="every n epochs (and before the first), score the frozen encoder "
+      "on a labelled set (probe.py): probe_acc1 (linear) and probe_knn_acc1 in log.txt; 0 = off")
+    a("--probe_data", default=None, help="the probe's labelled clips, a list of `path label` lines (default: "
+      "--probe_size held-out built-in clips; needed with --data_path)")
+    a("--probe_size", type=int, default=512, help="built-in clips in the probe's set")
+    a("--probe_pooling", default="slots", choices=probe.POOLINGS, help="tokens -> one vector per clip: the mean "
+      "of each temporal slot, concatenated in time order, or one mean over all tokens")
     engine.add_shared_flags(p)
     return p
 
@@ -124,6 +132,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     except ValueError as e:
         parser.error(f"--decoder_mask_ratio/--input_size: {e}")
     engine.check_shared_flags(parser, args, ("batch_size", "epochs", "save_ckpt_freq"))
+    if args.probe_every < 0:
+        parser.error(f"--probe_every must be 0 (off) or more, got {args.probe_every}")
+    if args.probe_every and args.data_path is not None and args.probe_data is None:
+        parser.error("--probe_every with --data_path needs --probe_data, a list of labelled clips (`path label` lines)")
+    if args.probe_data is not None and not Path(args.probe_data).is_file():
+        parser.error(f"--probe_data {args.probe_data}: no such file")
+    if args.probe_size < 2 * probe.NUM_FOLDS:
+        parser.error(f"--probe_size must be at least {2 * probe.NUM_FOLDS}, got {args.probe_size}")
     return args
 
 
@@ -161,6 +177,12 @@ def main(argv=None):
     wd_schedule = engine.cosine_schedule(args.weight_decay, wd_end, args.epochs, batches.steps_per_epoch)
     state = engine.resume_training(t, args.resume, args.auto_resume)
     start_epoch = 0 if state is None else state["epoch"] + 1
+    probe_set = None if not args.probe_every else probe.build_probe(
+        args.probe_data, args.data_root, num_frames=args.num_frames, sampling_rate=args.sampling_rate,
+        input_size=args.input_size, tubelet_size=args.tubelet_size, fname_tmpl=args.fname_tmpl,
+        synthetic_videos=args.probe_size,
+        first_index=args.synthetic_size, batch_size=args.batch_size * args.num_sample, pooling=args.probe_pooling,
+        num_workers=args.num_workers)
 
     num_visible, num_queries = masks.counts(cfg.grid)
     one = masks.draw(1, cfg.grid)
@@ -184,15 +206,24 @@ def main(argv=None):
         video = clips.to(d.device, non_blocking=True).flatten(0, 1)  # (B·num_sample, 3, T, H, W)
         return pretrain_step_loss(t.model, cfg, video, masks, args.normalize_target)
 
+    def probed() -> dict:  # every process takes part (FSDP gathers the weights); all get the same numbers
+        result = probe_set(t.model, d.device, precision)
+        d.print(f"probe: linear {result['probe_acc1']:.1f} %, k-NN {result['probe_knn_acc1']:.1f} % top-1 "
+                f"({len(probe_set.dataset)} clips, {result['probe_time_s']} s)")
+        return result
+    # before training: the random encoder's score, the level pretraining has to beat (in epoch 0's log line)
+    at_start = {f"probe_init_{k[6:]}": v for k, v in probed().items()} if probe_set and start_epoch == 0 else {}
     for epoch in range(start_epoch, args.epochs):
         loss, steps, seconds = engine.train_epoch(t, batches, loss_of, epoch, lr_schedule, wd_schedule)
         stats = dict(epoch=epoch, train_loss=loss, train_lr=float(lr_schedule[steps - 1]),
                      train_wd=float(wd_schedule[steps - 1]), steps=steps, epoch_time_s=round(seconds, 1),
                      clips_per_s=round(batches.steps_per_epoch * batches.clips_per_step / seconds, 2),
-                     skipped_videos=len(dataset.bad_videos()))
+                     skipped_videos=len(dataset.bad_videos()), **(at_start if epoch == 0 else {}))
+        d.print(f"epoch {epoch}: loss {loss:.4f}, {stats['clips_per_s']} clips/s, {seconds:.0f} s")
+        if probe_set and ((epoch + 1) % args.probe_every == 0 or epoch + 1 == args.epochs):
+            stats.update(probed())
         keep = (epoch + 1) % args.save_ckpt_freq == 0 or epoch + 1 == args.epochs
         state = engine.end_of_epoch(t, stats, engine.args_to_save(args), keep=keep)
-        d.print(f"epoch {epoch}: loss {loss:.4f}, {stats['clips_per_s']} clips/s, {seconds:.0f} s")
     if d.is_main and args.epochs > start_epoch:
         final_figures(state["model"], args, t.out)
     del model, t  # DDP's reducer before the process group: a gloo teardown can deadlock otherwise (pytorch#75097)

@@ -193,19 +193,32 @@ def read_log(path: str | Path) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
+def probe_points(rows: list[dict], key: str) -> list[tuple[int, float]]:
+    """(epochs trained, value) of a probe key: the score before training (probe_init_*) at 0, if logged."""
+    start = [(0, rows[0][key.replace("probe_", "probe_init_")])] if rows and key.replace("probe_", "probe_init_") in rows[0] else []
+    return start + [(r["epoch"] + 1, r[key]) for r in rows if key in r]
+
+
 def curves_figure(paths: list) -> plt.Figure:
-    """Loss and learning rate (and validation accuracy, if logged) per epoch, one line per log.txt, so
-    runs with different batch sizes compare on the same x axis."""
+    """Loss and learning rate (and validation accuracy, and the frozen-encoder probe, if logged) per epoch,
+    one line per log.txt, so runs with different batch sizes compare on the same x axis. The probe panel
+    draws the linear probe solid and the k-NN dashed, from the random encoder (epoch 0) on."""
     logs = {str(Path(p).parent.name or p): read_log(p) for p in paths}
-    keys = ["train_loss", "train_lr"] + [k for k in ("val_acc1",) if any(k in r for rs in logs.values() for r in rs)]
+    keys = ["train_loss", "train_lr"] + [k for k in ("val_acc1", "probe_acc1")
+                                         if any(k in r for rs in logs.values() for r in rs)]
     fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.4), squeeze=False)
     for ax, key in zip(axes[0], keys):
-        for name, rows in logs.items():
-            points = [(r["epoch"] + 1, r[key]) for r in rows if key in r]
-            if points:
-                ax.plot(*zip(*points), marker=".", label=name)
+        for i, (name, rows) in enumerate(logs.items()):
+            lines = ([(probe_points(rows, key), "-", f"{name} linear"), (probe_points(rows, "probe_knn_acc1"), "--",
+                      f"{name} k-NN")] if key == "probe_acc1" else [([(r["epoch"] + 1, r[key]) for r in rows if key in r],
+                                                                    "-", name)])
+            for points, style, label in lines:
+                if points:
+                    ax.plot(*zip(*points), style, marker=".", color=f"C{i}", label=label)
+        if key == "probe_acc1":
+            ax.legend(fontsize=8)
         ax.set_xlabel("epoch")
-        ax.set_title(key)
+        ax.set_title("probe top-1 % (frozen encoder)" if key == "probe_acc1" else key)
         if key == "train_lr":
             ax.ticklabel_format(axis="y", style="sci", scilimits=(0, 0))
     axes[0, 0].legend(fontsize=8)

@@ -370,6 +370,11 @@ class PretrainVideoMAE(nn.Module):
         x = torch.cat([x + pos[visible], self.mask_token.to(x.dtype) + pos[queries]], dim=1)  # (B, N_vis + N_q, Dd)
         return self.decoder(x, queries.shape[1])  # (B, N_q, 3·t·p²)
 
+    def encode(self, video: Tensor) -> Tensor:
+        """The encoder on every cube of the clips, no mask: (B, 3, T, H, W) -> (B, N, D) tokens, e.g. for a
+        probe of what pretraining learned (probe.py)."""
+        return self.encoder(video)
+
 
 # -----------------------------------------------------------------------------------------------------
 # Target and loss

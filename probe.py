@@ -1,0 +1,164 @@
+"""The probe: do the encoder's features already tell a labelled set's classes apart, with the encoder frozen?
+
+The pretraining loss says how well the model paints hidden cubes, which is a poor judge of what it learned.
+The probe is the usual second opinion (MAE's linear probe, DINO's k-NN), cheap enough to run every few
+epochs of pretraining (train_pretrain.py --probe_every) and at the end of every study run (study.py).
+
+The frozen encoder runs on every token of each clip of a small labelled set (centre window, centre crop;
+computed once and kept in memory when the set is small). Its tokens are pooled into one vector per clip.
+The default pooling, "slots", averages the tokens of each temporal slot and concatenates the slots in time
+order (T'·D values): mean pooling over all tokens, as the classifier does ("mean", D values), throws the
+order of time away, and the built-in labels are directions of motion. Two classifiers score the vectors,
+each by k-fold cross-validation over the set, so every clip is scored once by a classifier fitted on the
+other folds and the set needs no split:
+
+- linear (`probe_acc1`): least squares onto one-hot labels with a small ridge, on standardised features;
+  one linear solve per fold, milliseconds.
+- k-NN (`probe_knn_acc1`): cosine similarity; the k = 20 nearest clips of the other folds vote, each with
+  weight exp(similarity / 0.07) (DINO's rule).
+"""
+import time
+
+import torch
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import data
+import engine
+
+POOLINGS = ("slots", "mean")
+NUM_FOLDS = 4
+CACHE_BYTES = 2 ** 30  # keep the decoded clips in memory when they take at most this
+
+
+def pool(tokens: torch.Tensor, num_slots: int, pooling: str = "slots") -> torch.Tensor:
+    """(B, N, D) encoder tokens, slot-major (the grid's order) -> (B, num_slots·D) with "slots", (B, D) with
+    "mean"."""
+    if pooling == "mean":
+        return tokens.mean(dim=1)
+    if pooling == "slots":
+        return tokens.unflatten(1, (num_slots, -1)).mean(dim=2).flatten(1)  # (B, T', N/T', D) -> (B, T'·D)
+    raise ValueError(f"pooling must be one of {', '.join(POOLINGS)}, got {pooling!r}")
+
+
+# -----------------------------------------------------------------------------------------------------
+# Classifiers, scored by cross-validation
+
+
+def folds(n: int, num_folds: int = NUM_FOLDS, seed: int = 0) -> list[torch.Tensor]:
+    """A fixed random partition of range(n) into num_folds index sets (the same every time it is asked)."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    return [order[i::num_folds] for i in range(num_folds)]
+
+
+def cross_validate(predict, x: torch.Tensor, y: torch.Tensor, num_folds: int = NUM_FOLDS) -> float:
+    """Top-1 % of predict(train_x, train_y, test_x) -> test labels, each fold scored by the others."""
+    hits = 0
+    for test in folds(len(x), num_folds):
+        train = torch.ones(len(x), dtype=torch.bool)
+        train[test] = False
+        hits += int((predict(x[train], y[train], x[test]) == y[test]).sum())
+    return 100 * hits / len(x)
+
+
+def linear_predict(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor,
+                   ridge: float = 1e-2) -> torch.Tensor:
+    """Ridge regression onto one-hot labels (standardised features, a bias), argmax of its outputs.
+    `ridge` is relative to the features' own scale: λ = ridge · (mean squared feature) · clips."""
+    mean, std = train_x.mean(0), train_x.std(0) + 1e-6
+    a = F.pad((train_x - mean) / std, (0, 1), value=1.0).double()  # (n, F + 1), the last column the bias
+    targets = F.one_hot(train_y, int(train_y.max()) + 1).double()  # (n, K)
+    gram = a.T @ a  # (F + 1, F + 1)
+    gram.diagonal()[:-1] += ridge * len(a)  # features standardised: mean square 1 (the bias is not shrunk)
+    weights = torch.linalg.solve(gram, a.T @ targets)  # (F + 1, K)
+    test = F.pad((test_x - mean) / std, (0, 1), value=1.0).double()
+    return (test @ weights).argmax(1)
+
+
+def knn_predict(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, k: int = 20,
+                temperature: float = 0.07) -> torch.Tensor:
+    """Weighted k-nearest-neighbour vote by cosine similarity (DINO's rule)."""
+    similarity = F.normalize(test_x, dim=1) @ F.normalize(train_x, dim=1).T  # (m, n)
+    top, index = similarity.topk(min(k, len(train_x)), dim=1)  # (m, k)
+    votes = torch.zeros(len(test_x), int(train_y.max()) + 1, dtype=top.dtype)
+    votes.scatter_add_(1, train_y[index], (top / temperature).exp())
+    return votes.argmax(1)
+
+
+def scores(x: torch.Tensor, y: torch.Tensor) -> dict:
+    """probe_acc1 (linear) and probe_knn_acc1, both cross-validated top-1 % of the pooled features x (V, F)."""
+    x = x.float()
+    return dict(probe_acc1=cross_validate(linear_predict, x, y), probe_knn_acc1=cross_validate(knn_predict, x, y))
+
+
+# -----------------------------------------------------------------------------------------------------
+# The frozen encoder on a labelled set
+
+
+def encoder_of(model: torch.nn.Module):
+    """clips (B, 3, T, H, W) -> tokens (B, N, D): the encoder of a pretraining model as the trainer holds it
+    (plain, compiled, DDP or FSDP), on every cube. Under FSDP, `encode` is registered as a forward method, so
+    FSDP gathers the weights for it as it does for forward; every process must then take part."""
+    raw = model.module if isinstance(model, DDP) else model
+    if not hasattr(raw.encode, "__wrapped__"):  # registered once; a no-op for a model that is not FSDP's
+        from torch.distributed.fsdp import register_fsdp_forward_method
+        register_fsdp_forward_method(raw, "encode")
+    return raw.encode
+
+
+class Probe:
+    """A labelled set and how to score an encoder on it. Call it with a pretraining model (any wrapping)."""
+
+    def __init__(self, dataset: data.FinetuneDataset, batch_size: int = 64, pooling: str = "slots",
+                 num_workers: int = 0, tubelet_size: int = 2):
+        pool(torch.zeros(1, 2, 1), 1, pooling)  # a bad pooling name fails here, not after an epoch
+        self.dataset, self.batch_size, self.pooling, self.num_workers = dataset, batch_size, pooling, num_workers
+        self.num_slots = dataset.num_frames // tubelet_size
+        self._cache = None  # [(clips, labels)] once read, if small enough
+
+    def batches(self):
+        if self._cache is not None:
+            return self._cache
+        loader = torch.utils.data.DataLoader(self.dataset, batch_size=self.batch_size, num_workers=self.num_workers)
+        items = [(clips, torch.as_tensor(labels)) for clips, labels in loader]
+        if sum(clips.nbytes for clips, _ in items) <= CACHE_BYTES:
+            self._cache = items
+        return items
+
+    @torch.no_grad()
+    def features(self, model: torch.nn.Module, device: torch.device, precision: str = "fp32"):
+        """(pooled features (V, F) float on the CPU, labels (V,)) of the whole set."""
+        xs, ys = [], []
+        encode, was_training = encoder_of(model), model.training
+        model.eval()
+        for clips, labels in self.batches():
+            with engine.autocast(device, precision):
+                tokens = encode(clips.to(device, non_blocking=True))  # (B, N, D)
+            xs.append(pool(tokens.float(), self.num_slots, self.pooling).cpu())
+            ys.append(labels)
+        model.train(was_training)
+        return torch.cat(xs), torch.cat(ys)
+
+    def __call__(self, model: torch.nn.Module, device: torch.device, precision: str = "fp32") -> dict:
+        """probe_acc1, probe_knn_acc1 and probe_time_s (features and fits, wall clock) for the model now."""
+        start = time.time()
+        result = scores(*self.features(model, device, precision))
+        return dict(**result, probe_time_s=round(time.time() - start, 2))
+
+
+def build_probe(list_file: str | None, data_root: str = "", *, num_frames: int, sampling_rate: int,
+                input_size: int, tubelet_size: int = 2, fname_tmpl: str = "img_{:05}.jpg", synthetic_videos: int = 512,
+                first_index: int = 0, batch_size: int = 64, pooling: str = "slots", num_workers: int = 0) -> Probe:
+    """The probe on list_file's labelled clips (`path label` or `frame_dir total_frames label` lines), or on
+    synthetic_videos built-in videos from first_index on. Raises ListError for a set it cannot score."""
+    dataset = data.labelled_clips(list_file, data_root, num_frames=num_frames, sampling_rate=sampling_rate,
+                                  input_size=input_size, fname_tmpl=fname_tmpl, synthetic_videos=synthetic_videos,
+                                  first_index=first_index)
+    labels = [dataset.source.label(i) for i in range(len(dataset.source))]
+    where = list_file or "the built-in probe set"
+    if min(labels) < 0:
+        raise data.ListError(f"{where}: the probe needs a label (0 or more) on every line")
+    if len(set(labels)) < 2 or len(labels) < 2 * NUM_FOLDS:
+        raise data.ListError(f"{where}: the probe needs at least two classes and {2 * NUM_FOLDS} clips, got "
+                             f"{len(set(labels))} classes in {len(labels)} clips")
+    return Probe(dataset, batch_size, pooling, num_workers, tubelet_size)

@@ -1,0 +1,143 @@
+"""The frozen-encoder probe: its pooling keeps the order of time, its classifiers read a label that the
+features carry and cannot read one they do not, and the pretraining recipe logs it (also under FSDP)."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import data
+import probe
+import train_pretrain as tp
+import visualize
+import vmae
+from test_train_pretrain import cli, ddp_main, micro, run_processes  # noqa: F401 (a fixture)
+
+
+def test_slot_pooling_is_the_mean_of_each_slot_in_time_order():
+    cfg = vmae.config("small", img_size=32, patch_size=16, num_frames=6)  # grid (3, 2, 2)
+    tokens = torch.randn(2, cfg.num_tokens, 5)
+    pooled = probe.pool(tokens, cfg.grid[0], "slots")
+    grid = tokens.numpy().reshape(2, *cfg.grid, 5)
+    expected = np.concatenate([grid[:, t].mean(axis=(1, 2)) for t in range(cfg.grid[0])], axis=1)
+    np.testing.assert_allclose(pooled.numpy(), expected, rtol=1e-6)
+    # reversing time changes the slot-pooled vector but not the mean-pooled one
+    reversed_tokens = torch.from_numpy(grid[:, ::-1].reshape(2, cfg.num_tokens, 5).copy())
+    assert not torch.allclose(probe.pool(reversed_tokens, 3, "slots"), pooled)
+    torch.testing.assert_close(probe.pool(reversed_tokens, 3, "mean"), probe.pool(tokens, 3, "mean"))
+    with pytest.raises(ValueError, match="pooling"):
+        probe.pool(tokens, 3, "max")
+
+
+def labelled_features(n=400, classes=8, dim=64, signal=3.0, seed=0):
+    """Features = a class's own random direction x signal + unit noise (and a large shared offset, which
+    neither classifier may depend on)."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.arange(n) % classes
+    centres = torch.randn(classes, dim, generator=g)
+    x = signal * centres[labels] + torch.randn(n, dim, generator=g) + 10
+    return x, labels
+
+
+@pytest.mark.parametrize("predict", [probe.linear_predict, probe.knn_predict])
+def test_classifiers_read_a_label_the_features_carry_and_not_one_they_do_not(predict):
+    x, y = labelled_features()
+    assert probe.cross_validate(predict, x, y) > 99
+    shuffled = [probe.cross_validate(predict, x, y[torch.randperm(len(y), generator=torch.Generator().manual_seed(s))])
+                for s in range(5)]
+    assert abs(np.mean(shuffled) - 100 / 8) < 5  # chance is 12.5 %: cross-validation gives no free accuracy
+
+
+def test_cross_validation_scores_every_item_once_by_a_classifier_that_never_saw_it():
+    seen = []
+
+    def predict(train_x, train_y, test_x):
+        overlap = set(train_x[:, 0].tolist()) & set(test_x[:, 0].tolist())
+        assert not overlap
+        seen.extend(test_x[:, 0].tolist())
+        return torch.zeros(len(test_x), dtype=torch.long)
+    x = torch.arange(10.0)[:, None]
+    assert probe.cross_validate(predict, x, torch.zeros(10, dtype=torch.long)) == 100
+    assert sorted(seen) == list(range(10))
+
+
+def test_the_linear_probe_is_ridge_regression_onto_one_hot_labels():
+    """Against numpy's least squares on the same standardised, bias-augmented, ridge-stacked system."""
+    g = torch.Generator().manual_seed(1)
+    x, y, test = torch.randn(30, 5, generator=g), torch.randint(0, 3, (30,), generator=g), torch.randn(7, 5, generator=g)
+    ridge = 0.3
+    mean, std = x.mean(0).numpy(), x.std(0).numpy() + 1e-6
+    a = np.hstack([(x.numpy() - mean) / std, np.ones((30, 1))])
+    stacked = np.vstack([a, np.hstack([np.sqrt(ridge * 30) * np.eye(5), np.zeros((5, 1))])])
+    targets = np.vstack([np.eye(3)[y.numpy()], np.zeros((5, 3))])
+    weights = np.linalg.lstsq(stacked, targets, rcond=None)[0]
+    expected = (np.hstack([(test.numpy() - mean) / std, np.ones((7, 1))]) @ weights).argmax(1)
+    assert probe.linear_predict(x, y, test, ridge=ridge).tolist() == expected.tolist()
+
+
+def test_probe_scores_a_model_and_caches_its_clips():
+    cfg = vmae.config("small", embed_dim=32, depth=1, num_heads=2, decoder_embed_dim=16, decoder_depth=1,
+                      decoder_num_heads=2, img_size=32, patch_size=16, num_frames=4)
+    p = probe.build_probe(None, num_frames=4, sampling_rate=2, input_size=32, synthetic_videos=16, batch_size=5)
+    model = vmae.PretrainVideoMAE(cfg).train()
+    x, y = p.features(model, torch.device("cpu"))
+    assert x.shape == (16, cfg.grid[0] * 32) and y.tolist() == [i % 8 for i in range(16)]
+    assert model.training  # the probe leaves the model as it found it
+    with torch.no_grad():  # by hand: the encoder on every token, slot means
+        clips = torch.stack([p.dataset[i][0] for i in range(16)])
+        torch.testing.assert_close(x, probe.pool(model.encoder.eval()(clips), cfg.grid[0]), rtol=1e-4, atol=1e-5)
+    assert p._cache is not None and len(p._cache) == 4  # 16 clips in batches of 5
+    result = p(model, torch.device("cpu"))
+    assert set(result) == {"probe_acc1", "probe_knn_acc1", "probe_time_s"} and 0 <= result["probe_acc1"] <= 100
+
+
+def test_probe_data_reads_a_labelled_list_and_refuses_unlabelled_or_single_class_ones(tmp_path):
+    root = tmp_path / "videos"
+    list_file = data.SyntheticVideos(8, num_classes=2, length=12, height=32, width=40).export(str(root))
+    p = probe.build_probe(list_file, str(root), num_frames=4, sampling_rate=2, input_size=32)
+    assert [p.dataset.source.label(i) for i in range(8)] == [0, 1] * 4
+    one_class = tmp_path / "one.csv"
+    one_class.write_text("".join(f"train/video_{i:05d}.mp4 0\n" for i in range(8)))
+    with pytest.raises(data.ListError, match="two classes"):
+        probe.build_probe(str(one_class), str(root), num_frames=4, sampling_rate=2, input_size=32)
+    unlabelled = tmp_path / "unlabelled.csv"
+    unlabelled.write_text("".join(f"train/video_{i:05d}.mp4 -1\n" for i in range(8)))
+    with pytest.raises(data.ListError, match="a label"):
+        probe.build_probe(str(unlabelled), str(root), num_frames=4, sampling_rate=2, input_size=32)
+
+
+def test_pretraining_logs_the_probe_and_curves_draw_it(micro, tmp_path):  # noqa: F811
+    tp.main(cli(tmp_path, "--probe_every", "2", "--probe_size", "16"))
+    rows = [json.loads(line) for line in (tmp_path / "log.txt").read_text().splitlines()]
+    assert "probe_init_acc1" in rows[0] and "probe_init_knn_acc1" in rows[0]  # the random encoder, before training
+    assert [r["epoch"] for r in rows if "probe_acc1" in r] == [1, 2]  # every 2 epochs, and the last
+    assert all(0 <= r["probe_acc1"] <= 100 and r["probe_time_s"] >= 0 for r in rows if "probe_acc1" in r)
+    fig = visualize.curves_figure([tmp_path / "log.txt"])
+    probe_axis = fig.axes[-1]
+    assert "probe" in probe_axis.get_title()
+    linear = probe_axis.get_lines()[0]
+    assert list(linear.get_xdata()) == [0, 2, 3]
+    assert list(linear.get_ydata()) == [rows[0]["probe_init_acc1"], rows[1]["probe_acc1"], rows[2]["probe_acc1"]]
+
+
+@pytest.mark.parametrize("flags,message", [(["--probe_every", "-1"], "--probe_every"),
+                                           (["--probe_every", "1", "--data_path", "."], "--probe_data"),
+                                           (["--probe_data", "missing.csv"], "--probe_data"),
+                                           (["--probe_size", "3"], "--probe_size"),
+                                           (["--probe_pooling", "max"], "--probe_pooling")])
+def test_bad_probe_flags_name_the_flag(flags, message, capsys):
+    with pytest.raises(SystemExit):
+        tp.parse_args(flags)
+    assert message in capsys.readouterr().err
+
+
+def test_two_process_fsdp_probe_equals_ddp(tmp_path):
+    """Under FSDP the probe gathers the sharded weights on every process; its scores must be DDP's."""
+    flags = ("--epochs", "1", "--probe_every", "1", "--probe_size", "16")
+    run_processes(ddp_main, 2, str(tmp_path / "ddp"), *flags)
+    run_processes(ddp_main, 2, str(tmp_path / "fsdp"), "--fsdp", *flags)
+    ddp, fsdp = ([json.loads(line) for line in (tmp_path / run / "log.txt").read_text().splitlines()]
+                 for run in ("ddp", "fsdp"))
+    assert len(ddp) == len(fsdp) == 1
+    for key in ("probe_init_acc1", "probe_init_knn_acc1", "probe_acc1", "probe_knn_acc1"):
+        assert fsdp[0][key] == pytest.approx(ddp[0][key], abs=1e-9), key
