@@ -18,6 +18,7 @@ look better than the model is. The recon figure says so in its title. A model tr
 import argparse
 import json
 import os
+import re
 from pathlib import Path
 
 import matplotlib
@@ -101,8 +102,9 @@ def mask_panels(video: torch.Tensor, encoder_mask: torch.Tensor, decoder_mask: t
 
 
 def grid_figure(panels: dict[str, np.ndarray], title: str, cmap_last: str | None = None,
-                slots: int | None = None) -> plt.Figure:
-    """Panels side by side, a row per temporal slot (the first `slots` of them)."""
+                slots: int | None = None, vmax_last: float = 0.5) -> plt.Figure:
+    """Panels side by side, a row per temporal slot (the first `slots` of them); with cmap_last, the last
+    panel is one value per pixel, drawn in that colour map from 0 to vmax_last."""
     panels = {name: images[:slots] for name, images in panels.items()}
     names = list(panels)
     rows = len(panels[names[0]])
@@ -111,7 +113,7 @@ def grid_figure(panels: dict[str, np.ndarray], title: str, cmap_last: str | None
         for row in range(rows):
             ax = axes[row, col]
             last = cmap_last is not None and col == len(names) - 1
-            ax.imshow(panels[name][row], cmap=cmap_last if last else None, vmin=0, vmax=0.5 if last else None,
+            ax.imshow(panels[name][row], cmap=cmap_last if last else None, vmin=0, vmax=vmax_last if last else None,
                       interpolation="nearest")
             ax.set_xticks([])
             ax.set_yticks([])
@@ -182,6 +184,99 @@ def recon_figure(model: vmae.PretrainVideoMAE, video: torch.Tensor, encoder_mask
            if normalize_target else "predicted pixels drawn as they are (a raw-pixel model)")
     note = "\nchecks: hidden from the encoder and not predicted (dropped by the decoder)" if decoder_mask is not None else ""
     return grid_figure(panels, f"visible cubes pasted back; {how}{note}", cmap_last="magma", slots=slots)
+
+
+def training_panels(models: dict[str, vmae.PretrainVideoMAE], video: torch.Tensor, encoder_mask: torch.Tensor,
+                    decoder_mask: torch.Tensor | None, normalize_target: bool) -> dict[str, np.ndarray]:
+    """input | masked input | the reconstruction by each model (checkpoints of one run, by label), the same
+    clip and masks for all, so only what the model learned changes from column to column."""
+    cfg = next(iter(models.values())).cfg
+    panels = {"input": slot_frames(video, cfg), "masked input": None}
+    for label, model in models.items():
+        if model.cfg.grid != cfg.grid or model.cfg.patch_size != cfg.patch_size:
+            raise vmae.CheckpointError(f"{label}: another model or input ({model.cfg.grid}) than the first "
+                                       f"checkpoint's ({cfg.grid}); compare checkpoints of one run")
+        recon = recon_panels(model, video, encoder_mask, decoder_mask, normalize_target)
+        panels["masked input"] = recon["masked input"]
+        panels[label] = recon["reconstruction"]
+    return panels
+
+
+def training_figure(models: dict[str, vmae.PretrainVideoMAE], video: torch.Tensor, encoder_mask: torch.Tensor,
+                    decoder_mask: torch.Tensor | None, normalize_target: bool, slots: int | None = None) -> plt.Figure:
+    panels = training_panels(models, video, encoder_mask, decoder_mask, normalize_target)
+    how = "true cube mean and std put back" if normalize_target else "raw-pixel predictions as they are"
+    return grid_figure(panels, f"one held-out clip under the same masks, reconstructed by checkpoints of one run\n"
+                               f"({how})", slots=slots)
+
+
+# -----------------------------------------------------------------------------------------------------
+# What the model gets wrong, and what its features separate
+
+
+@torch.no_grad()
+def cube_loss(model: vmae.PretrainVideoMAE, video: torch.Tensor, masks: masking.MaskConfig, normalize_target: bool,
+              draws: int = 32, seed: int = 0) -> torch.Tensor:
+    """(N,) each cube's squared error, averaged over `draws` random mask pairs in which the cube was hidden
+    from the encoder and predicted by the decoder (the cubes the loss counts); nan for a cube never counted."""
+    cfg = model.cfg
+    enc, dec, num_visible, num_queries = masks.draw(draws, cfg.grid, generator=torch.Generator().manual_seed(seed))
+    clips = video[None].expand(draws, -1, -1, -1, -1)  # (draws, 3, T, H, W): one clip under many masks
+    pred = model.eval()(clips, enc, dec, num_visible=num_visible, num_queries=num_queries).float()  # (draws, N_q, F)
+    queries = vmae.query_indices(enc, dec, num_queries)  # (draws, N_q)
+    target = vmae.reconstruction_target(clips, cfg.patch_size, cfg.tubelet_size, normalize_target, queries)
+    counted = enc.gather(1, queries).float()  # (draws, N_q): hidden from the encoder
+    error = (pred - target).pow(2).mean(-1) * counted  # (draws, N_q)
+    total = torch.zeros(cfg.num_tokens).index_add_(0, queries.flatten(), error.flatten())
+    times = torch.zeros(cfg.num_tokens).index_add_(0, queries.flatten(), counted.flatten())
+    return total / times  # 0 / 0 = nan where never counted
+
+
+def heatmap_panels(model: vmae.PretrainVideoMAE, video: torch.Tensor, masks: masking.MaskConfig,
+                   normalize_target: bool, draws: int = 32) -> tuple[dict[str, np.ndarray], float]:
+    """input | the per-cube loss (cube_loss) as a heat map over the clip | the loss alone (T', H, W), and
+    the largest loss (the colour scale's top)."""
+    loss = cube_loss(model, video, masks, normalize_target, draws)
+    frames = slot_frames(video, model.cfg)
+    heat = per_pixel(loss.nan_to_num(0.0), model.cfg)
+    top = float(loss.nan_to_num(0.0).max()) or 1.0
+    overlay = 0.4 * frames + 0.6 * plt.get_cmap("magma")(heat / top)[..., :3]
+    return {"input": frames, "heat map over the clip": overlay, "loss per cube": heat}, top
+
+
+def heatmap_figure(model: vmae.PretrainVideoMAE, video: torch.Tensor, masks: masking.MaskConfig,
+                   normalize_target: bool, draws: int = 32, slots: int | None = None) -> plt.Figure:
+    """Where the model fails: each cube's loss when it is hidden, over the clip."""
+    panels, top = heatmap_panels(model, video, masks, normalize_target, draws)
+    target = "per-cube normalised" if normalize_target else "raw-pixel"
+    return grid_figure(panels, f"{target} squared error of each cube when hidden,\nmean over {draws} random masks "
+                               f"(black 0, white {top:.3g})", cmap_last="magma", slots=slots, vmax_last=top)
+
+
+@torch.no_grad()
+def token_colours(model: vmae.PretrainVideoMAE, video: torch.Tensor) -> torch.Tensor:
+    """(N, 3) colours in [0, 1]: the encoder's tokens of the clip (every cube visible) projected on their
+    first three principal components, each stretched to [0, 1] between its 1st and 99th percentile."""
+    tokens = model.eval().encode(video[None])[0].float()  # (N, D)
+    centred = tokens - tokens.mean(0)
+    _, _, v = torch.linalg.svd(centred, full_matrices=False)  # rows of v: principal directions
+    projected = centred @ v[:3].T  # (N, 3)
+    low, high = projected.quantile(0.01, dim=0), projected.quantile(0.99, dim=0)
+    return ((projected - low) / (high - low + 1e-8)).clamp(0, 1)
+
+
+def pca_panels(model: vmae.PretrainVideoMAE, video: torch.Tensor) -> dict[str, np.ndarray]:
+    """input | the encoder's tokens as colours (token_colours), one per cube | the two blended."""
+    colours = token_colours(model, video)  # (N, 3)
+    image = np.stack([per_pixel(colours[:, c], model.cfg) for c in range(3)], axis=-1)  # (T', H, W, 3)
+    frames = slot_frames(video, model.cfg)
+    return {"input": frames, "encoder tokens as colours": image, "blended": 0.5 * frames + 0.5 * image}
+
+
+def pca_figure(model: vmae.PretrainVideoMAE, video: torch.Tensor, slots: int | None = None) -> plt.Figure:
+    """What the features separate: cubes the encoder represents alike share a colour."""
+    return grid_figure(pca_panels(model, video), "the encoder's tokens of one clip (no mask):\nthe first three "
+                                                 "principal components as red, green, blue", slots=slots)
 
 
 # -----------------------------------------------------------------------------------------------------
@@ -258,20 +353,25 @@ def save(fig: plt.Figure, path, dpi: int = 100) -> None:
     plt.close(fig)
 
 
-def save_gif(panels: dict[str, np.ndarray], path: Path, cmap_last: str | None = None) -> None:
-    """The panels of one slot at a time, over time."""
+def save_gif(panels: dict[str, np.ndarray], path: Path, cmap_last: str | None = None, vmax_last: float = 0.5,
+             titles: list[str] | None = None) -> None:
+    """An animation over the panels' first axis (the temporal slots, or the checkpoints of a training run),
+    with titles[i] above frame i if given."""
     names = list(panels)
-    fig, axes = plt.subplots(1, len(names), figsize=(2.1 * len(names), 2.5), squeeze=False)
+    fig, axes = plt.subplots(1, len(names), figsize=(2.1 * len(names), 2.5 + 0.3 * bool(titles)), squeeze=False)
     images = []
     for ax, name in zip(axes[0], names):
         last = cmap_last is not None and name == names[-1]
-        images.append(ax.imshow(panels[name][0], cmap=cmap_last if last else None, vmin=0, vmax=0.5 if last else None))
+        images.append(ax.imshow(panels[name][0], cmap=cmap_last if last else None, vmin=0,
+                                vmax=vmax_last if last else None))
         ax.set_title(name, fontsize=8)
         ax.axis("off")
+    title = fig.suptitle(titles[0] if titles else "", fontsize=9)
 
-    def show(slot):
+    def show(i):
         for image, name in zip(images, names):
-            image.set_data(panels[name][slot])
+            image.set_data(panels[name][i])
+        title.set_text(titles[i] if titles else "")
         return images
     FuncAnimation(fig, show, frames=len(panels[names[0]])).save(path, writer=PillowWriter(fps=2))
     plt.close(fig)
@@ -287,35 +387,70 @@ def load_clip(args) -> torch.Tensor:
                               args.synthetic)
 
 
+CHECKPOINT_NAME = re.compile(r"checkpoint-(\d+)\.pth")  # checkpoint-<epoch>.pth, epoch counted from 0
+
+
+def checkpoint_files(paths: list[str]) -> list[Path]:
+    """--checkpoints: the files as given, or for one folder its checkpoint-<epoch>.pth files by epoch."""
+    if len(paths) == 1 and Path(paths[0]).is_dir():
+        found = sorted((int(m.group(1)), p) for p in Path(paths[0]).iterdir() if (m := CHECKPOINT_NAME.fullmatch(p.name)))
+        if not found:
+            raise FileNotFoundError(f"--checkpoints {paths[0]}: no checkpoint-<epoch>.pth files in the folder")
+        return [p for _, p in found]
+    return [Path(p) for p in paths]
+
+
+def checkpoint_label(path: Path) -> str:
+    m = CHECKPOINT_NAME.fullmatch(path.name)
+    return f"{int(m.group(1)) + 1} epochs" if m else path.stem
+
+
+def side_by_side(images: np.ndarray) -> np.ndarray:
+    """(T', H, W, ...) -> (H, T'·W, ...): the slots of a clip in one row."""
+    return np.concatenate(list(images), axis=1)
+
+
+MASK_FLAGS = dict(mask_type="tube", mask_ratio=0.9, decoder_mask_type="run_cell", decoder_mask_ratio=0.5)
+
+
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description="masks, reconstructions and training curves as PNG (+ GIF)")
-    p.add_argument("figure", choices=["masks", "recon", "curves"])
+    p = argparse.ArgumentParser(description="masks, reconstructions, per-cube loss, token PCA and training curves "
+                                            "as PNG (+ GIF)")
+    p.add_argument("figure", choices=["masks", "recon", "heatmap", "pca", "curves"])
     p.add_argument("logs", nargs="*", help="curves: the log.txt files to plot")
-    p.add_argument("--checkpoint", help="recon: a pretraining checkpoint (ours or the reference's)")
+    p.add_argument("--checkpoint", help="recon, heatmap, pca: a pretraining checkpoint (ours or the reference's)")
+    p.add_argument("--checkpoints", nargs="+", help="recon across training: checkpoints of one run, oldest first, "
+                   "or the run's folder (its checkpoint-<epoch>.pth files)")
     source = p.add_mutually_exclusive_group()
     source.add_argument("--video", help="a video file")
     source.add_argument("--frames", help="a folder of extracted frames (named by --fname_tmpl, from 1)")
     source.add_argument("--synthetic", type=int, default=0, help="index of a held-out built-in clip")
-    p.add_argument("--out", help="output PNG (a GIF is written beside it for masks and recon)")
+    p.add_argument("--out", help="output PNG (a GIF is written beside it, but for curves)")
     p.add_argument("--model", default="base", help="masks without --checkpoint: the size whose grid to show")
     p.add_argument("--input_size", type=int, default=224)
     p.add_argument("--num_frames", type=int, default=16)
     p.add_argument("--sampling_rate", type=int, default=4)
     p.add_argument("--fname_tmpl", default="img_{:05}.jpg")
     p.add_argument("--synthetic_size", type=int, default=1024, help="the --synthetic_size pretraining used")
-    p.add_argument("--mask_type", default="tube", choices=list(masking.MASKS))
-    p.add_argument("--mask_ratio", type=float, default=0.9)
-    p.add_argument("--decoder_mask_type", default="run_cell", choices=list(masking.MASKS))
-    p.add_argument("--decoder_mask_ratio", type=float, default=0.5, help="0 = no decoder mask (V1)")
+    for flag, default in MASK_FLAGS.items():
+        p.add_argument(f"--{flag}", type=None if "type" in flag else float, default=None,
+                       choices=list(masking.MASKS) if "type" in flag else None,
+                       help=f"default: the checkpoint's, else {default}" + (" (0: no decoder mask, V1)"
+                                                                             if flag == "decoder_mask_ratio" else ""))
     p.add_argument("--normalize_target", action=argparse.BooleanOptionalAction, default=None,
-                   help="recon: override what the checkpoint says")
+                   help="recon, heatmap: override what the checkpoint says")
+    p.add_argument("--draws", type=int, default=32, help="heatmap: random masks to average each cube's loss over")
     p.add_argument("--slots", type=int, default=None, help="show only the first n temporal slots")
     p.add_argument("--seed", type=int, default=0, help="for the masks")
     args = p.parse_args(argv)
-    if args.figure == "recon" and not args.checkpoint:
-        p.error("recon needs --checkpoint (a pretraining checkpoint with its decoder)")
+    if args.figure in ("recon", "heatmap", "pca") and not (args.checkpoint or args.checkpoints):
+        p.error(f"{args.figure} needs --checkpoint (a pretraining checkpoint with its decoder)")
+    if args.checkpoints and (args.figure != "recon" or args.checkpoint):
+        p.error("--checkpoints is for recon across training, instead of --checkpoint")
     if args.figure == "curves" and not args.logs:
         p.error("curves needs one or more log.txt files")
+    if args.draws < 1:
+        p.error(f"--draws must be at least 1, got {args.draws}")
     return args
 
 
@@ -327,28 +462,45 @@ def main(argv=None):
         save(curves_figure(args.logs), out)
         print(f"wrote {out}")
         return
-    if args.figure == "recon":
-        model, trained_with = vmae.load_pretrained(args.checkpoint)
+    models, trained_with = {}, {}
+    for path in checkpoint_files(args.checkpoints) if args.checkpoints else [args.checkpoint] if args.checkpoint else []:
+        models[checkpoint_label(Path(path))], trained_with = vmae.load_pretrained(path)
+    model = next(iter(models.values()), None)
+    if model is not None:
         cfg = model.cfg
         args.num_frames, args.input_size = cfg.num_frames, cfg.img_size  # the clip the model takes
-        normalize = args.normalize_target
-        if normalize is None:  # what the checkpoint was trained on (the reference's spelling too)
-            normalize = trained_with.get("normalize_target", trained_with.get("normlize_target", True))
     else:
         cfg = vmae.config(args.model, img_size=args.input_size, num_frames=args.num_frames)
+    normalize = args.normalize_target
+    if normalize is None:  # what the checkpoint was trained on (the reference's spelling too)
+        normalize = trained_with.get("normalize_target", trained_with.get("normlize_target", True))
+    masks = masking.MaskConfig(*(getattr(args, k) if getattr(args, k) is not None else trained_with.get(k, default)
+                                 for k, default in MASK_FLAGS.items()))
     video = load_clip(args)
     torch.manual_seed(args.seed)
-    masks = masking.MaskConfig(args.mask_type, args.mask_ratio, args.decoder_mask_type, args.decoder_mask_ratio)
     enc, dec, _, _ = masks.draw(1, cfg.grid)
-    dec = dec[0] if dec is not None else None
+    enc, dec = enc[0], dec[0] if dec is not None else None
+    gif = dict(path=out.with_suffix(".gif"))
     if args.figure == "masks":
-        fig, panels, cmap = masks_figure(video, enc[0], dec, cfg, args.slots), mask_panels(video, enc[0], dec, cfg), None
+        fig, panels = masks_figure(video, enc, dec, cfg, args.slots), mask_panels(video, enc, dec, cfg)
+    elif args.figure == "recon" and args.checkpoints:  # the GIF: one frame per checkpoint, the slots in a row
+        panels = training_panels(models, video, enc, dec, normalize)
+        fig = training_figure(models, video, enc, dec, normalize, args.slots)
+        rows = [side_by_side(panels[name][:args.slots]) for name in panels]
+        panels = {"input, masked input, reconstruction": np.stack([np.concatenate([*rows[:2], row]) for row in rows[2:]])}
+        gif["titles"] = list(models)
+    elif args.figure == "recon":
+        fig = recon_figure(model, video, enc, dec, normalize, args.slots)
+        panels, gif["cmap_last"] = recon_panels(model, video, enc, dec, normalize), "magma"
+    elif args.figure == "heatmap":
+        fig = heatmap_figure(model, video, masks, normalize, args.draws, args.slots)
+        panels, gif["vmax_last"] = heatmap_panels(model, video, masks, normalize, args.draws)
+        gif["cmap_last"] = "magma"
     else:
-        fig = recon_figure(model, video, enc[0], dec, normalize, args.slots)
-        panels, cmap = recon_panels(model, video, enc[0], dec, normalize), "magma"
+        fig, panels = pca_figure(model, video, args.slots), pca_panels(model, video)
     save(fig, out, dpi=60)
-    save_gif(panels, out.with_suffix(".gif"), cmap)
-    print(f"wrote {out} and {out.with_suffix('.gif')}")
+    save_gif(panels, **gif)
+    print(f"wrote {out} and {gif['path']}")
 
 
 if __name__ == "__main__":

@@ -126,3 +126,98 @@ def test_command_line_writes_png_and_gif(tmp_path, monkeypatch):
     torch.save({"model": model.state_dict(), "args": {k: v for k, v in vars(args).items() if k != "cfg"}}, checkpoint)
     visualize.main(["recon", "--checkpoint", str(checkpoint), "--synthetic_size", "4", "--out", str(tmp_path / "r.png")])
     assert (tmp_path / "r.png").stat().st_size > 1000
+
+
+def test_checkpoint_folders_are_read_in_epoch_order(tmp_path):
+    for name in ("checkpoint-10.pth", "checkpoint-9.pth", "checkpoint-last.pth", "checkpoint-best.pth", "log.txt"):
+        (tmp_path / name).write_text("")
+    files = visualize.checkpoint_files([str(tmp_path)])
+    assert [f.name for f in files] == ["checkpoint-9.pth", "checkpoint-10.pth"]
+    assert [visualize.checkpoint_label(f) for f in files] == ["10 epochs", "11 epochs"]
+    assert visualize.checkpoint_files(["b.pth", "a.pth"]) == [visualize.Path("b.pth"), visualize.Path("a.pth")]
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        visualize.checkpoint_files([str(tmp_path / "empty")])
+
+
+def test_training_strip_shows_each_checkpoints_own_reconstruction_under_the_same_masks():
+    cfg = tiny()
+    video = torch.randn(3, cfg.num_frames, cfg.img_size, cfg.img_size)
+    enc = masking.tube_mask(1, cfg.grid, 0.75)[0]
+    dec = masking.running_cell_mask(1, cfg.grid, 0.5)[0]
+    first, second = vmae.PretrainVideoMAE(cfg), vmae.PretrainVideoMAE(cfg)
+    panels = visualize.training_panels({"a": first, "b": second, "c": first}, video, enc, dec, False)
+    assert list(panels) == ["input", "masked input", "a", "b", "c"]
+    for name, model in (("a", first), ("b", second)):
+        np.testing.assert_array_equal(panels[name], visualize.recon_panels(model, video, enc, dec, False)["reconstruction"])
+    np.testing.assert_array_equal(panels["a"], panels["c"])
+    assert not np.allclose(panels["a"], panels["b"])
+    other = vmae.PretrainVideoMAE(tiny(img_size=56))
+    with pytest.raises(vmae.CheckpointError, match="another model"):
+        visualize.training_panels({"a": first, "small": other}, video, enc, dec, False)
+
+
+class OracleWithCounts(Oracle):
+    def forward(self, video, encoder_mask, decoder_mask=None, **counts):
+        return super().forward(video, encoder_mask, decoder_mask)
+
+
+def test_cube_loss_is_each_cubes_mean_error_over_the_masks_that_hide_it():
+    cfg = tiny(num_frames=4, img_size=56)  # a 2 x 4 x 4 grid
+    video = torch.randn(3, cfg.num_frames, cfg.img_size, cfg.img_size)
+    masks = masking.MaskConfig("tube", 0.75, "run_cell", 0.5)
+    loss = visualize.cube_loss(OracleWithCounts(cfg, True), video, masks, True, draws=16)
+    assert torch.all(loss[~loss.isnan()] < 1e-10)  # a perfect model fails nowhere
+    model = vmae.PretrainVideoMAE(cfg)
+    loss = visualize.cube_loss(model, video, masks, False, draws=16, seed=3)
+    # by hand, one mask pair at a time, from the full prediction of every cube
+    m = masks.draw(16, cfg.grid, generator=torch.Generator().manual_seed(3))
+    total, times = torch.zeros(cfg.num_tokens), torch.zeros(cfg.num_tokens)
+    truth = vmae.reconstruction_target(video[None], cfg.patch_size, cfg.tubelet_size, normalize=False)[0]  # (N, F)
+    with torch.no_grad():
+        for i in range(16):
+            pred = model.eval()(video[None], m.encoder[i:i + 1], m.decoder[i:i + 1])[0]
+            queries = (~m.decoder[i]).nonzero().flatten()
+            for row, cube in enumerate(queries.tolist()):
+                if m.encoder[i, cube]:
+                    total[cube] += (pred[row] - truth[cube]).pow(2).mean()
+                    times[cube] += 1
+    torch.testing.assert_close(loss, total / times, equal_nan=True, rtol=1e-4, atol=1e-7)
+
+
+class FixedTokens(torch.nn.Module):
+    def __init__(self, cfg, tokens):
+        super().__init__()
+        self.cfg, self.tokens = cfg, tokens
+
+    def encode(self, video):
+        return self.tokens[None]
+
+
+def test_token_colours_give_cubes_the_encoder_represents_alike_one_colour():
+    cfg = tiny(num_frames=4, img_size=56)
+    group = torch.arange(cfg.num_tokens) % 3  # three kinds of cube, each one token vector
+    tokens = torch.randn(3, 16)[group]
+    colours = visualize.token_colours(FixedTokens(cfg, tokens), torch.zeros(1))
+    assert colours.shape == (cfg.num_tokens, 3) and colours.min() >= 0 and colours.max() <= 1
+    for g in range(3):
+        assert torch.allclose(colours[group == g], colours[group == g][0].expand(int((group == g).sum()), 3), atol=1e-5)
+    assert len({tuple(c.round(decimals=3).tolist()) for c in colours}) == 3
+
+
+def test_command_line_draws_training_heatmap_and_pca(tmp_path, monkeypatch):
+    monkeypatch.setitem(vmae.SIZES, "micro", {k: v for k, v in MICRO.items() if k != "decoder_depth"})
+    args = tp.parse_args(["--model", "micro", "--input_size", "64", "--num_frames", "8", "--mask_ratio", "0.5"])
+    run = tmp_path / "run"
+    run.mkdir()
+    for epoch in (0, 4):
+        state = {"model": vmae.PretrainVideoMAE(args.cfg).state_dict(),
+                 "args": {k: v for k, v in vars(args).items() if k != "cfg"}}
+        torch.save(state, run / f"checkpoint-{epoch}.pth")
+    common = ["--synthetic_size", "4", "--slots", "2"]
+    visualize.main(["recon", "--checkpoints", str(run), *common, "--out", str(tmp_path / "t.png")])
+    visualize.main(["heatmap", "--checkpoint", str(run / "checkpoint-4.pth"), "--draws", "4", *common,
+                    "--out", str(tmp_path / "h.png")])
+    visualize.main(["pca", "--checkpoint", str(run / "checkpoint-4.pth"), *common, "--out", str(tmp_path / "p.png")])
+    for name in "thp":
+        assert (tmp_path / f"{name}.png").stat().st_size > 1000 and (tmp_path / f"{name}.gif").stat().st_size > 1000
