@@ -66,8 +66,9 @@ def step_flops(cfg: vmae.VideoMAEConfig, batch: int, masks: masking.MaskConfig) 
 # clips' labels in minutes. The encoder sees 25 % of the cubes, not 10 %: 90 % of a 4 x 4 frame would
 # leave it two. It predicts raw pixels: with per-cube normalised targets the loss on these textured clips
 # stays near 1 for far longer than a laptop demo lasts, and raw pixels need no true cube statistics to draw.
+# The built-in clips have labels, so the demo probes the frozen encoder every 2 epochs (probe.py).
 DEMO = dict(**engine.DEMO_CLIPS, mask_ratio=0.75, batch_size=16, epochs=20, warmup_epochs=2, lr=0.03, num_sample=1,
-            num_workers=2, save_ckpt_freq=10, normalize_target=False)
+            num_workers=2, save_ckpt_freq=10, normalize_target=False, probe_every=2)
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -116,6 +117,16 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def mask_config(args: argparse.Namespace) -> masking.MaskConfig:
     return masking.MaskConfig(args.mask_type, args.mask_ratio, args.decoder_mask_type, args.decoder_mask_ratio)
+
+
+def probe_of(args: argparse.Namespace) -> probe.Probe:
+    """--probe_every's labelled set: --probe_data, or --probe_size built-in clips after the pretraining videos."""
+    return probe.build_probe(args.probe_data, args.data_root, num_frames=args.num_frames,
+                             sampling_rate=args.sampling_rate, input_size=args.input_size,
+                             tubelet_size=args.tubelet_size, fname_tmpl=args.fname_tmpl,
+                             synthetic_videos=args.probe_size, first_index=args.synthetic_size,
+                             batch_size=args.batch_size * args.num_sample, pooling=args.probe_pooling,
+                             num_workers=args.num_workers)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -177,12 +188,7 @@ def main(argv=None):
     wd_schedule = engine.cosine_schedule(args.weight_decay, wd_end, args.epochs, batches.steps_per_epoch)
     state = engine.resume_training(t, args.resume, args.auto_resume)
     start_epoch = 0 if state is None else state["epoch"] + 1
-    probe_set = None if not args.probe_every else probe.build_probe(
-        args.probe_data, args.data_root, num_frames=args.num_frames, sampling_rate=args.sampling_rate,
-        input_size=args.input_size, tubelet_size=args.tubelet_size, fname_tmpl=args.fname_tmpl,
-        synthetic_videos=args.probe_size,
-        first_index=args.synthetic_size, batch_size=args.batch_size * args.num_sample, pooling=args.probe_pooling,
-        num_workers=args.num_workers)
+    probe_set = probe_of(args) if args.probe_every else None
 
     num_visible, num_queries = masks.counts(cfg.grid)
     one = masks.draw(1, cfg.grid)
@@ -212,7 +218,7 @@ def main(argv=None):
                 f"({len(probe_set.dataset)} clips, {result['probe_time_s']} s)")
         return result
     # before training: the random encoder's score, the level pretraining has to beat (in epoch 0's log line)
-    at_start = {f"probe_init_{k[6:]}": v for k, v in probed().items()} if probe_set and start_epoch == 0 else {}
+    at_start = {f"probe_init_{k[6:]}": v for k, v in probed().items()} if probe_set and not start_epoch else {}
     for epoch in range(start_epoch, args.epochs):
         loss, steps, seconds = engine.train_epoch(t, batches, loss_of, epoch, lr_schedule, wd_schedule)
         stats = dict(epoch=epoch, train_loss=loss, train_lr=float(lr_schedule[steps - 1]),
