@@ -246,7 +246,7 @@ def run_arm(setting: Setting, arm: Arm, seed: int, out: Path, device: str, threa
                       peak_memory_mb=child_stats["peak_memory_mb"], probe_acc1=epochs[-1]["probe_acc1"],
                       probe_knn_acc1=epochs[-1]["probe_knn_acc1"], probe_init_acc1=epochs[0]["probe_init_acc1"],
                       probe_init_knn_acc1=epochs[0]["probe_init_knn_acc1"],
-                      probe_time_s=sum(e.get("probe_time_s", 0) for e in epochs[1:]),
+                      probe_time_s=sum(e.get("probe_time_s", 0) + e.get("probe_init_time_s", 0) for e in epochs),
                       probe_curve=[list(point) for point in visualize.probe_points(epochs, "probe_acc1")])
         checkpoint = pre_dir / "checkpoint-last.pth"
     if arm.name in setting.finetune_arms:
