@@ -391,18 +391,25 @@ def per_seed(records: list[dict], arm: str, metric: str) -> dict:
     return {r["seed"]: r[metric] for r in runs if metric in r}
 
 
-def claim_rows(records: list[dict]) -> list[dict]:
-    """Every claim on every metric both of its arms have: the paired difference, its interval, the verdict."""
+def claim_rows(records: list[dict], chance: float = 100 / 8) -> list[dict]:
+    """Every claim on every metric both of its arms have: the paired difference, its interval, the verdict.
+    A score that stays within MARGIN of chance (`chance` %) for both arms tells nothing about either, so such
+    a comparison is left undecided whatever its interval."""
     rows = []
     for claim in CLAIMS:
         metrics = [(metric, name, claim.kind, MARGIN) for metric, name in METRICS.items()]
         if claim.cheaper:  # in seconds: any saving counts, so the margin is 0
             metrics.append(("pretrain_time_s", "pretraining time, seconds (the cost)", "worse", 0.0))
         for metric, name, kind, margin in metrics:
-            mean, low, high, n = paired(per_seed(records, claim.a, metric), per_seed(records, claim.b, metric))
-            if n:
-                rows.append(dict(claim=claim.label, metric=name, difference=mean, low=low, high=high, seeds=n,
-                                 verdict=verdict(kind, low, high, margin), paper=claim.paper))
+            a, b = per_seed(records, claim.a, metric), per_seed(records, claim.b, metric)
+            mean, low, high, n = paired(a, b)
+            if not n:
+                continue
+            best = max(statistics.fmean(a.values()), statistics.fmean(b.values()))
+            at_chance = metric in METRICS and best < chance + MARGIN
+            rows.append(dict(claim=claim.label, metric=name, difference=mean, low=low, high=high, seeds=n,
+                             verdict="undecided (both at chance)" if at_chance else verdict(kind, low, high, margin),
+                             paper=claim.paper))
     return rows
 
 
@@ -446,10 +453,10 @@ def table(records: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def claims_table(records: list[dict]) -> str:
+def claims_table(records: list[dict], chance: float = 100 / 8) -> str:
     lines = ["| claim | metric | difference [95 % interval] | seeds | verdict | paper (ViT-B, SSv2 top-1) |",
              "|---|---|---|---|---|---|"]
-    for row in claim_rows(records):
+    for row in claim_rows(records, chance):
         spread = "" if math.isnan(row["low"]) else f" [{row['low']:+.1f}, {row['high']:+.1f}]"
         lines.append(f"| {row['claim']} | {row['metric']} | {row['difference']:+.1f}{spread} | {row['seeds']} | "
                      f"**{row['verdict']}** | {row['paper']} |")
@@ -484,7 +491,7 @@ def figure(records: list[dict], nb_classes: int):
         ax.axhline(chance, color="k", linestyle="--", linewidth=0.8, label="chance")
         ax.set(title=title, xlabel=x)
         ax.legend(fontsize=7)
-    rows = [row for row in claim_rows(records) if "seconds" not in row["metric"]]
+    rows = [row for row in claim_rows(records, chance) if "seconds" not in row["metric"]]
     ax = axes[2]
     ax.axvspan(-MARGIN, MARGIN, color="0.9")
     ax.axvline(0, color="k", linewidth=0.8)
@@ -507,7 +514,7 @@ def figure(records: list[dict], nb_classes: int):
 
 
 def write_report(records: list[dict], setting: Setting, out: Path) -> None:
-    text = table(records) + "\n" + claims_table(records)
+    text = table(records) + "\n" + claims_table(records, 100 / setting.nb_classes)
     (out / "study.md").write_text(text)
     visualize.save(figure(records, setting.nb_classes), out / "study.png", dpi=80)
     print(f"wrote {out / 'results.json'}, {out / 'study.md'}, {out / 'study.png'}\n\n{text}")

@@ -162,6 +162,9 @@ def test_claims_get_the_paired_difference_its_interval_and_a_verdict():
     cost = rows[("(ii) ", "pretraining time, seconds (the cost)")]  # 10 s less per seed: cheaper, margin 0
     assert cost["difference"] == pytest.approx(-10.0) and cost["verdict"] == "held"
     assert not any(claim == "(iii)" and "seconds" in metric for claim, metric in rows)
+    assert rows[("pretr", "frozen probe, k-NN")]["verdict"] == "held"  # 30 against 12: one of them is above chance
+    at_chance = study.claim_rows(hand_made_records(), chance=41.0)  # now every probe mean is below chance + 2
+    assert {r["verdict"] for r in at_chance if "probe" in r["metric"]} == {"undecided (both at chance)"}
 
 
 def test_the_tables_have_every_column_and_claim():
@@ -184,7 +187,7 @@ def test_the_tables_have_every_column_and_claim():
 def test_the_report_writes_tables_and_figure(tmp_path):
     records = hand_made_records()
     study.write_report(records, TINY, tmp_path)
-    assert (tmp_path / "study.md").read_text() == study.table(records) + "\n" + study.claims_table(records)
+    assert (tmp_path / "study.md").read_text() == study.table(records) + "\n" + study.claims_table(records, 100 / 8)
     assert (tmp_path / "study.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
