@@ -316,6 +316,8 @@ def curves_figure(paths: list) -> plt.Figure:
         ax.set_title("probe top-1 % (frozen encoder)" if key == "probe_acc1" else key)
         if key == "train_lr":
             ax.ticklabel_format(axis="y", style="sci", scilimits=(0, 0))
+        if key == "train_loss":  # a log axis keeps the slow part of the fall visible after the first drop
+            ax.set_yscale("log")
     axes[0, 0].legend(fontsize=8)
     fig.tight_layout()
     return fig
