@@ -22,7 +22,7 @@ Student's t interval (`paired`), and a verdict against a margin of MARGIN points
 It drives the project's own recipes (train_pretrain.main, train_finetune.main) with flag lists, each run in a
 fresh process (its peak memory is its own), and reads their log.txt files back.
 
-    python study.py --quick                 # laptop: 2 CPU cores, about 40 minutes
+    python study.py --quick                 # laptop: 2 CPU cores, about 33 minutes
     python study.py                         # the full setting, for one GPU (112 px, 16 frames)
     python study.py --quick --seeds 0 1 2 3 4 5 6 7 --out output/study8
 
