@@ -1,7 +1,7 @@
-"""Every public checkpoint layout in: each layout written by hand from one of our micro models (the key
-names as the public code that writes them has them, cited per test) and loaded back with equal outputs; the
-model size read off the file; a load that would leave an encoder weight untrained stops with the file, the
-layout and the keys; our names to transformers' and back.
+"""Every public checkpoint layout in, Hugging Face out: each layout written by hand from one of our micro
+models (the key names as the public code that writes them has them, cited per test) and loaded back with
+equal outputs; the model size read off the file; a load that would leave an encoder weight untrained stops
+with the file, the layout and the keys; and the export to transformers, loaded back by transformers itself.
 (The reference's own files are checked against its golden weights in test_train_finetune.py.)"""
 import argparse
 import json
@@ -10,6 +10,8 @@ import pytest
 import torch
 
 import engine
+import export_hf
+import masking
 import train_finetune as tf
 import vmae
 from test_train_pretrain import MICRO
@@ -269,3 +271,75 @@ def test_hugging_face_names_round_trip(kind):
     if kind == "classifier":  # read back under the pretraining encoder's names, as from any HF file
         back = {k.removeprefix("encoder."): v for k, v in back.items()}
     assert sorted(back) == sorted(weights) and all(torch.equal(back[k], weights[k]) for k in weights)
+
+
+def exported(tmp_path, model, *flags):
+    torch.save({"model": model.state_dict(), "args": {"model": "micro", "input_size": 32, "num_frames": 4,
+                                                      "decoder_depth": 2}}, tmp_path / "ckpt.pth")
+    export_hf.main(["--checkpoint", str(tmp_path / "ckpt.pth"), "--output_dir", str(tmp_path / "hf"), *flags])
+    return tmp_path / "hf"
+
+
+def test_an_exported_folder_loads_back_here_too(tmp_path, monkeypatch):
+    """Export, then our own loader on the folder: Hugging Face V1 names, the size from its config.json."""
+    monkeypatch.setitem(vmae.SIZES, "micro", dict(MICRO))
+    source = randomised(vmae.VideoClassifier(micro(), 5))
+    folder = exported(tmp_path, source)
+    monkeypatch.delitem(vmae.SIZES, "micro")  # nothing but the folder can tell the size now
+    checkpoint = vmae.read_checkpoint(folder)
+    assert checkpoint.layout == vmae.HF_V1 and checkpoint.source == "its config.json"
+    model = vmae.VideoClassifier(vmae.config_from_checkpoint(checkpoint), 5)
+    vmae.load_weights(model, checkpoint)
+    video = torch.randn(2, 3, 4, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(video), source(video), atol=1e-6, rtol=0)
+
+
+def their_outputs_equal_ours(hf, run, ours) -> None:
+    """transformers builds the classifier's fc_norm and the decoder's last norm with LayerNorm's default eps
+    (1e-5) whatever config.json says, where ours (and the reference's) use 1e-6: as loaded, their outputs
+    are ours to 1e-4; with those two eps set as config.json says, to 1e-5."""
+    with torch.no_grad():
+        torch.testing.assert_close(run(hf), ours, atol=1e-4, rtol=1e-4)
+        for norm in (getattr(hf, "fc_norm", None), getattr(getattr(hf, "decoder", None), "norm", None)):
+            if norm is not None:
+                norm.eps = 1e-6
+        torch.testing.assert_close(run(hf), ours, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("kind", ["classifier", "pretraining", "encoder"])
+def test_export_loads_in_transformers_without_remote_code(kind, tmp_path, monkeypatch):
+    """from_pretrained with no trust_remote_code, every weight used, and their outputs ours to 1e-5.
+    Pretraining with V1 masking: theirs has no decoder mask."""
+    transformers = pytest.importorskip("transformers")
+    monkeypatch.setitem(vmae.SIZES, "micro", dict(MICRO))
+    cfg = micro(decoder_depth=2)
+    source = randomised(vmae.VideoClassifier(cfg, 5) if kind == "classifier" else vmae.PretrainVideoMAE(cfg))
+    folder = exported(tmp_path, source, *(["--as", "encoder"] if kind == "encoder" else []))
+    cls = dict(classifier=transformers.VideoMAEForVideoClassification, pretraining=transformers.VideoMAEForPreTraining,
+               encoder=transformers.VideoMAEModel)[kind]
+    assert json.loads((folder / "config.json").read_text())["architectures"] == [cls.__name__]
+    hf, info = cls.from_pretrained(folder, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    video, mask = torch.randn(2, 3, 4, 32, 32), masking.tube_mask(2, cfg.grid, 0.5)
+    frames = video.transpose(1, 2)  # theirs: (B, T, 3, H, W)
+    with torch.no_grad():
+        if kind == "classifier":
+            ours, run = source(video), lambda m: m(pixel_values=frames).logits
+        elif kind == "pretraining":
+            ours, run = source(video, mask), lambda m: m(pixel_values=frames, bool_masked_pos=mask).logits
+        else:
+            ours, run = source.encoder(video), lambda m: m(pixel_values=frames).last_hidden_state
+    their_outputs_equal_ours(hf.eval(), run, ours)
+
+
+def test_export_of_a_v2_release_gives_its_features(tmp_path):
+    """A V2 release (encoder and fc_norm, no head) becomes a VideoMAEForVideoClassification without labels,
+    whose logits are the fc_norm-ed clip vector, what the release's own code returns."""
+    transformers = pytest.importorskip("transformers")
+    source = randomised(vmae.VideoClassifier(micro(num_heads=4), 0))
+    v2_release(tmp_path / "v2", source)
+    export_hf.main(["--checkpoint", str(tmp_path / "v2"), "--output_dir", str(tmp_path / "hf")])
+    hf = transformers.VideoMAEForVideoClassification.from_pretrained(tmp_path / "hf").eval()
+    video = torch.randn(2, 3, 4, 32, 32)
+    their_outputs_equal_ours(hf, lambda m: m(pixel_values=video.transpose(1, 2)).logits, pooled(source, video))
