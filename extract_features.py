@@ -186,8 +186,8 @@ def main(argv=None):
     d = engine.setup_distributed(args.device)
     precision = engine.resolve_precision(args.precision, d.device)
     out = Path(args.output_dir)
-    check_settings(out, {k: str(args.checkpoint) if k == "checkpoint" else getattr(args, k) for k in SETTINGS},
-                   write=d.is_main)
+    settings = {k: getattr(args, k) for k in SETTINGS} | {"checkpoint": os.path.abspath(args.checkpoint)}
+    check_settings(out, settings, write=d.is_main)
 
     samples = list({s.path: s for s in data.read_pretrain_list(args.data_path, args.data_root)}.values())
     base = args.data_path if os.path.isdir(args.data_path) else args.data_root
