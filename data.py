@@ -222,9 +222,10 @@ def read_pretrain_list(data_path: str, data_root: str = "") -> list[Sample]:
         for number, fields in _lines(data_path):
             numbers = _numbers(fields, (1, 2, 3, 4), f"{data_path}:{number}", expected)
             start_idx, total_frames = numbers[:2] if len(numbers) >= 2 else (0, -1)
+            label = numbers[-1] if len(numbers) in (1, 3) else -1  # pretraining ignores it; features list it
             if total_frames == 0:
                 raise ListError(f"{data_path}:{number}: total_frames is 0 (use -1 for a video file)")
-            samples.append(Sample(os.path.join(data_root, fields[0]), start_idx, total_frames, -1))
+            samples.append(Sample(os.path.join(data_root, fields[0]), start_idx, total_frames, label))
     if not samples:
         raise ListError(f"{data_path}: no clips found")
     return samples
