@@ -257,13 +257,14 @@ def read_pretrain_list(data_path: str, data_root: str = "") -> list[Sample]:
                 problems.append(str(e))
                 continue
             start_idx, total_frames = numbers[:2] if len(numbers) >= 2 else (0, -1)
+            label = numbers[-1] if len(numbers) in (1, 3) else -1  # pretraining ignores it; features list it
             if total_frames == 0:
                 problems.append(f"{where}: total_frames is 0 (use -1 for a video file)")
             elif total_frames < -1 or start_idx < 0:
                 problems.append(f"{where}: expected total_frames > 0 (a folder of frames) or -1 (a video file) and "
                                 f"start_idx >= 0, got start_idx {start_idx}, total_frames {total_frames}")
             else:
-                samples.append(Sample(os.path.join(data_root, fields[0]), start_idx, total_frames, -1))
+                samples.append(Sample(os.path.join(data_root, fields[0]), start_idx, total_frames, label))
         _raise_problems(problems)
     if not samples:
         raise ListError(f"{data_path}: no clips found")

@@ -419,9 +419,11 @@ def check_space(t: Trainer) -> None:
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     """write(tmp) to a temporary file in the same folder, then rename it to `path`: a crash or a full disk
-    mid-write leaves the previous file whole, never a truncated one under the real name."""
+    mid-write leaves the previous file whole, never a truncated one under the real name (and another process
+    never reads one)."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         write(tmp)
         os.replace(tmp, path)
     except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError ("unexpected pos")
@@ -705,15 +707,48 @@ FLAGS = dict(img_size="--input_size", num_frames="--num_frames", tubelet_size="-
              decoder_depth="--decoder_depth", drop_path_rate="--drop_path")
 
 
-def model_config(parser: argparse.ArgumentParser, args, **fields) -> vmae.VideoMAEConfig:
-    """The --model preset with the size flags applied (each recipe passes its own extra fields)."""
-    if vmae.ALIASES.get(args.model, args.model) not in vmae.SIZES:
+def flag_given(parser: argparse.ArgumentParser, argv, dest: str) -> bool:
+    """Whether the command line sets `dest` itself rather than leaving it at its default."""
+    default, unset = parser.get_default(dest), object()
+    parser.set_defaults(**{dest: unset})
+    try:
+        return getattr(parser.parse_known_args(argv)[0], dest) is not unset
+    finally:
+        parser.set_defaults(**{dest: default})
+
+
+def checkpoint_defaults(parser: argparse.ArgumentParser, argv, path: str) -> vmae.Checkpoint:
+    """Read the checkpoint a command starts from (or stop with an error naming it). The input it was trained
+    on and its tubelet (and decoder depth) become the defaults of the flags that set them; flags given
+    explicitly still win."""
+    try:
+        checkpoint = vmae.read_checkpoint(path)
+    except vmae.CheckpointError as e:
+        parser.error(str(e))
+    dests = vars(parser.parse_known_args(argv)[0])
+    parser.set_defaults(**{flag[2:]: checkpoint.sizes[field] for field, flag in FLAGS.items()
+                           if field in checkpoint.sizes and flag[2:] in dests})
+    return checkpoint
+
+
+def model_config(parser: argparse.ArgumentParser, args, checkpoint: vmae.Checkpoint | None = None,
+                 model_given: bool = True, **fields) -> vmae.VideoMAEConfig:
+    """The --model preset with the size flags applied (each recipe passes its own extra fields). With a
+    `checkpoint` to start from, the model it holds instead (args.model becomes its name), which a --model
+    given on the command line must agree with."""
+    if (model_given or checkpoint is None) and vmae.ALIASES.get(args.model, args.model) not in vmae.SIZES:
         parser.error(f"--model {args.model}: expected one of {', '.join(vmae.SIZES)} or a reference name "
                      "such as pretrain_videomae_base_patch16_224")
+    sizes = dict(img_size=args.input_size, num_frames=args.num_frames, tubelet_size=args.tubelet_size,
+                 drop_path_rate=args.drop_path, with_checkpoint=args.with_checkpoint, **fields)
     try:
-        return vmae.config(args.model, img_size=args.input_size, num_frames=args.num_frames,
-                           tubelet_size=args.tubelet_size, drop_path_rate=args.drop_path,
-                           with_checkpoint=args.with_checkpoint, **fields)
+        if checkpoint is None:
+            return vmae.config(args.model, **sizes)
+        cfg = vmae.config_from_checkpoint(checkpoint, args.model if model_given else None, **sizes)
+        args.model = args.model if model_given else checkpoint.preset or "custom"
+        return cfg
+    except vmae.CheckpointError as e:
+        parser.error(str(e))
     except ValueError as e:
         message = str(e)
         for field, flag in FLAGS.items():

@@ -11,8 +11,10 @@ test_num_crop crops of every video ("16x5x3"), averages their softmax per video 
 (each view alone) and video-level accuracy, a per-class table and a confusion matrix.
 
 With no --data_path it fine-tunes on the built-in synthetic clips, whose label is the direction the main
-shape moves (8 classes). --finetune takes ours, the reference's (V1/V2) and Hugging Face VideoMAE
-checkpoints; the model size, input size and frame count default to the ones the checkpoint was trained with.
+shape moves (8 classes). --finetune takes every public VideoMAE checkpoint (ours, the reference's V1/V2,
+Hugging Face V1 and V2, mmaction2's: vmae.py's "Checkpoint formats"); the model is the one the file holds,
+and its input size and frame count are the defaults. A file that would leave any encoder weight untrained
+stops the run.
 
     python train_finetune.py --finetune output/pretrain/checkpoint-last.pth        # the demo
     python train_finetune.py --eval --finetune output/finetune/checkpoint-best.pth  # multi-view test only
@@ -50,8 +52,6 @@ DEMO = dict(**engine.DEMO_CLIPS, nb_classes=8, batch_size=16,
             test_num_segment=2, num_workers=2)
 # --linear_probe: the usual protocol (MAE's): no stochastic depth, regularisation or heavy augmentation.
 LINEAR_PROBE = dict(drop_path=0.0, weight_decay=0.0, smoothing=0.0, mixup=0.0, cutmix=0.0, reprob=0.0, aa="none")
-# What a --finetune (or --resume) checkpoint's stored arguments decide unless given explicitly.
-FROM_CHECKPOINT = ("model", "input_size", "num_frames", "tubelet_size", "nb_classes")
 # What --data_set sets, by the reference's names: Something-Something's classes depend on direction and
 # order, so it takes one frame per segment (TSN sampling) and is never flipped; the others take dense
 # windows and flip. --sparse_sample and --flip set the same switches directly.
@@ -65,10 +65,10 @@ def get_args_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a, R = p.add_argument, engine.within  # R: each number's valid range, checked as it is parsed
     a("--model", default="base", help="small, base, large, huge, giant, demo (the laptop size), or a reference name "
-      "(vit_base_patch16_224, ...)")
+      "(vit_base_patch16_224, ...); with --finetune the file's own size (given, it must match)")
     a("--nb_classes", type=R("[1, 100000]", int), default=400)
-    a("--finetune", default=None, help="initial weights: a pretraining or fine-tuned checkpoint (ours, the "
-      "reference's or Hugging Face's)")
+    a("--finetune", default=None, help="initial weights: a pretraining or fine-tuned checkpoint file or Hugging Face "
+      "folder (ours, the reference's, Hugging Face V1/V2, mmaction2's)")
     a("--label_map", default=None, help="JSON list: new class i takes row i of the list of the checkpoint's head "
       "(e.g. the reference's misc/label_710to400.json); without it a head of another class count is dropped")
     a("--linear_probe", action="store_true", help="freeze the encoder and train only the head")
@@ -123,14 +123,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     known = engine.set_demo_defaults(parser, argv, DEMO)
     if known.linear_probe:
         parser.set_defaults(**LINEAR_PROBE)
-    init = None  # the starting checkpoint, read once: its stored arguments are defaults, its weights the model's
-    if known.finetune or known.resume:  # the weights' own model, input and classes, unless given
-        try:
-            init = vmae.load_checkpoint(known.finetune or known.resume)
-        except vmae.CheckpointError as e:
-            parser.error(str(e))
-        saved = vmae.saved_args(init)
-        parser.set_defaults(**{k: saved[k] for k in FROM_CHECKPOINT if k in saved})
+    init = None  # the starting checkpoint, read once: it decides the model; its input and classes are defaults
+    if known.finetune or known.resume:
+        init = engine.checkpoint_defaults(parser, argv, known.finetune or known.resume)
+        if "nb_classes" in init.args:
+            parser.set_defaults(nb_classes=init.args["nb_classes"])
+        elif known.eval and "head.weight" in init.weights:  # --eval scores the file's own head
+            parser.set_defaults(nb_classes=len(init.weights["head.weight"]))
     args = parser.parse_args(argv)
     args._init = init if args.finetune or args.eval else None
     args.short_side_size = args.short_side_size or args.input_size
@@ -138,7 +137,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.sparse_sample = DATA_SETS[args.data_set]["sparse_sample"]
     if args.flip is None:  # the built-in clips' labels are directions: never flipped
         args.flip = DATA_SETS[args.data_set]["flip"] and args.data_path is not None
-    args.cfg = engine.model_config(parser, args)
+    args.cfg = engine.model_config(parser, args, init, engine.flag_given(parser, argv, "model"))
     engine.check_shared_flags(parser, args)
     if args.short_side_size < args.input_size:
         parser.error(f"--short_side_size {args.short_side_size} is smaller than --input_size {args.input_size}")
@@ -173,15 +172,16 @@ def read_label_map(path: str, nb_classes: int) -> list[int]:
     return rows
 
 
-def build_model(args) -> vmae.VideoClassifier:
+def build_model(args, d: engine.Dist) -> vmae.VideoClassifier:
     model = vmae.VideoClassifier(args.cfg, args.nb_classes, args.head_drop_rate, args.init_scale)
     weights = args.finetune or (args.resume if args.eval else None)  # --eval --resume C: C's weights only
     if weights:
-        loaded = vmae.load_weights(model, weights, args._label_map, checkpoint=args._init)
+        loaded = vmae.load_weights(model, args._init, args._label_map)
         args._init = None  # loaded: the file's tensors need not stay in memory for the run
-        if args.eval and "head.weight" in loaded.missing_keys:
-            raise engine.RunError(f"--eval: {weights} has no head for {args.nb_classes} classes, so there is "
-                                  "nothing to test")
+        d.print(loaded)
+        if args.eval and loaded.missing_keys:
+            raise engine.RunError(f"--eval: {weights} has no {vmae.listed(loaded.missing_keys)} for this "
+                                  f"{args.nb_classes}-class model, so there is nothing to test")
     if args.linear_probe:  # fc_norm stays frozen too: a plain LayerNorm feeding the head normalised features
         model.requires_grad_(False)
         model.head.requires_grad_(True)
@@ -344,7 +344,7 @@ def finetune(args, d: engine.Dist) -> None:
     sets = [build_dataset(mode, args) for mode in (["test"] if args.eval else ["train", "validation", "test"])]
     engine.seed_everything(args.seed)  # the same initial weights on every process
 
-    model = build_model(args).to(d.device)
+    model = build_model(args, d).to(d.device)
     n_params = sum(p.numel() for p in model.parameters())
     n_trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
     t = engine.build_trainer(model, d, precision, Path(args.output_dir), weight_decay=args.weight_decay,

@@ -73,7 +73,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="VideoMAE V2 pretraining", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a, R = p.add_argument, engine.within  # R: each number's valid range, checked as it is parsed
     a("--model", default="base", help="small, base, large, huge, giant, demo (the laptop size), or a reference name "
-      "(pretrain_videomae_base_patch16_224, ...)")
+      "(pretrain_videomae_base_patch16_224, ...); with --finetune the file's own size (given, it must match)")
     a("--batch_size", type=R("[1, inf)", int), default=32, help="clips per process per micro-step (before "
       "--num_sample)")
     a("--accum_iter", type=R("[1, inf)", int), default=1, help="micro-steps accumulated per optimizer step")
@@ -105,7 +105,8 @@ def get_args_parser() -> argparse.ArgumentParser:
       "--data_path)")
     a("--output_dir", default="output/pretrain")
     a("--resume", default=None, help="checkpoint to resume from (default: the newest in --output_dir)")
-    a("--finetune", default=None, help="initialise the weights from this checkpoint (progressive training)")
+    a("--finetune", default=None, help="initialise the weights from this pretraining checkpoint, decoder included "
+      "(progressive training)")
     a("--save_ckpt_freq", type=R("[1, inf)", int), default=50, help="keep checkpoint-<epoch>.pth every n epochs")
     engine.add_shared_flags(p)
     return p
@@ -117,9 +118,12 @@ def mask_config(args: argparse.Namespace) -> masking.MaskConfig:
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = get_args_parser()
-    engine.set_demo_defaults(parser, argv, DEMO)
+    known = engine.set_demo_defaults(parser, argv, DEMO)
+    init = engine.checkpoint_defaults(parser, argv, known.finetune) if known.finetune else None
     args = parser.parse_args(argv)
-    args.cfg = engine.model_config(parser, args, decoder_depth=args.decoder_depth)
+    args._init = init  # the --finetune file, read once: its model, input and decoder depth
+    args.cfg = engine.model_config(parser, args, init, engine.flag_given(parser, argv, "model"),
+                                   decoder_depth=args.decoder_depth)
     try:
         mask_config(args).counts(args.cfg.grid)
     except ValueError as e:
@@ -153,8 +157,9 @@ def pretrain(args: argparse.Namespace, d: engine.Dist) -> None:
         skip_bad_videos=args.skip_bad_videos, max_bad_fraction=args.max_bad_fraction,
         synthetic_videos=args.synthetic_size)
     model = vmae.PretrainVideoMAE(cfg).to(d.device)
-    if args.finetune:
-        vmae.load_weights(model, args.finetune)
+    if args._init:
+        d.print(vmae.load_weights(model, args._init))
+        args._init = None  # loaded: the file's tensors need not stay in memory for the run
     n_params = sum(p.numel() for p in model.parameters())
     t = engine.build_trainer(model, d, precision, Path(args.output_dir), weight_decay=args.weight_decay,
                              betas=args.opt_betas, eps=args.opt_eps, fsdp=args.fsdp, compile=args.compile,

@@ -278,14 +278,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="masks, reconstructions and training curves as PNG (+ GIF)")
     p.add_argument("figure", choices=["masks", "recon", "curves"])
     p.add_argument("logs", nargs="*", help="curves: the log.txt files to plot")
-    p.add_argument("--checkpoint", help="recon: a pretraining checkpoint (ours or the reference's)")
+    p.add_argument("--checkpoint", help="recon: a pretraining checkpoint with its decoder (ours, the reference's or "
+                   "Hugging Face V1's)")
     source = p.add_mutually_exclusive_group()
     source.add_argument("--video", help="a video file")
     source.add_argument("--frames", help="a folder of extracted frames (named by --fname_tmpl, from 1)")
     source.add_argument("--synthetic", type=engine.within("[0, inf)", int), default=0, help="index of a held-out "
                         "built-in clip")
     p.add_argument("--out", help="output PNG (a GIF is written beside it for masks and recon)")
-    p.add_argument("--model", default="base", help="masks without --checkpoint: the size whose grid to show")
+    p.add_argument("--model", default=None, help="masks: the size whose grid to show (default base); recon: read "
+                   "from the checkpoint (given, it must match)")
     p.add_argument("--input_size", type=engine.within("[1, 4096]", int), default=224)
     p.add_argument("--num_frames", type=engine.within("[1, 1024]", int), default=16)
     p.add_argument("--sampling_rate", type=engine.within("[1, inf)", int), default=4)
@@ -318,14 +320,17 @@ def main(argv=None):
         print(f"wrote {out}")
         return
     if args.figure == "recon":
-        model, trained_with = vmae.load_pretrained(args.checkpoint)
-        cfg = model.cfg
+        checkpoint = vmae.read_checkpoint(args.checkpoint)
+        vmae.require_decoder(checkpoint)
+        cfg = vmae.config_from_checkpoint(checkpoint, args.model)
+        model = vmae.PretrainVideoMAE(cfg).eval()
+        print(vmae.load_weights(model, checkpoint))
         args.num_frames, args.input_size = cfg.num_frames, cfg.img_size  # the clip the model takes
         normalize = args.normalize_target
         if normalize is None:  # what the checkpoint was trained on (the reference's spelling too)
-            normalize = trained_with.get("normalize_target", trained_with.get("normlize_target", True))
+            normalize = checkpoint.args.get("normalize_target", checkpoint.args.get("normlize_target", True))
     else:
-        cfg = vmae.config(args.model, img_size=args.input_size, num_frames=args.num_frames)
+        cfg = vmae.config(args.model or "base", img_size=args.input_size, num_frames=args.num_frames)
     video = load_clip(args)
     torch.manual_seed(args.seed)
     masks = masking.MaskConfig(args.mask_type, args.mask_ratio, args.decoder_mask_type, args.decoder_mask_ratio)

@@ -530,8 +530,8 @@ def test_pretrain_list_formats(tmp_path):
     lst = tmp_path / "pretrain.csv"
     lst.write_text("a.mp4\nb.mp4 3\n\nc.mp4 0 -1\nframes/d 1 120\nframes/e 0 30 7\n")
     samples = data.read_pretrain_list(str(lst), "/data")
-    assert samples == [("/data/a.mp4", 0, -1, -1), ("/data/b.mp4", 0, -1, -1), ("/data/c.mp4", 0, -1, -1),
-                       ("/data/frames/d", 1, 120, -1), ("/data/frames/e", 0, 30, -1)]
+    assert samples == [("/data/a.mp4", 0, -1, -1), ("/data/b.mp4", 0, -1, 3), ("/data/c.mp4", 0, -1, -1),
+                       ("/data/frames/d", 1, 120, -1), ("/data/frames/e", 0, 30, 7)]  # labels kept for features
     for bad, lineno in [("a.mp4 x\n", 1), ("a.mp4 0 -1\nb.mp4 0 1 2 3\n", 2), ("a.mp4 0 1.5\n", 1)]:
         lst.write_text(bad)
         with pytest.raises(data.ListError, match=rf"pretrain\.csv:{lineno}: expected 'path'"):

@@ -137,7 +137,7 @@ def test_one_run_writes_loadable_checkpoints_and_logs(micro, tmp_path, capsys):
     state = torch.load(tmp_path / "checkpoint-2.pth", weights_only=True)
     assert set(state) >= {"model", "optimizer", "epoch", "scaler", "args", "step"}
     assert state["epoch"] == 2 and state["step"] == 3 * 4
-    model = vmae.PretrainVideoMAE(vmae.config_from_checkpoint(state, "checkpoint-2"))
+    model = vmae.PretrainVideoMAE(vmae.config_from_checkpoint(vmae.read_checkpoint(tmp_path / "checkpoint-2.pth")))
     model.load_state_dict(state["model"], strict=True)  # plain keys, no module. / _orig_mod.
 
 
