@@ -35,15 +35,16 @@ import vmae
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", nargs="+", default=["small", "base"], choices=list(vmae.SIZES))
-    p.add_argument("--batch_size", type=int, default=2)
-    p.add_argument("--num_frames", type=int, default=16)
-    p.add_argument("--input_size", type=int, default=224)
-    p.add_argument("--mask_ratio", type=float, default=0.9)
-    p.add_argument("--decoder_mask_ratio", type=float, default=0.5)
+    p.add_argument("--batch_size", type=engine.within("[1, inf)", int), default=2)
+    p.add_argument("--num_frames", type=engine.within("[1, 1024]", int), default=16)
+    p.add_argument("--input_size", type=engine.within("[1, 4096]", int), default=224)
+    p.add_argument("--mask_ratio", type=engine.within("(0, 1)"), default=0.9)
+    p.add_argument("--decoder_mask_ratio", type=engine.within("[0, 1)"), default=0.5)
     p.add_argument("--precision", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
-    p.add_argument("--steps", type=int, default=5, help="timed steps (the median is reported)")
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--steps", type=engine.within("[1, inf)", int), default=5, help="timed steps (the median is "
+                   "reported)")
+    p.add_argument("--warmup", type=engine.within("[0, inf)", int), default=2)
+    p.add_argument("--device", type=engine.device_name, default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--compile", action="store_true", help="also time our step under torch.compile")
     p.add_argument("--reference", metavar="DIR", help="a checkout of OpenGVLab/VideoMAEv2 to time side by side")
     p.add_argument("--flops", action="store_true", help="print the per-clip token and FLOP table and exit")
@@ -395,4 +396,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    engine.run(main)

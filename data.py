@@ -57,11 +57,15 @@ with one thread; the workers are the parallelism), which also keeps forked worke
 thread pool does not survive a fork. Every item draws its randomness from torch's RNG, which the DataLoader
 seeds per worker from the main process's seed, so a run repeats under torch.manual_seed.
 
-Bad input is never silent: a list line that does not parse, or a label out of range, raises ListError
-naming the file and line; a missing or unreadable video raises VideoError naming the file and reason.
-With skip_bad_videos such a video is logged once, counted, and another one used instead, up to
-max_bad_fraction of the dataset, past which the run stops with the list of bad files.
+Bad input is never silent: list lines that do not parse, or labels out of range, raise one ListError
+naming the file and each bad line; a missing or unreadable video raises VideoError naming the file and
+reason. The dataset builders check every listed file before training (a stat; for validation and test an
+open of each video), and any decoding failure while training takes the same path: with skip_bad_videos
+such a video is logged once, counted, and another one used instead, up to max_bad_fraction of the dataset,
+past which the run stops with the list of bad files. Frames of one clip that differ in size (a stream or
+folder whose resolution changes) are resized to the first one's, with a warning.
 """
+import hashlib
 import logging
 import math
 import multiprocessing
@@ -74,6 +78,7 @@ from typing import Callable, Iterator, NamedTuple, Sequence
 import cv2
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import Tensor
 from torch.utils.data import Dataset
 
@@ -132,6 +137,21 @@ def _decode(cap: cv2.VideoCapture, start: int, stop: int, keep: set[int]) -> tup
     return kept, stop
 
 
+def _stack(frames: list[np.ndarray], path: str) -> np.ndarray:
+    """(T, H, W, 3) from frames (H, W, 3); any of another size than the first are resized to it."""
+    h, w = frames[0].shape[:2]
+    if any(f.shape[:2] != (h, w) for f in frames):
+        if path not in _RESIZED:
+            _RESIZED.add(path)
+            log.warning("%s: frames of different sizes (%s); resizing them to the first one's, %dx%d", path,
+                        ", ".join(sorted({f"{f.shape[1]}x{f.shape[0]}" for f in frames})), w, h)
+        frames = [f if f.shape[:2] == (h, w) else cv2.resize(f, (w, h), interpolation=cv2.INTER_AREA) for f in frames]
+    return np.stack(frames)
+
+
+_RESIZED: set[str] = set()  # videos warned about, once per process
+
+
 def read_video(path: str, choose: Callable[[int], Sequence[int]]) -> np.ndarray:
     """Frames `choose(num_frames)` of a video file, in the order given: (T, H, W, 3) uint8 RGB.
 
@@ -156,7 +176,7 @@ def read_video(path: str, choose: Callable[[int], Sequence[int]]) -> np.ndarray:
     if end <= last and (end == 0 or end < num_frames - slack):
         raise VideoError(f"{path}: the stream ends after {end} frames but the file claims {num_frames} "
                          "(truncated or corrupt)")
-    return np.stack([frames[min(i, end - 1)][..., ::-1] for i in indices])  # BGR -> RGB
+    return _stack([frames[min(i, end - 1)][..., ::-1] for i in indices], path)  # BGR -> RGB
 
 
 def read_frames(frame_dir: str, indices: Sequence[int], fname_tmpl: str = "img_{:05}.jpg",
@@ -170,10 +190,11 @@ def read_frames(frame_dir: str, indices: Sequence[int], fname_tmpl: str = "img_{
         path = os.path.join(frame_dir, fname_tmpl.format(i + start_idx))
         if not os.path.isfile(path):
             raise VideoError(f"{path}: missing, so {frame_dir} has fewer frames than its list line claims")
-        images[i] = cv2.imdecode(np.fromfile(path, np.uint8), cv2.IMREAD_COLOR)
+        encoded = np.fromfile(path, np.uint8)
+        images[i] = cv2.imdecode(encoded, cv2.IMREAD_COLOR) if encoded.size else None  # (H, W, 3) BGR
         if images[i] is None:
-            raise VideoError(f"{path}: OpenCV cannot decode this image")
-    return np.stack([images[i][..., ::-1] for i in indices])  # BGR -> RGB
+            raise VideoError(f"{path}: OpenCV cannot decode this image ({encoded.size} bytes)")
+    return _stack([images[i][..., ::-1] for i in indices], frame_dir)  # BGR -> RGB
 
 
 # -----------------------------------------------------------------------------------------------------
@@ -206,6 +227,15 @@ def _lines(list_file: str) -> Iterator[tuple[int, list[str]]]:
                 yield number, line.split()
 
 
+def _raise_problems(problems: list[str], error: type | None = None, limit: int = 20) -> None:
+    """One error listing every problem found (the first `limit` of them), rather than one per run."""
+    if problems:
+        more = [f"... and {len(problems) - limit} more"] if len(problems) > limit else []
+        lines = problems[:limit] + more
+        message = lines[0] if len(problems) == 1 else f"{len(problems)} problems:\n  " + "\n  ".join(lines)
+        raise (error or ListError)(message)
+
+
 def _numbers(fields: list[str], counts: tuple[int, ...], where: str, expected: str) -> list[int]:
     """The integer fields after the path, checking the field count."""
     if len(fields) not in counts or not all(re.fullmatch(r"[+-]?\d+", f) for f in fields[1:]):
@@ -219,13 +249,24 @@ def read_pretrain_list(data_path: str, data_root: str = "") -> list[Sample]:
         samples = [Sample(path, 0, -1, -1) for path in scan_videos(data_path)]
     else:
         expected = "'path', 'path label', 'path start_idx total_frames' or 'path start_idx total_frames label'"
-        samples = []
+        samples, problems = [], []
         for number, fields in _lines(data_path):
-            numbers = _numbers(fields, (1, 2, 3, 4), f"{data_path}:{number}", expected)
+            where = f"{data_path}:{number}"
+            try:
+                numbers = _numbers(fields, (1, 2, 3, 4), where, expected)
+            except ListError as e:
+                problems.append(str(e))
+                continue
             start_idx, total_frames = numbers[:2] if len(numbers) >= 2 else (0, -1)
+            label = numbers[-1] if len(numbers) in (1, 3) else -1  # pretraining ignores it; features list it
             if total_frames == 0:
-                raise ListError(f"{data_path}:{number}: total_frames is 0 (use -1 for a video file)")
-            samples.append(Sample(os.path.join(data_root, fields[0]), start_idx, total_frames, -1))
+                problems.append(f"{where}: total_frames is 0 (use -1 for a video file)")
+            elif total_frames < -1 or start_idx < 0:
+                problems.append(f"{where}: expected total_frames > 0 (a folder of frames) or -1 (a video file) and "
+                                f"start_idx >= 0, got start_idx {start_idx}, total_frames {total_frames}")
+            else:
+                samples.append(Sample(os.path.join(data_root, fields[0]), start_idx, total_frames, label))
+        _raise_problems(problems)
     if not samples:
         raise ListError(f"{data_path}: no clips found")
     return samples
@@ -234,16 +275,22 @@ def read_pretrain_list(data_path: str, data_root: str = "") -> list[Sample]:
 def read_finetune_list(list_file: str, data_root: str = "", nb_classes: int | None = None,
                        start_idx: int = 1) -> list[Sample]:
     """Labelled clips from a list file: `path label` (videos) or `frame_dir total_frames label` (frames)."""
-    samples = []
+    samples, problems = [], []
     for number, fields in _lines(list_file):
         where = f"{list_file}:{number}"
-        *total, label = _numbers(fields, (2, 3), where, "'path label' or 'frame_dir total_frames label'")
+        try:
+            *total, label = _numbers(fields, (2, 3), where, "'path label' or 'frame_dir total_frames label'")
+        except ListError as e:
+            problems.append(str(e))
+            continue
         if total and total[0] <= 0:
-            raise ListError(f"{where}: total_frames must be positive, got {total[0]}")
-        if nb_classes is not None and not 0 <= label < nb_classes:
-            raise ListError(f"{where}: label {label} is out of range for nb_classes={nb_classes}")
-        path = os.path.join(data_root, fields[0])
-        samples.append(Sample(path, start_idx, total[0], label) if total else Sample(path, 0, -1, label))
+            problems.append(f"{where}: total_frames must be positive, got {total[0]}")
+        elif nb_classes is not None and not 0 <= label < nb_classes:
+            problems.append(f"{where}: label {label} is out of range for nb_classes={nb_classes}")
+        else:
+            path = os.path.join(data_root, fields[0])
+            samples.append(Sample(path, start_idx, total[0], label) if total else Sample(path, 0, -1, label))
+    _raise_problems(problems)
     if not samples:
         raise ListError(f"{list_file}: no clips found")
     return samples
@@ -304,9 +351,38 @@ class VideoList:
     def clip(self, i: int, choose: Callable[[int], Sequence[int]]) -> np.ndarray:
         """Frames choose(length) of clip i, (T, H, W, 3) uint8 RGB."""
         path, start_idx, total_frames, _ = self.samples[i]
-        if total_frames < 0:
-            return read_video(path, choose)
-        return read_frames(path, choose(total_frames), self.fname_tmpl, start_idx)
+        try:
+            if total_frames < 0:
+                return read_video(path, choose)
+            return read_frames(path, choose(total_frames), self.fname_tmpl, start_idx)
+        except (cv2.error, OSError) as e:  # any other failure to read or decode: the same VideoError path
+            raise VideoError(f"{path}: {type(e).__name__}: {e}") from e
+
+    def problem(self, i: int, open_it: bool = False) -> str | None:
+        """Why clip i cannot be read, as far as a stat tells (a video file that is missing or empty; a folder
+        of frames that is missing or lacks its first or last frame), or with open_it a quick open (the video
+        opened, the folder's first frame decoded); None when it looks readable."""
+        path, start_idx, total_frames, _ = self.samples[i]
+        try:
+            if total_frames < 0:
+                if not os.path.isfile(path):
+                    return f"{path}: no such file"
+                if os.path.getsize(path) == 0:
+                    return f"{path}: empty file"
+                if open_it:
+                    _open(path).release()
+                return None
+            if not os.path.isdir(path):
+                return f"{path}: no such folder of frames"
+            for k in (0, total_frames - 1):
+                name = os.path.join(path, self.fname_tmpl.format(k + start_idx))
+                if not os.path.isfile(name):
+                    return f"{name}: missing, so {path} has fewer frames than its list line claims ({total_frames})"
+            if open_it:
+                read_frames(path, [0], self.fname_tmpl, start_idx)
+        except (VideoError, cv2.error, OSError) as e:
+            return str(e)
+        return None
 
 
 # -----------------------------------------------------------------------------------------------------
@@ -744,6 +820,39 @@ class _Clips(Dataset):
             return []
         return [self.source.name(int(i)) for i in np.flatnonzero(np.frombuffer(self._bad, np.int8))]
 
+    def check_files(self, open_videos: bool = False) -> None:
+        """Before training: every listed video checked (VideoList.problem: a stat, and with open_videos an
+        open), all problems at once. Without skip_bad_videos any problem is a VideoError listing them all;
+        with it they are skipped from the start (logged, counted, limited by max_bad_fraction). In a run of
+        several processes each checks its share and they exchange what they found (so must all call this)."""
+        if not isinstance(self.source, VideoList):
+            return
+        rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+        bad = [(i, why) for i in range(rank, len(self.source), world) if (why := self.source.problem(i, open_videos))]
+        if world > 1:
+            shares = [None] * world
+            dist.all_gather_object(shares, bad)
+            bad = sorted(sum(shares, []))
+        if not self.skip_bad_videos:
+            _raise_problems([why for _, why in bad], VideoError)
+        for i, why in bad:
+            self._skip(i, VideoError(why))
+
+    def digest(self) -> str:
+        """'<n> videos, <hash>': which videos in which order, with their frame ranges and labels (paths relative
+        to their common folder, so the data may move), for a resumed run to tell whether its data changed."""
+        src = self.source
+        if isinstance(src, VideoList):
+            try:
+                common = os.path.commonpath([os.path.dirname(s.path) for s in src.samples])
+            except ValueError:  # absolute and relative paths mixed
+                common = ""
+            lines = [f"{os.path.relpath(s.path, common) if common else s.path} {s.start_idx} {s.total_frames} "
+                     f"{s.label}" for s in src.samples]
+        else:
+            lines = [f"{src.name(i)} {src.label(i)}" for i in range(len(src))]
+        return f"{len(lines)} videos, {hashlib.sha1(chr(10).join(lines).encode()).hexdigest()[:12]}"
+
     def skipped(self, index: int) -> bool:
         """Whether video `index` was found unreadable (so its items came from a stand-in video)."""
         return self._bad is not None and bool(self._bad[index])
@@ -858,13 +967,16 @@ def build_pretrain_dataset(data_path: str | None = None, data_root: str = "", *,
                            sampling_rate: int = 4, input_size: int = 224, num_sample: int = 1,
                            fname_tmpl: str = "img_{:05}.jpg", skip_bad_videos: bool = False,
                            max_bad_fraction: float = 0.01, synthetic_videos: int = 1024) -> PretrainDataset:
-    """The pretraining dataset for data_path (a list file or a folder of videos), or the synthetic set."""
+    """The pretraining dataset for data_path (a list file or a folder of videos), or the synthetic set; every
+    listed file is stat-checked first."""
     if data_path:
         source = VideoList(read_pretrain_list(data_path, data_root), fname_tmpl)
     else:
         source = _synthetic(synthetic_videos, 8, num_frames, sampling_rate, input_size, first_index=0)
-    return PretrainDataset(source, num_frames, sampling_rate, input_size, num_sample, skip_bad_videos,
-                           max_bad_fraction)
+    dataset = PretrainDataset(source, num_frames, sampling_rate, input_size, num_sample, skip_bad_videos,
+                              max_bad_fraction)
+    dataset.check_files()
+    return dataset
 
 
 def build_finetune_dataset(mode: str, data_path: str | None = None, data_root: str = "", *, nb_classes: int,
@@ -875,7 +987,8 @@ def build_finetune_dataset(mode: str, data_path: str | None = None, data_root: s
                            fname_tmpl: str = "img_{:05}.jpg", start_idx: int = 1, skip_bad_videos: bool = False,
                            max_bad_fraction: float = 0.01, synthetic_videos: int = 1024) -> FinetuneDataset:
     """The fine-tuning dataset of one split, mode 'train', 'validation' or 'test', for data_path, or the
-    synthetic set (synthetic_videos training videos; validation and test share synthetic_videos // 4 others)."""
+    synthetic set (synthetic_videos training videos; validation and test share synthetic_videos // 4 others).
+    Its files are checked first: a stat for training, an open of every video for validation and test."""
     if data_path:
         source = VideoList(read_finetune_split(data_path, mode, data_root, nb_classes, start_idx), fname_tmpl)
     elif mode == "train":
@@ -883,9 +996,11 @@ def build_finetune_dataset(mode: str, data_path: str | None = None, data_root: s
     else:
         source = _synthetic(max(1, synthetic_videos // 4), nb_classes, num_frames, sampling_rate, input_size,
                             first_index=synthetic_videos)
-    return FinetuneDataset(source, mode, num_frames, sampling_rate, input_size, short_side_size, num_sample,
-                           test_num_segment, test_num_crop, sparse_sample, flip, aa, reprob, skip_bad_videos,
-                           max_bad_fraction)
+    dataset = FinetuneDataset(source, mode, num_frames, sampling_rate, input_size, short_side_size, num_sample,
+                              test_num_segment, test_num_crop, sparse_sample, flip, aa, reprob, skip_bad_videos,
+                              max_bad_fraction)
+    dataset.check_files(open_videos=mode != "train")
+    return dataset
 
 
 def held_out_clip(num_frames: int, input_size: int, sampling_rate: int, synthetic_size: int,
@@ -903,10 +1018,12 @@ def labelled_clips(list_file: str | None, data_root: str = "", *, num_frames: in
                    first_index: int = 0) -> FinetuneDataset:
     """A labelled set read as validation clips (centre window, centre crop), e.g. for a probe: the lines of
     list_file (`path label` or `frame_dir total_frames label`), or synthetic_videos built-in videos from
-    first_index on."""
+    first_index on. Every listed video is opened first, as for validation."""
     source = (VideoList(read_finetune_list(list_file, data_root), fname_tmpl) if list_file else
               _synthetic(synthetic_videos, 8, num_frames, sampling_rate, input_size, first_index))
-    return FinetuneDataset(source, "validation", num_frames, sampling_rate, input_size, short_side_size=input_size)
+    dataset = FinetuneDataset(source, "validation", num_frames, sampling_rate, input_size, short_side_size=input_size)
+    dataset.check_files(open_videos=True)
+    return dataset
 
 
 def one_clip(path: str, num_frames: int, input_size: int, sampling_rate: int,

@@ -49,6 +49,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import engine
 import masking
 import train_finetune
 import train_pretrain
@@ -528,14 +529,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--quick", action="store_true", help="the laptop setting (2 CPU cores, < 45 min) instead of the GPU one")
     p.add_argument("--out", default="output/study", help="folder for results.json, study.md, study.png and the runs")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4], help="one run of every arm per seed")
+    p.add_argument("--seeds", type=engine.within("[0, 4294967295]", int), nargs="+", default=[0, 1, 2, 3, 4],
+                   help="one run of every arm per seed")
     p.add_argument("--arms", nargs="+", default=ARM_NAMES, help=f"which arms, of {' '.join(ARM_NAMES)}")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads in each run (1 keeps CPU timings "
+    p.add_argument("--device", type=engine.device_name, default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--threads", type=engine.within("[1, inf)", int), default=1, help="torch CPU threads in each run (1 keeps CPU timings "
                    "steady on a shared or 2-core machine; GPU runs need no more)")
-    p.add_argument("--jobs", type=int, default=None, help="runs at a time (default: 2 on a CPU, each on its own "
+    p.add_argument("--jobs", type=engine.within("[1, inf)", int), default=None, help="runs at a time (default: 2 on a CPU, each on its own "
                    "core with --threads 1; 1 on a GPU)")
-    p.add_argument("--num_workers", type=int, default=None, help="data-loading processes per run (default: 0 on "
+    p.add_argument("--num_workers", type=engine.within("[0, inf)", int), default=None, help="data-loading processes per run (default: 0 on "
                    "a CPU, where drawing the clips is cheap next to the model; 4 on a GPU)")
     args = p.parse_args(argv)
     unknown = [name for name in args.arms if name not in ARM_NAMES]
@@ -543,14 +545,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--arms: unknown {', '.join(unknown)}; expected some of {', '.join(ARM_NAMES)}")
     if len(set(args.seeds)) != len(args.seeds):
         p.error(f"--seeds: each seed once, got {args.seeds}")
-    if args.threads < 1:
-        p.error(f"--threads must be at least 1, got {args.threads}")
-    if args.num_workers is not None and args.num_workers < 0:
-        p.error(f"--num_workers must be 0 or more, got {args.num_workers}")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         p.error(f"--device {args.device}: no CUDA device here; use --device cpu")
-    if args.jobs is not None and args.jobs < 1:
-        p.error(f"--jobs must be at least 1, got {args.jobs}")
     if args.num_workers is None:
         args.num_workers = 4 if args.device.startswith("cuda") else 0
     if args.jobs is None:
@@ -571,4 +567,4 @@ def main(argv=None) -> list[dict]:
 
 
 if __name__ == "__main__":
-    main()
+    engine.run(main)

@@ -11,8 +11,10 @@ test_num_crop crops of every video ("16x5x3"), averages their softmax per video 
 (each view alone) and video-level accuracy, a per-class table and a confusion matrix.
 
 With no --data_path it fine-tunes on the built-in synthetic clips, whose label is the direction the main
-shape moves (8 classes). --finetune takes ours, the reference's (V1/V2) and Hugging Face VideoMAE
-checkpoints; the model size, input size and frame count default to the ones the checkpoint was trained with.
+shape moves (8 classes). --finetune takes every public VideoMAE checkpoint (ours, the reference's V1/V2,
+Hugging Face V1 and V2, mmaction2's: vmae.py's "Checkpoint formats"); the model is the one the file holds,
+and its input size and frame count are the defaults. A file that would leave any encoder weight untrained
+stops the run.
 
     python train_finetune.py --finetune output/pretrain/checkpoint-last.pth        # the demo
     python train_finetune.py --eval --finetune output/finetune/checkpoint-best.pth  # multi-view test only
@@ -50,8 +52,6 @@ DEMO = dict(**engine.DEMO_CLIPS, nb_classes=8, batch_size=16,
             test_num_segment=2, num_workers=2)
 # --linear_probe: the usual protocol (MAE's): no stochastic depth, regularisation or heavy augmentation.
 LINEAR_PROBE = dict(drop_path=0.0, weight_decay=0.0, smoothing=0.0, mixup=0.0, cutmix=0.0, reprob=0.0, aa="none")
-# What a --finetune (or --resume) checkpoint's stored arguments decide unless given explicitly.
-FROM_CHECKPOINT = ("model", "input_size", "num_frames", "tubelet_size", "nb_classes")
 # What --data_set sets, by the reference's names: Something-Something's classes depend on direction and
 # order, so it takes one frame per segment (TSN sampling) and is never flipped; the others take dense
 # windows and flip. --sparse_sample and --flip set the same switches directly.
@@ -63,42 +63,44 @@ DATA_SETS = {"Kinetics-400": DENSE, "Kinetics-600": DENSE, "Kinetics-700": DENSE
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="VideoMAE V2 fine-tuning and multi-view testing",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    a = p.add_argument
+    a, R = p.add_argument, engine.within  # R: each number's valid range, checked as it is parsed
     a("--model", default="base", help="small, base, large, huge, giant, demo (the laptop size), or a reference name "
-      "(vit_base_patch16_224, ...)")
-    a("--nb_classes", type=int, default=400)
-    a("--finetune", default=None, help="initial weights: a pretraining or fine-tuned checkpoint (ours, the "
-      "reference's or Hugging Face's)")
+      "(vit_base_patch16_224, ...); with --finetune the file's own size (given, it must match)")
+    a("--nb_classes", type=R("[1, 100000]", int), default=400)
+    a("--finetune", default=None, help="initial weights: a pretraining or fine-tuned checkpoint file or Hugging Face "
+      "folder (ours, the reference's, Hugging Face V1/V2, mmaction2's)")
     a("--label_map", default=None, help="JSON list: new class i takes row i of the list of the checkpoint's head "
       "(e.g. the reference's misc/label_710to400.json); without it a head of another class count is dropped")
     a("--linear_probe", action="store_true", help="freeze the encoder and train only the head")
     a("--eval", action="store_true", help="only the multi-view test of the --finetune (or --resume) weights")
-    a("--batch_size", type=int, default=64, help="videos per process per micro-step (x --num_sample clips)")
-    a("--accum_iter", type=int, default=1, help="micro-steps accumulated per optimizer step")
-    a("--epochs", type=int, default=30)
-    a("--warmup_epochs", type=int, default=5)
-    a("--lr", type=float, default=1e-3, help="base learning rate per 256 videos")
-    a("--min_lr", type=float, default=1e-6, help="base LR the cosine decays towards (scaled like --lr)")
-    a("--layer_decay", type=float, default=0.75, help="LR scale per block from the top; 1 = none")
-    a("--weight_decay", type=float, default=0.05)
-    a("--opt_betas", type=float, nargs=2, default=[0.9, 0.999])
-    a("--opt_eps", type=float, default=1e-8)
-    a("--clip_grad", type=float, default=None, help="max gradient norm")
-    a("--drop_path", type=float, default=0.1)
-    a("--head_drop_rate", type=float, default=0.0, help="dropout before the head")
-    a("--init_scale", type=float, default=0.001, help="the fresh head's initial weights are scaled by this")
-    a("--smoothing", type=float, default=0.1, help="label smoothing")
-    a("--mixup", type=float, default=0.8, help="mixup alpha; 0 = off")
-    a("--cutmix", type=float, default=1.0, help="cutmix alpha; 0 = off")
-    a("--mixup_prob", type=float, default=1.0, help="chance that a batch is mixed at all")
-    a("--mixup_switch_prob", type=float, default=0.5, help="chance of cutmix rather than mixup when both are on")
+    a("--batch_size", type=R("[1, inf)", int), default=64, help="videos per process per micro-step (x --num_sample "
+      "clips)")
+    a("--accum_iter", type=R("[1, inf)", int), default=1, help="micro-steps accumulated per optimizer step")
+    a("--epochs", type=R("[1, 100000]", int), default=30)
+    a("--warmup_epochs", type=R("[0, inf)", int), default=5)
+    a("--lr", type=R("(0, inf)"), default=1e-3, help="base learning rate per 256 videos")
+    a("--min_lr", type=R("[0, inf)"), default=1e-6, help="base LR the cosine decays towards (scaled like --lr)")
+    a("--layer_decay", type=R("(0, 1]"), default=0.75, help="LR scale per block from the top; 1 = none")
+    a("--weight_decay", type=R("[0, inf)"), default=0.05)
+    a("--opt_betas", type=R("[0, 1)"), nargs=2, default=[0.9, 0.999])
+    a("--opt_eps", type=R("(0, inf)"), default=1e-8)
+    a("--clip_grad", type=R("(0, inf)"), default=None, help="max gradient norm")
+    a("--drop_path", type=R("[0, 1)"), default=0.1)
+    a("--head_drop_rate", type=R("[0, 1)"), default=0.0, help="dropout before the head")
+    a("--init_scale", type=R("[0, inf)"), default=0.001, help="the fresh head's initial weights are scaled by this")
+    a("--smoothing", type=R("[0, 1)"), default=0.1, help="label smoothing")
+    a("--mixup", type=R("[0, inf)"), default=0.8, help="mixup alpha; 0 = off")
+    a("--cutmix", type=R("[0, inf)"), default=1.0, help="cutmix alpha; 0 = off")
+    a("--mixup_prob", type=R("[0, 1]"), default=1.0, help="chance that a batch is mixed at all")
+    a("--mixup_switch_prob", type=R("[0, 1]"), default=0.5, help="chance of cutmix rather than mixup when both are on")
     a("--aa", default="rand-m7-n4-mstd0.5-inc1", help="video RandAugment, or none")
-    a("--reprob", type=float, default=0.25, help="random erasing probability")
-    a("--num_sample", type=int, default=2, help="augmented clips per decoded video (repeated augmentation)")
-    a("--short_side_size", type=int, default=None, help="evaluation: resize the short side to this, then crop "
-      "(default: --input_size)")
-    a("--test_num_segment", type=int, default=5, help="test windows per video")
-    a("--test_num_crop", type=int, default=3, help="test crops per window")
+    a("--reprob", type=R("[0, 1]"), default=0.25, help="random erasing probability")
+    a("--num_sample", type=R("[1, inf)", int), default=2, help="augmented clips per decoded video (repeated "
+      "augmentation)")
+    a("--short_side_size", type=R("[1, 8192]", int), default=None, help="evaluation: resize the short side to this, "
+      "then crop (default: --input_size)")
+    a("--test_num_segment", type=R("[1, inf)", int), default=5, help="test windows per video")
+    a("--test_num_crop", type=R("[1, inf)", int), default=3, help="test crops per window")
     a("--data_path", default=None, help="folder with train.csv / val.csv (/ test.csv), or with train/ val/ "
       "folders of class sub-folders; omitted: the built-in synthetic clips")
     a("--data_set", default="Kinetics-400", choices=list(DATA_SETS), help="sets --sparse_sample and --flip: "
@@ -108,7 +110,8 @@ def get_args_parser() -> argparse.ArgumentParser:
       help="one frame from each of --num_frames equal segments (default: from --data_set)")
     a("--flip", action=argparse.BooleanOptionalAction, default=None, help="random horizontal flips in training "
       "(default: from --data_set; never for the built-in clips, whose labels are directions)")
-    a("--synthetic_size", type=int, default=1024, help="built-in training videos (a quarter as many held out)")
+    a("--synthetic_size", type=R("[1, inf)", int), default=1024, help="built-in training videos (a quarter as many "
+      "held out)")
     a("--output_dir", default="output/finetune")
     a("--resume", default=None, help="checkpoint to resume from (default: checkpoint-last.pth in --output_dir)")
     engine.add_shared_flags(p)
@@ -120,14 +123,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     known = engine.set_demo_defaults(parser, argv, DEMO)
     if known.linear_probe:
         parser.set_defaults(**LINEAR_PROBE)
-    init = None  # the starting checkpoint, read once: its stored arguments are defaults, its weights the model's
-    if known.finetune or known.resume:  # the weights' own model, input and classes, unless given
-        try:
-            init = vmae.load_checkpoint(known.finetune or known.resume)
-        except vmae.CheckpointError as e:
-            parser.error(str(e))
-        saved = vmae.saved_args(init)
-        parser.set_defaults(**{k: saved[k] for k in FROM_CHECKPOINT if k in saved})
+    init = None  # the starting checkpoint, read once: it decides the model; its input and classes are defaults
+    if known.finetune or known.resume:
+        init = engine.checkpoint_defaults(parser, argv, known.finetune or known.resume)
+        if "nb_classes" in init.args:
+            parser.set_defaults(nb_classes=init.args["nb_classes"])
+        elif known.eval and "head.weight" in init.weights:  # --eval scores the file's own head
+            parser.set_defaults(nb_classes=len(init.weights["head.weight"]))
     args = parser.parse_args(argv)
     args._init = init if args.finetune or args.eval else None
     args.short_side_size = args.short_side_size or args.input_size
@@ -135,8 +137,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.sparse_sample = DATA_SETS[args.data_set]["sparse_sample"]
     if args.flip is None:  # the built-in clips' labels are directions: never flipped
         args.flip = DATA_SETS[args.data_set]["flip"] and args.data_path is not None
-    args.cfg = engine.model_config(parser, args)
-    engine.check_shared_flags(parser, args, ("nb_classes", "batch_size", "epochs", "test_num_segment", "test_num_crop"))
+    args.cfg = engine.model_config(parser, args, init, engine.flag_given(parser, argv, "model"))
+    engine.check_shared_flags(parser, args)
     if args.short_side_size < args.input_size:
         parser.error(f"--short_side_size {args.short_side_size} is smaller than --input_size {args.input_size}")
     try:
@@ -145,6 +147,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error(f"--aa: {e}")
     if args.eval and not (args.finetune or args.resume):
         parser.error("--eval tests given weights: pass --finetune CHECKPOINT (or --resume CHECKPOINT)")
+    if args.label_map and not (args.finetune or args.eval):
+        parser.error("--label_map picks rows of the --finetune checkpoint's head: it needs --finetune")
+    try:
+        args._label_map = read_label_map(args.label_map, args.nb_classes) if args.label_map else None
+    except engine.RunError as e:
+        parser.error(str(e))
     return args
 
 
@@ -164,16 +172,16 @@ def read_label_map(path: str, nb_classes: int) -> list[int]:
     return rows
 
 
-def build_model(args) -> vmae.VideoClassifier:
+def build_model(args, d: engine.Dist) -> vmae.VideoClassifier:
     model = vmae.VideoClassifier(args.cfg, args.nb_classes, args.head_drop_rate, args.init_scale)
     weights = args.finetune or (args.resume if args.eval else None)  # --eval --resume C: C's weights only
     if weights:
-        label_map = read_label_map(args.label_map, args.nb_classes) if args.label_map else None
-        loaded = vmae.load_weights(model, weights, label_map, checkpoint=args._init)
+        loaded = vmae.load_weights(model, args._init, args._label_map)
         args._init = None  # loaded: the file's tensors need not stay in memory for the run
-        if args.eval and "head.weight" in loaded.missing_keys:
-            raise engine.RunError(f"--eval: {weights} has no head for {args.nb_classes} classes, so there is "
-                                  "nothing to test")
+        d.print(loaded)
+        if args.eval and loaded.missing_keys:
+            raise engine.RunError(f"--eval: {weights} has no {vmae.listed(loaded.missing_keys)} for this "
+                                  f"{args.nb_classes}-class model, so there is nothing to test")
     if args.linear_probe:  # fc_norm stays frozen too: a plain LayerNorm feeding the head normalised features
         model.requires_grad_(False)
         model.head.requires_grad_(True)
@@ -286,11 +294,10 @@ def per_class_table(confusion: torch.Tensor) -> str:
     return "\n".join(lines)
 
 
-def multi_view_test(model, args, d: engine.Dist, precision: str, out: Path) -> dict:
+def multi_view_test(model, test_set: data.FinetuneDataset, args, d: engine.Dist, precision: str, out: Path) -> dict:
     """The final test: every video as test_num_segment x test_num_crop views, their softmax averaged. Rank 0
     prints and writes the results, per_class_accuracy.txt and confusion.png. One window or one crop is fine
     (data.py centres a single view: docs/reference.md, trap 15)."""
-    test_set = build_dataset("test", args)
     views = f"{args.num_frames}x{args.test_num_segment}x{args.test_num_crop}"
     result = evaluate(model, test_set, eval_batch(args), args.nb_classes, args.num_workers, d, precision,
                       f"test {views}")
@@ -323,12 +330,21 @@ def eval_batch(args) -> int:
 
 def main(argv=None):
     args = parse_args(argv)
-    cfg = args.cfg
     d = engine.setup_distributed(args.device)
+    with engine.output_folder(Path(args.output_dir), d):  # this run's alone, writable, no stale files
+        finetune(args, d)
+    engine.leave_process_group()  # after finetune() freed DDP's reducer (see train_pretrain.main)
+
+
+def finetune(args, d: engine.Dist) -> None:
+    """Train and test, or with --eval only test. Every split's list is read and its files checked (the
+    held-out ones opened) before the first step, so a bad validation video cannot cost an epoch."""
+    cfg = args.cfg
     precision = engine.resolve_precision(args.precision, d.device)
+    sets = [build_dataset(mode, args) for mode in (["test"] if args.eval else ["train", "validation", "test"])]
     engine.seed_everything(args.seed)  # the same initial weights on every process
 
-    model = build_model(args).to(d.device)
+    model = build_model(args, d).to(d.device)
     n_params = sum(p.numel() for p in model.parameters())
     n_trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
     t = engine.build_trainer(model, d, precision, Path(args.output_dir), weight_decay=args.weight_decay,
@@ -339,23 +355,22 @@ def main(argv=None):
             f"{cfg.img_size}, {cfg.num_tokens} tokens, {args.nb_classes} classes | {d.device}, {precision}, "
             f"{d.world_size} process(es)" + (", FSDP" if args.fsdp else "") + (", compiled" if args.compile else ""))
     if not args.eval:
-        train(t, args)
-    multi_view_test(t.model, args, d, precision, t.out)  # after training: the final weights, as the reference tests
+        train(t, args, *sets[:2])
+    multi_view_test(t.model, sets[-1], args, d, precision, t.out)  # the final weights, as the reference tests
     if d.is_main and not args.eval:
         visualize.save(visualize.curves_figure([t.out / "log.txt"]), t.out / "curves.png")
-    del model, t  # DDP's reducer before the process group (see the end of train_pretrain.main)
-    engine.leave_process_group()
 
 
-def train(t: engine.Trainer, args) -> None:
+def train(t: engine.Trainer, args, train_set: data.FinetuneDataset, val_set: data.FinetuneDataset) -> None:
     """The epochs: AdamW steps on the training set, then the centre-view validation, log.txt and checkpoints."""
     d = t.d
-    train_set, val_set = build_dataset("train", args), build_dataset("validation", args)
+    engine.check_space(t)
     batches = engine.train_loader(train_set, args.batch_size, t, args.num_workers)
     videos_per_step = args.batch_size * args.accum_iter * d.world_size
     lr_schedule = engine.cosine_schedule(args.lr * videos_per_step / 256, args.min_lr * videos_per_step / 256,
                                          args.epochs, batches.steps_per_epoch, args.warmup_epochs)
-    state = engine.resume_training(t, args.resume, args.auto_resume)
+    run_args = engine.run_args(args, d, train_set, val_set)
+    state = engine.resume_training(t, args.resume, args.auto_resume, run_args, args.allow_resume_changes)
     start_epoch, best = (0, -1.0) if state is None else (state["epoch"] + 1, state.get("best_acc1", 0.0))
     mixing = args.mixup > 0 or args.cutmix > 0
     d.print(f"data: {'built-in synthetic clips' if args.data_path is None else args.data_path} ({len(train_set)} "
@@ -383,7 +398,7 @@ def train(t: engine.Trainer, args) -> None:
                      skipped_videos=len(train_set.bad_videos()))
         improved = val["acc1"] > best
         best = max(best, val["acc1"])
-        engine.end_of_epoch(t, stats, engine.args_to_save(args), keep=False, best=improved, best_acc1=best)
+        engine.end_of_epoch(t, stats, run_args, keep=False, best=improved, best_acc1=best)
         d.print(f"epoch {epoch}: train loss {loss:.4f}, validation (centre view) top-1 {val['acc1']:.2f}% "
                 f"top-5 {val['acc5']:.2f}% (best {best:.2f}%), {seconds:.0f} s")
 

@@ -73,42 +73,49 @@ DEMO = dict(**engine.DEMO_CLIPS, mask_ratio=0.75, batch_size=16, epochs=20, warm
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="VideoMAE V2 pretraining", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    a = p.add_argument
+    a, R = p.add_argument, engine.within  # R: each number's valid range, checked as it is parsed
     a("--model", default="base", help="small, base, large, huge, giant, demo (the laptop size), or a reference name "
-      "(pretrain_videomae_base_patch16_224, ...)")
-    a("--batch_size", type=int, default=32, help="clips per process per micro-step (before --num_sample)")
-    a("--accum_iter", type=int, default=1, help="micro-steps accumulated per optimizer step")
-    a("--epochs", type=int, default=200)
-    a("--warmup_epochs", type=int, default=20)
-    a("--warmup_steps", type=int, default=-1, help="if > 0, overrides --warmup_epochs")
-    a("--lr", type=float, default=1e-3, help="base learning rate per 256 clips")
-    a("--min_lr", type=float, default=1e-5, help="base LR the cosine decays towards (scaled like --lr)")
-    a("--weight_decay", type=float, default=0.05)
-    a("--weight_decay_end", type=float, default=None, help="cosine weight-decay schedule end (default: constant)")
-    a("--opt_betas", type=float, nargs=2, default=[0.9, 0.95])
-    a("--opt_eps", type=float, default=1e-8)
-    a("--clip_grad", type=float, default=None, help="max gradient norm (the giant recipe uses 0.02)")
+      "(pretrain_videomae_base_patch16_224, ...); with --finetune the file's own size (given, it must match)")
+    a("--batch_size", type=R("[1, inf)", int), default=32, help="clips per process per micro-step (before "
+      "--num_sample)")
+    a("--accum_iter", type=R("[1, inf)", int), default=1, help="micro-steps accumulated per optimizer step")
+    a("--epochs", type=R("[1, 100000]", int), default=200)
+    a("--warmup_epochs", type=R("[0, inf)", int), default=20)
+    a("--warmup_steps", type=R("[-1, inf)", int), default=-1, help="if > 0, overrides --warmup_epochs")
+    a("--lr", type=R("(0, inf)"), default=1e-3, help="base learning rate per 256 clips")
+    a("--min_lr", type=R("[0, inf)"), default=1e-5, help="base LR the cosine decays towards (scaled like --lr)")
+    a("--weight_decay", type=R("[0, inf)"), default=0.05)
+    a("--weight_decay_end", type=R("[0, inf)"), default=None, help="cosine weight-decay schedule end (default: "
+      "constant)")
+    a("--opt_betas", type=R("[0, 1)"), nargs=2, default=[0.9, 0.95])
+    a("--opt_eps", type=R("(0, inf)"), default=1e-8)
+    a("--clip_grad", type=R("(0, inf)"), default=None, help="max gradient norm (the giant recipe uses 0.02)")
     a("--mask_type", default="tube", choices=list(masking.MASKS), help="encoder mask")
-    a("--mask_ratio", type=float, default=0.9, help="share of tokens hidden from the encoder")
+    a("--mask_ratio", type=R("(0, 1)"), default=0.9, help="share of tokens hidden from the encoder")
     a("--decoder_mask_type", default="run_cell", choices=list(masking.MASKS))
-    a("--decoder_mask_ratio", type=float, default=0.5, help="share of tokens dropped from the decoder; 0 = VideoMAE V1")
-    a("--decoder_depth", type=int, default=4)
-    a("--num_sample", type=int, default=4, help="augmented clips per decoded video (repeated augmentation)")
-    a("--drop_path", type=float, default=0.0)
+    a("--decoder_mask_ratio", type=R("[0, 1)"), default=0.5, help="share of tokens dropped from the decoder; 0 = "
+      "VideoMAE V1")
+    a("--decoder_depth", type=R("[1, inf)", int), default=4)
+    a("--num_sample", type=R("[1, inf)", int), default=4, help="augmented clips per decoded video (repeated "
+      "augmentation)")
+    a("--drop_path", type=R("[0, 1)"), default=0.0)
     a("--normalize_target", "--normlize_target", action=argparse.BooleanOptionalAction, default=True,
       help="predict per-cube normalised pixels")
     a("--data_path", default=None, help="list file (path start_idx total_frames, or one path per line) or a "
       "folder of videos; omitted: the built-in synthetic clips")
-    a("--synthetic_size", type=int, default=1024, help="videos in the built-in dataset (used when no --data_path)")
+    a("--synthetic_size", type=R("[1, inf)", int), default=1024, help="videos in the built-in dataset (used when no "
+      "--data_path)")
     a("--output_dir", default="output/pretrain")
     a("--resume", default=None, help="checkpoint to resume from (default: the newest in --output_dir)")
-    a("--finetune", default=None, help="initialise the weights from this checkpoint (progressive training)")
-    a("--save_ckpt_freq", type=int, default=50, help="keep checkpoint-<epoch>.pth every n epochs")
-    a("--probe_every", type=int, default=0, help="every n epochs (and before the first), score the frozen encoder "
-      "on a labelled set (probe.py): probe_acc1 (linear) and probe_knn_acc1 in log.txt; 0 = off")
+    a("--finetune", default=None, help="initialise the weights from this pretraining checkpoint, decoder included "
+      "(progressive training)")
+    a("--save_ckpt_freq", type=R("[1, inf)", int), default=50, help="keep checkpoint-<epoch>.pth every n epochs")
+    a("--probe_every", type=R("[0, inf)", int), default=0, help="every n epochs (and before the first), score the "
+      "frozen encoder on a labelled set (probe.py): probe_acc1 (linear) and probe_knn_acc1 in log.txt; 0 = off")
     a("--probe_data", default=None, help="the probe's labelled clips, a list of `path label` lines (default: "
       "--probe_size held-out built-in clips; needed with --data_path)")
-    a("--probe_size", type=int, default=512, help="built-in clips in the probe's set")
+    a("--probe_size", type=R(f"[{2 * probe.NUM_FOLDS}, inf)", int), default=512, help="built-in clips in the probe's "
+      "set")
     a("--probe_pooling", default="slots", choices=probe.POOLINGS, help="tokens -> one vector per clip: the mean "
       "of each temporal slot, concatenated in time order, or one mean over all tokens")
     engine.add_shared_flags(p)
@@ -131,26 +138,21 @@ def probe_of(args: argparse.Namespace) -> probe.Probe:
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = get_args_parser()
-    engine.set_demo_defaults(parser, argv, DEMO)
+    known = engine.set_demo_defaults(parser, argv, DEMO)
+    init = engine.checkpoint_defaults(parser, argv, known.finetune) if known.finetune else None
     args = parser.parse_args(argv)
-    args.cfg = engine.model_config(parser, args, decoder_depth=args.decoder_depth)
-    if not 0 < args.mask_ratio < 1:
-        parser.error(f"--mask_ratio must be in (0, 1), got {args.mask_ratio}")
-    if not 0 <= args.decoder_mask_ratio < 1:
-        parser.error(f"--decoder_mask_ratio must be in [0, 1) (0 turns decoder masking off), got {args.decoder_mask_ratio}")
+    args._init = init  # the --finetune file, read once: its model, input and decoder depth
+    args.cfg = engine.model_config(parser, args, init, engine.flag_given(parser, argv, "model"),
+                                   decoder_depth=args.decoder_depth)
     try:
         mask_config(args).counts(args.cfg.grid)
     except ValueError as e:
         parser.error(f"--decoder_mask_ratio/--input_size: {e}")
-    engine.check_shared_flags(parser, args, ("batch_size", "epochs", "save_ckpt_freq"))
-    if args.probe_every < 0:
-        parser.error(f"--probe_every must be 0 (off) or more, got {args.probe_every}")
+    engine.check_shared_flags(parser, args)
     if args.probe_every and args.data_path is not None and args.probe_data is None:
         parser.error("--probe_every with --data_path needs --probe_data, a list of labelled clips (`path label` lines)")
     if args.probe_data is not None and not Path(args.probe_data).is_file():
         parser.error(f"--probe_data {args.probe_data}: no such file")
-    if args.probe_size < 2 * probe.NUM_FOLDS:
-        parser.error(f"--probe_size must be at least {2 * probe.NUM_FOLDS}, got {args.probe_size}")
     return args
 
 
@@ -160,8 +162,16 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None):
     args = parse_args(argv)
-    cfg, masks = args.cfg, mask_config(args)
     d = engine.setup_distributed(args.device)
+    with engine.output_folder(Path(args.output_dir), d):  # this run's alone, writable, no stale files
+        pretrain(args, d)
+    engine.leave_process_group()  # after pretrain() freed DDP's reducer: gloo can deadlock otherwise (pytorch#75097)
+
+
+def pretrain(args: argparse.Namespace, d: engine.Dist) -> None:
+    """Everything that can fail on the user's input (data, weights, disk space, a resume) is checked before
+    the first step; then the epochs."""
+    cfg, masks = args.cfg, mask_config(args)
     precision = engine.resolve_precision(args.precision, d.device)
     engine.seed_everything(args.seed)  # the same initial weights on every process
 
@@ -170,14 +180,17 @@ def main(argv=None):
         input_size=args.input_size, num_sample=args.num_sample, fname_tmpl=args.fname_tmpl,
         skip_bad_videos=args.skip_bad_videos, max_bad_fraction=args.max_bad_fraction,
         synthetic_videos=args.synthetic_size)
+    probe_set = probe_of(args) if args.probe_every else None  # reads and checks --probe_data's list
     model = vmae.PretrainVideoMAE(cfg).to(d.device)
-    if args.finetune:
-        vmae.load_weights(model, args.finetune)
+    if args._init:
+        d.print(vmae.load_weights(model, args._init))
+        args._init = None  # loaded: the file's tensors need not stay in memory for the run
     n_params = sum(p.numel() for p in model.parameters())
     t = engine.build_trainer(model, d, precision, Path(args.output_dir), weight_decay=args.weight_decay,
                              betas=args.opt_betas, eps=args.opt_eps, fsdp=args.fsdp, compile=args.compile,
                              seed=args.seed, accum_iter=args.accum_iter, clip_grad=args.clip_grad,
                              log_every=args.log_every)
+    engine.check_space(t)
     batches = engine.train_loader(dataset, args.batch_size, t, args.num_workers)
 
     videos_per_step = args.batch_size * args.accum_iter * d.world_size
@@ -186,9 +199,9 @@ def main(argv=None):
                                          args.warmup_epochs, warmup_steps=args.warmup_steps)
     wd_end = args.weight_decay if args.weight_decay_end is None else args.weight_decay_end
     wd_schedule = engine.cosine_schedule(args.weight_decay, wd_end, args.epochs, batches.steps_per_epoch)
-    state = engine.resume_training(t, args.resume, args.auto_resume)
+    run_args = engine.run_args(args, d, dataset)
+    state = engine.resume_training(t, args.resume, args.auto_resume, run_args, args.allow_resume_changes)
     start_epoch = 0 if state is None else state["epoch"] + 1
-    probe_set = probe_of(args) if args.probe_every else None
 
     num_visible, num_queries = masks.counts(cfg.grid)
     one = masks.draw(1, cfg.grid)
@@ -229,11 +242,9 @@ def main(argv=None):
         if probe_set and ((epoch + 1) % args.probe_every == 0 or epoch + 1 == args.epochs):
             stats.update(probed())
         keep = (epoch + 1) % args.save_ckpt_freq == 0 or epoch + 1 == args.epochs
-        state = engine.end_of_epoch(t, stats, engine.args_to_save(args), keep=keep)
+        state = engine.end_of_epoch(t, stats, run_args, keep=keep)
     if d.is_main and args.epochs > start_epoch:
         final_figures(state["model"], args, t.out)
-    del model, t  # DDP's reducer before the process group: a gloo teardown can deadlock otherwise (pytorch#75097)
-    engine.leave_process_group()
 
 
 def final_figures(weights: dict, args: argparse.Namespace, out: Path) -> None:

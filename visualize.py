@@ -418,32 +418,37 @@ MASK_FLAGS = dict(mask_type="tube", mask_ratio=0.9, decoder_mask_type="run_cell"
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="masks, reconstructions, per-cube loss, token PCA and training curves "
                                             "as PNG (+ GIF)")
+    R = engine.within
     p.add_argument("figure", choices=["masks", "recon", "heatmap", "pca", "curves"])
     p.add_argument("logs", nargs="*", help="curves: the log.txt files to plot")
-    p.add_argument("--checkpoint", help="recon, heatmap, pca: a pretraining checkpoint (ours or the reference's)")
+    p.add_argument("--checkpoint", help="recon, heatmap, pca: a pretraining checkpoint with its decoder (ours, the "
+                   "reference's or Hugging Face V1's)")
     p.add_argument("--checkpoints", nargs="+", help="recon across training: checkpoints of one run, oldest first, "
                    "or the run's folder (its checkpoint-<epoch>.pth files)")
     source = p.add_mutually_exclusive_group()
     source.add_argument("--video", help="a video file")
     source.add_argument("--frames", help="a folder of extracted frames (named by --fname_tmpl, from 1)")
-    source.add_argument("--synthetic", type=int, default=0, help="index of a held-out built-in clip")
+    source.add_argument("--synthetic", type=R("[0, inf)", int), default=0, help="index of a held-out built-in clip")
     p.add_argument("--out", help="output PNG (a GIF is written beside it, but for curves)")
-    p.add_argument("--model", default="base", help="masks without --checkpoint: the size whose grid to show")
-    p.add_argument("--input_size", type=int, default=224)
-    p.add_argument("--num_frames", type=int, default=16)
-    p.add_argument("--sampling_rate", type=int, default=4)
-    p.add_argument("--fname_tmpl", default="img_{:05}.jpg")
-    p.add_argument("--synthetic_size", type=int, default=1024, help="the --synthetic_size pretraining used")
+    p.add_argument("--model", default=None, help="masks: the size whose grid to show (default base); with a "
+                   "checkpoint: read from it (given, it must match)")
+    p.add_argument("--input_size", type=R("[1, 4096]", int), default=224)
+    p.add_argument("--num_frames", type=R("[1, 1024]", int), default=16)
+    p.add_argument("--sampling_rate", type=R("[1, inf)", int), default=4)
+    p.add_argument("--fname_tmpl", type=engine.frame_names, default="img_{:05}.jpg")
+    p.add_argument("--synthetic_size", type=R("[1, inf)", int), default=1024, help="the --synthetic_size "
+                   "pretraining used")
     for flag, default in MASK_FLAGS.items():
-        p.add_argument(f"--{flag}", type=None if "type" in flag else float, default=None,
-                       choices=list(masking.MASKS) if "type" in flag else None,
+        p.add_argument(f"--{flag}", default=None, **(dict(choices=list(masking.MASKS)) if "type" in flag else
+                                                     dict(type=R("(0, 1)" if flag == "mask_ratio" else "[0, 1)"))),
                        help=f"default: the checkpoint's, else {default}" + (" (0: no decoder mask, V1)"
                                                                              if flag == "decoder_mask_ratio" else ""))
     p.add_argument("--normalize_target", action=argparse.BooleanOptionalAction, default=None,
                    help="recon, heatmap: override what the checkpoint says")
-    p.add_argument("--draws", type=int, default=32, help="heatmap: random masks to average each cube's loss over")
-    p.add_argument("--slots", type=int, default=None, help="show only the first n temporal slots")
-    p.add_argument("--seed", type=int, default=0, help="for the masks")
+    p.add_argument("--draws", type=R("[1, 100000]", int), default=32, help="heatmap: random masks to average each "
+                   "cube's loss over")
+    p.add_argument("--slots", type=R("[1, inf)", int), default=None, help="show only the first n temporal slots")
+    p.add_argument("--seed", type=R("[0, 4294967295]", int), default=0, help="for the masks")
     args = p.parse_args(argv)
     if args.figure in ("recon", "heatmap", "pca") and not (args.checkpoint or args.checkpoints):
         p.error(f"{args.figure} needs --checkpoint (a pretraining checkpoint with its decoder)")
@@ -451,9 +456,17 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--checkpoints is for recon across training, instead of --checkpoint")
     if args.figure == "curves" and not args.logs:
         p.error("curves needs one or more log.txt files")
-    if args.draws < 1:
-        p.error(f"--draws must be at least 1, got {args.draws}")
     return args
+
+
+def load_model(path: str, model: str | None = None) -> tuple[vmae.PretrainVideoMAE, dict]:
+    """A pretraining model (decoder included) from a checkpoint, in eval mode, and the training arguments the
+    file stores ({} if none)."""
+    checkpoint = vmae.read_checkpoint(path)
+    vmae.require_decoder(checkpoint)
+    net = vmae.PretrainVideoMAE(vmae.config_from_checkpoint(checkpoint, model)).eval()
+    print(vmae.load_weights(net, checkpoint))
+    return net, checkpoint.args
 
 
 def main(argv=None):
@@ -466,13 +479,13 @@ def main(argv=None):
         return
     models, trained_with = {}, {}
     for path in checkpoint_files(args.checkpoints) if args.checkpoints else [args.checkpoint] if args.checkpoint else []:
-        models[checkpoint_label(Path(path))], trained_with = vmae.load_pretrained(path)
+        models[checkpoint_label(Path(path))], trained_with = load_model(path, args.model)
     model = next(iter(models.values()), None)
     if model is not None:
         cfg = model.cfg
         args.num_frames, args.input_size = cfg.num_frames, cfg.img_size  # the clip the model takes
     else:
-        cfg = vmae.config(args.model, img_size=args.input_size, num_frames=args.num_frames)
+        cfg = vmae.config(args.model or "base", img_size=args.input_size, num_frames=args.num_frames)
     normalize = args.normalize_target
     if normalize is None:  # what the checkpoint was trained on (the reference's spelling too)
         normalize = trained_with.get("normalize_target", trained_with.get("normlize_target", True))

@@ -174,8 +174,62 @@ def test_read_frames(files, tmp_path):
         data.read_frames(str(tmp_path / "missing"), [0])
 
 
-# -----------------------------------------------------------------------------------------------------
-# Temporal sampling, against the reference's formulas
+def test_every_decoding_failure_of_a_frame_folder_is_a_video_error(tmp_path, caplog):
+    """A zero-byte JPEG (cv2.error inside OpenCV) and an unreadable file take the VideoError path, so that
+    --skip_bad_videos covers them; frames of two sizes are resized to the first one's, with a warning."""
+    folder = write_frames(str(tmp_path / "f"), 6)
+    (tmp_path / "f" / "img_00003.jpg").write_bytes(b"")
+    with pytest.raises(data.VideoError, match=r"img_00003\.jpg: OpenCV cannot decode this image \(0 bytes\)"):
+        data.read_frames(folder, [0, 2])
+    small = np.full((H // 2, W // 2, 3), colour(4)[::-1], np.uint8)
+    cv2.imwrite(str(tmp_path / "f" / "img_00005.jpg"), small)
+    with caplog.at_level(logging.WARNING, logger="data"):
+        frames = data.read_frames(folder, [0, 4, 1])
+    assert frames.shape == (3, H, W, 3) and [index_of(f) for f in frames] == [0, 4, 1]
+    assert "frames of different sizes (32x24, 64x48); resizing them to the first one's, 64x48" in caplog.text
+    (tmp_path / "f" / "img_00001.jpg").chmod(0)
+    source = data.VideoList([data.Sample(folder, 1, 6, 0)])
+    if os.geteuid() != 0:  # root reads it anyway
+        with pytest.raises(data.VideoError, match="img_00001.jpg"):
+            source.clip(0, lambda n: [0])
+
+
+def test_files_are_checked_before_training_all_problems_at_once(files, tmp_path):
+    empty, garbage = tmp_path / "empty.mp4", tmp_path / "garbage.mp4"
+    empty.write_bytes(b"")
+    garbage.write_bytes(os.urandom(4000))
+    short = write_frames(str(tmp_path / "short"), 5)
+    lst = tmp_path / "list.csv"
+    lst.write_text(f"{files['mp4']} 0 -1\n{tmp_path}/gone.mp4 0 -1\n{empty} 0 -1\n{short} 1 9\n{garbage} 0 -1\n")
+    with pytest.raises(data.VideoError) as error:  # a stat finds three; the garbage file passes a stat
+        data.build_pretrain_dataset(str(lst), num_frames=4, sampling_rate=1, input_size=32)
+    message = str(error.value)
+    assert message.startswith("3 problems") and "gone.mp4: no such file" in message
+    assert "empty.mp4: empty file" in message
+    assert "img_00009.jpg: missing, so" in message and "garbage" not in message
+    val = tmp_path / "val.csv"
+    val.write_text(f"{files['mp4']} 0\n{garbage} 1\n")
+    with pytest.raises(data.VideoError, match="garbage.mp4: OpenCV cannot open"):  # held-out sets: opened too
+        data.build_finetune_dataset("validation", str(val), nb_classes=2, num_frames=4, input_size=32,
+                                    short_side_size=32)
+    ds = data.build_pretrain_dataset(str(lst), num_frames=4, sampling_rate=1, input_size=32, skip_bad_videos=True,
+                                     max_bad_fraction=0.7)
+    assert ds.bad_videos() == [f"{tmp_path}/gone.mp4", str(empty), short]  # skipped from the start, counted
+    with pytest.raises(data.VideoError, match="3 of 5 videos are unreadable, more than max_bad_fraction=0.5"):
+        data.build_pretrain_dataset(str(lst), num_frames=4, input_size=32, skip_bad_videos=True, max_bad_fraction=0.5)
+
+
+def test_digest_follows_the_videos_not_their_folder(files, tmp_path):
+    lines = "a/x.mp4 0\na/y.mp4 1\n"
+    digest = lambda root: data.FinetuneDataset(data.VideoList(data.read_finetune_list(str(lst), root)),  # noqa: E731
+                                               "train").digest()
+    lst = tmp_path / "list.csv"
+    lst.write_text(lines)
+    here, moved = digest("/data"), digest("/mnt/elsewhere")
+    lst.write_text(lines.replace("y.mp4 1", "y.mp4 0"))
+    relabelled = digest("/data")
+    lst.write_text(lines + "a/z.mp4 1\n")
+    assert here == moved and relabelled != here and digest("/data").startswith("3 videos, ")
 
 
 def reference_pretrain(n, num_frames, rate, start):
@@ -476,8 +530,8 @@ def test_pretrain_list_formats(tmp_path):
     lst = tmp_path / "pretrain.csv"
     lst.write_text("a.mp4\nb.mp4 3\n\nc.mp4 0 -1\nframes/d 1 120\nframes/e 0 30 7\n")
     samples = data.read_pretrain_list(str(lst), "/data")
-    assert samples == [("/data/a.mp4", 0, -1, -1), ("/data/b.mp4", 0, -1, -1), ("/data/c.mp4", 0, -1, -1),
-                       ("/data/frames/d", 1, 120, -1), ("/data/frames/e", 0, 30, -1)]
+    assert samples == [("/data/a.mp4", 0, -1, -1), ("/data/b.mp4", 0, -1, 3), ("/data/c.mp4", 0, -1, -1),
+                       ("/data/frames/d", 1, 120, -1), ("/data/frames/e", 0, 30, 7)]  # labels kept for features
     for bad, lineno in [("a.mp4 x\n", 1), ("a.mp4 0 -1\nb.mp4 0 1 2 3\n", 2), ("a.mp4 0 1.5\n", 1)]:
         lst.write_text(bad)
         with pytest.raises(data.ListError, match=rf"pretrain\.csv:{lineno}: expected 'path'"):
@@ -485,6 +539,15 @@ def test_pretrain_list_formats(tmp_path):
     lst.write_text("frames/d 1 0\n")
     with pytest.raises(data.ListError, match=r"pretrain\.csv:1: total_frames is 0"):
         data.read_pretrain_list(str(lst))
+    lst.write_text("a.mp4 1 -5\n")  # not a video file (-1) and not a frame count: said so, not "no such file"
+    expected = r"pretrain\.csv:1: expected total_frames > 0 .* got start_idx 1, total_frames -5"
+    with pytest.raises(data.ListError, match=expected):
+        data.read_pretrain_list(str(lst))
+    lst.write_text("a.mp4 x\nb.mp4 0 -1\nc 0 0\n" + "d.mp4 1 2 3 4 5\n" * 25)  # every bad line, in one error
+    expected = r"^27 problems:\n  .*pretrain\.csv:1: .*\n  .*pretrain\.csv:3: total_frames is 0"
+    with pytest.raises(data.ListError, match=expected) as error:
+        data.read_pretrain_list(str(lst))
+    assert "pretrain.csv:2:" not in str(error.value) and str(error.value).endswith("... and 7 more")
     with pytest.raises(FileNotFoundError, match="missing.csv"):
         data.read_pretrain_list(str(tmp_path / "missing.csv"))
 

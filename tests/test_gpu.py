@@ -7,7 +7,6 @@ import pytest
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-import bench
 import masking
 import engine
 import train_pretrain as tp
@@ -37,8 +36,8 @@ def small_on_gpu(**overrides):
 
 
 def step_loss(model, cfg, video):
-    """The training loop's loss (masks drawn on the device) with bench.py's mask settings at tube 0.75."""
-    return tp.pretrain_step_loss(model, cfg, video, bench.recipe(bench.parse_args(["--mask_ratio", "0.75"]), dual=True))
+    """The training loop's loss (masks drawn on the device): tube 0.75, running cell 0.5."""
+    return tp.pretrain_step_loss(model, cfg, video, masking.MaskConfig(mask_ratio=0.75))
 
 
 # -----------------------------------------------------------------------------------------------------

@@ -33,7 +33,8 @@ from test_train_pretrain import MICRO
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()
-SCRIPTS = {"train_pretrain.py", "train_finetune.py", "visualize.py", "bench.py", "study.py"}
+SCRIPTS = {"train_pretrain.py", "train_finetune.py", "visualize.py", "bench.py", "study.py", "extract_features.py",
+           "export_hf.py"}
 # flags whose value is a file or folder that parse_args may check or read
 PATH_FLAGS = {"--data_path", "--finetune", "--resume", "--checkpoint", "--label_map", "--video", "--frames"}
 SHELL_VARIABLES = {"NODE_RANK": "0", "HOST": "localhost", "MASTER_HOST": "localhost"}
@@ -82,14 +83,15 @@ def strict_argparse(monkeypatch):
     monkeypatch.setattr(argparse.ArgumentParser, "__init__", no_abbrev)
 
 
-def stand_in(flag: str, value: str, tmp_path: Path) -> str:
+def stand_in(flag: str, value: str, tmp_path: Path, model: str) -> str:
     """An existing path of the right kind for a path flag of a README command."""
     path = tmp_path / "stand_in" / flag.strip("-") / value.strip("/").replace("/", "_")
     path.parent.mkdir(parents=True, exist_ok=True)
     if flag in ("--data_path", "--frames") and (value.endswith("/") or "." not in Path(value).name):
         path.mkdir(exist_ok=True)
     elif flag in ("--finetune", "--resume", "--checkpoint"):
-        torch.save({}, path)  # parse_args reads the stored training arguments; there are none
+        # parse_args reads the checkpoint for the size it states: the command's --model, or base
+        torch.save({"model": {}, "args": {"model": model}}, path)
     elif flag == "--label_map":
         path.write_text(json.dumps(list(range(400))))
     else:
@@ -99,9 +101,10 @@ def stand_in(flag: str, value: str, tmp_path: Path) -> str:
 
 def substitute(argv: list[str], tmp_path: Path) -> list[str]:
     out = list(argv)
+    model = out[out.index("--model") + 1] if "--model" in out[:-1] else "base"
     for i, token in enumerate(out[:-1]):
         if token in PATH_FLAGS:
-            out[i + 1] = stand_in(token, out[i + 1], tmp_path)
+            out[i + 1] = stand_in(token, out[i + 1], tmp_path, model)
     return out
 
 
@@ -296,31 +299,41 @@ def test_python_snippet_runs(index, tiny_sizes, tmp_path, monkeypatch, capsys):
 
 
 def loader_output(tmp_path: Path) -> list[str]:
-    """What load_weights prints in every situation the README explains."""
+    """What the loader says in every situation the README explains: its report lines and its errors."""
     cfg = vmae.config("small", **MICRO, img_size=32, num_frames=4)
     pretrain, classifier = vmae.PretrainVideoMAE(cfg).state_dict(), vmae.VideoClassifier(cfg, 710).state_dict()
     files = {"pretrain.pth": {"model": pretrain}, "classifier.pth": {"model": classifier},
              "no_fc_norm.pth": {k: v for k, v in classifier.items() if not k.startswith("fc_norm.")},
+             "extra.pth": {**classifier, "cls_token": torch.zeros(1, 1, 32)},
+             "renamed.pth": {k.replace("blocks.", "layers."): v for k, v in classifier.items()},
              "small.pth": vmae.PretrainVideoMAE(vmae.config("small", img_size=32, num_frames=4)).state_dict()}
     for name, content in files.items():
         torch.save(content, tmp_path / name)
-    printed, lines = io.StringIO(), []
-    with contextlib.redirect_stdout(printed):
-        vmae.load_weights(vmae.VideoClassifier(cfg, 400), tmp_path / "pretrain.pth")  # left out, starting fresh
-        vmae.load_weights(vmae.VideoClassifier(cfg, 400), tmp_path / "classifier.pth")  # dropping head
-        vmae.load_weights(vmae.VideoClassifier(cfg, 710), tmp_path / "no_fc_norm.pth")  # head without fc_norm
-        vmae.load_weights(vmae.PretrainVideoMAE(cfg), tmp_path / "classifier.pth")  # missing and unused
+    lines = []
+
+    def say(what):
         try:
-            vmae.load_weights(vmae.PretrainVideoMAE(cfg), tmp_path / "small.pth")  # another size
+            lines.extend(str(what()).splitlines())
         except vmae.CheckpointError as e:
-            lines += str(e).splitlines()
-    return [line.strip() for line in printed.getvalue().splitlines() + lines]
+            lines.extend(str(e).splitlines())
+    say(lambda: vmae.load_weights(vmae.VideoClassifier(cfg, 400), tmp_path / "pretrain.pth"))  # left out, fresh
+    say(lambda: vmae.load_weights(vmae.VideoClassifier(cfg, 0), tmp_path / "classifier.pth"))  # no head here
+    say(lambda: vmae.load_weights(vmae.VideoClassifier(cfg, 400), tmp_path / "classifier.pth"))  # dropping head
+    say(lambda: vmae.load_weights(vmae.VideoClassifier(cfg, 710), tmp_path / "no_fc_norm.pth"))  # head without fc_norm
+    say(lambda: vmae.load_weights(vmae.VideoClassifier(cfg, 710), tmp_path / "extra.pth"))  # fits nothing
+    say(lambda: vmae.load_weights(vmae.VideoClassifier(cfg, 710), tmp_path / "renamed.pth"))  # random init: stops
+    say(lambda: vmae.load_weights(vmae.PretrainVideoMAE(cfg), tmp_path / "classifier.pth"))  # no decoder
+    say(lambda: vmae.load_weights(vmae.PretrainVideoMAE(cfg), tmp_path / "small.pth"))  # another size
+    say(lambda: vmae.config_from_checkpoint(vmae.read_checkpoint(tmp_path / "pretrain.pth"), "base"))  # --model
+    say(lambda: vmae.config_from_checkpoint(vmae.read_checkpoint(tmp_path / "pretrain.pth")))  # no size
+    return [line.strip() for line in lines]
 
 
 def test_quoted_loader_messages_are_what_it_prints(tmp_path):
-    block = next(b for b in fenced("text") if "loaded <n> of the model's" in b)
+    blocks = [b for b in fenced("text") if "(read as <layout>)" in b]
+    assert len(blocks) == 2, "the README's blocks of loader messages (reports, stops) were not found"
     printed = loader_output(tmp_path)
-    for line in block.strip().splitlines():
+    for line in "".join(blocks).strip().splitlines():
         pattern = ".+?".join(re.escape(part) for part in re.split(r"<[^>]+>", line.strip()))
         assert any(re.fullmatch(pattern, p) for p in printed), \
             f"README quotes a loader message that load_weights does not print:\n  {line}\nit prints:\n  " + "\n  ".join(printed)

@@ -2,6 +2,7 @@
 processes), the multi-view test against a plain re-computation, overfitting, bad input, and the one weight
 loader against the reference's golden weights and Hugging Face's models."""
 import contextlib
+import functools
 import io
 import json
 
@@ -9,12 +10,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import masking
+import data
 import engine
+import masking
 import train_finetune as tf
 import vmae
 from conftest import assert_probe, config_from_reference, golden, golden_video
-from test_train_pretrain import MICRO, micro, run_processes, torchrun_env  # noqa: F401 (micro is a fixture)
+from test_train_pretrain import micro, refused  # noqa: F401 (micro is a fixture)
+from test_train_pretrain import MICRO, run_processes, torchrun_env
 
 
 def cli(out, *extra):
@@ -43,7 +46,7 @@ def trained(tmp_path_factory):
     out = tmp_path_factory.mktemp("finetune")
     first = run(cli(out))
     files = sorted(p.name for p in out.iterdir())
-    second = run(cli(out, "--epochs", "2"))
+    second = run(cli(out, "--epochs", "2", "--allow_resume_changes"))  # a longer schedule: a change to the run
     return dict(out=out, first=first, files_after_first=files, second=second)
 
 
@@ -52,7 +55,7 @@ def trained(tmp_path_factory):
 
 
 def test_one_epoch_end_to_end(trained):
-    assert trained["files_after_first"] == ["checkpoint-best.pth", "checkpoint-last.pth", "confusion.png",
+    assert trained["files_after_first"] == [".lock", "checkpoint-best.pth", "checkpoint-last.pth", "confusion.png",
                                             "curves.png", "log.txt", "per_class_accuracy.txt"]
     printed = trained["first"]
     assert "effective batch 4 videos" in printed and "mixup 0.8 / cutmix 1.0" in printed
@@ -68,7 +71,9 @@ def test_one_epoch_end_to_end(trained):
 
 def test_rerun_resumes_from_the_last_checkpoint(trained):
     assert "resumed from" in trained["second"] and "continuing at epoch 1" in trained["second"]
-    assert [r.get("epoch") for r in rows(trained["out"])] == [0, None, 1, None]  # epoch, test, epoch, test
+    epoch0, test0, note, epoch1, test1 = rows(trained["out"])
+    assert (epoch0["epoch"], epoch1["epoch"]) == (0, 1) and "test_views" in test0 and "test_views" in test1
+    assert note["changes"] == ["--epochs: 1 in the checkpoint, 2 now"] and note["at_epoch"] == 1  # the override, logged
     assert torch.load(trained["out"] / "checkpoint-last.pth", weights_only=True)["epoch"] == 1
 
 
@@ -211,36 +216,93 @@ def test_demo_and_checkpoint_defaults(trained):
     assert probe.mixup == 0 and probe.drop_path == 0 and probe.aa == "none"
 
 
-@pytest.fixture
-def lists(tmp_path):
-    (tmp_path / "train.csv").write_text("a.mp4 0\nb.mp4 1\nc.mp4 7\n")
-    return tmp_path
+@pytest.fixture(scope="module")
+def ft_inputs(trained, tmp_path_factory):
+    """Fine-tuning's bad files: split folders whose train or validation list is wrong, a validation video
+    that does not open, a frame folder with an empty JPEG, a label map, and checkpoints with one flaw."""
+    d = tmp_path_factory.mktemp("ft_inputs")
+    good = data.SyntheticVideos(4, length=24, height=32, width=40)
+    good.export(str(d / "good"), "train")
+    videos = sorted(str(v) for v in (d / "good" / "train").iterdir())
+    (d / "garbage.mp4").write_bytes(bytes(range(256)) * 20)
+    frames = d / "frames"
+    frames.mkdir()
+    for i in range(1, 9):
+        (frames / f"img_{i:05}.jpg").write_bytes(b"" if i == 1 else b"\xff\xd8")
+    train = "".join(f"{v} {i}\n" for i, v in enumerate(videos))
+    splits = {"bad_val": (train, f"{videos[0]} 0\n{d}/garbage.mp4 1\n"), "no_val": (train, None),
+              "labels": (train + f"{videos[0]} 7\n{videos[1]} 9\n", train), "jpeg": (train, f"{frames} 8 0\n")}
+    for name, (train_list, val_list) in splits.items():
+        (d / name).mkdir()
+        (d / name / "train.csv").write_text(train_list)
+        if val_list:
+            (d / name / "val.csv").write_text(val_list)
+    (d / "map.json").write_text("[0, 1")
+    state = torch.load(trained["out"] / "checkpoint-last.pth", weights_only=True)
+    torch.save({**state, "model": {k: v for k, v in state["model"].items() if k != "blocks.1.mlp.fc2.bias"}},
+               d / "lacking.pth")
+    pretraining = vmae.PretrainVideoMAE(vmae.config("small", **MICRO, img_size=32, num_frames=4)).state_dict()
+    torch.save({**state, "model": pretraining}, d / "pretraining.pth")  # another recipe's model
+    return d
 
 
-@pytest.mark.parametrize("case,message", [
-    ("label", "train.csv:3: label 7 is out of range for nb_classes=5"),
-    ("no val list", "no val.csv list"),
-    ("other size", "patch_embed.proj.weight: file (32, 3, 2, 16, 16) vs model (48, 3, 2, 16, 16)"),
-    ("no file", "checkpoint /no/such.pth: no such file"),
-])
-def test_bad_input_names_the_culprit(case, message, lists, trained, micro, monkeypatch, capsys):
+FINETUNE_REFUSALS = [
+    (["--layer_decay", "-1"], "argument --layer_decay: must be in (0, 1], got -1"),
+    (["--layer_decay", "0"], "argument --layer_decay: must be in (0, 1], got 0"),
+    (["--layer_decay", "1.5"], "argument --layer_decay: must be in (0, 1], got 1.5"),
+    (["--smoothing", "2"], "argument --smoothing: must be in [0, 1), got 2"),
+    (["--smoothing", "-1"], "argument --smoothing: must be in [0, 1), got -1"),
+    (["--head_drop_rate", "1.5"], "argument --head_drop_rate: must be in [0, 1), got 1.5"),
+    (["--init_scale", "nan"], "argument --init_scale: must be in [0, inf), got nan"),
+    (["--nb_classes", "0"], "argument --nb_classes: must be in [1, 100000], got 0"),
+    (["--mixup", "-1"], "argument --mixup: must be in [0, inf), got -1"),
+    (["--cutmix", "nan"], "argument --cutmix: must be in [0, inf), got nan"),
+    (["--mixup_prob", "2"], "argument --mixup_prob: must be in [0, 1], got 2"),
+    (["--mixup_switch_prob", "-0.1"], "argument --mixup_switch_prob: must be in [0, 1], got -0.1"),
+    (["--reprob", "1.5"], "argument --reprob: must be in [0, 1], got 1.5"),
+    (["--test_num_crop", "0"], "argument --test_num_crop: must be in [1, inf), got 0"),
+    (["--test_num_segment", "0"], "argument --test_num_segment: must be in [1, inf), got 0"),
+    (["--short_side_size", "16"], "--short_side_size 16 is smaller than --input_size 32"),
+    (["--clip_grad", "0"], "argument --clip_grad: must be in (0, inf), got 0"),
+    (["--weight_decay", "-1"], "argument --weight_decay: must be in [0, inf), got -1"),
+    (["--lr", "nan"], "argument --lr: must be in (0, inf), got nan"),
+    (["--opt_betas", "1", "0.9"], "argument --opt_betas: must be in [0, 1), got 1"),
+    (["--opt_eps", "-1"], "argument --opt_eps: must be in (0, inf), got -1"),
+    (["--warmup_epochs", "-1"], "argument --warmup_epochs: must be in [0, inf), got -1"),
+    (["--epochs", "1e9"], "argument --epochs: expected an integer in [1, 100000], got '1e9'"),
+    (["--sampling_rate", "0"], "argument --sampling_rate: must be in [1, inf), got 0"),
+    (["--num_workers", "-1"], "argument --num_workers: must be in [0, inf), got -1"),
+    (["--device", "foo"], "argument --device: expected cpu, cuda or cuda:N, got 'foo'"),
+    (["--seed", str(10 ** 23)], "argument --seed: must be in [0, 4294967295]"),
+    (["--aa", "rand-bogus"], "--aa: aa='rand-bogus': expected 'rand-m<magnitude>-n<ops>-mstd<std>-inc1'"),
+    (["--eval"], "--eval tests given weights: pass --finetune CHECKPOINT"),
+    (["--label_map", "{d}/map.json"], "--label_map picks rows of the --finetune checkpoint's head: it needs "
+     "--finetune"),
+    (["--label_map", "{d}/map.json", "--finetune", "{ckpt}"], "--label_map {d}/map.json: cannot be read as JSON"),
+    # lists and files: every split read and checked, the held-out ones opened, before the first step
+    (["--data_path", "{d}/bad_val"], "{d}/garbage.mp4: OpenCV cannot open it"),
+    (["--data_path", "{d}/jpeg"], "img_00001.jpg: OpenCV cannot decode this image (0 bytes)"),
+    (["--data_path", "{d}/labels", "--nb_classes", "7"], "2 problems:\n  {d}/labels/train.csv:5: label 7 is out of "
+     "range for nb_classes=7\n  {d}/labels/train.csv:6: label 9 is out of range"),
+    (["--data_path", "{d}/no_val"], "no val.csv list and no val/ folder"),
+    (["--finetune", "/no/such.pth"], "checkpoint /no/such.pth: no such file"),
+    (["--finetune", "{ckpt}", "--model", "wide"],
+     "--model wide has embed_dim 48, MLP width 192; the file has embed_dim 32, MLP width 128"),
+    # states
+    (["--resume", "{ckpt}", "--lr", "0.1"], "--lr: 0.05 in the checkpoint, 0.1 now"),
+    (["--resume", "{d}/lacking.pth"], "lacking.pth: it does not fit this model (a checkpoint of another model, size "
+     "or recipe, or an incomplete file): missing: blocks.1.mlp.fc2.bias"),
+    (["--resume", "{d}/pretraining.pth"], "pretraining.pth: it does not fit this model"),
+]
+
+
+@pytest.mark.parametrize("flags,message", FINETUNE_REFUSALS, ids=[" ".join(f) for f, _ in FINETUNE_REFUSALS])
+def test_finetuning_refuses_bad_input_by_name(flags, message, ft_inputs, trained, micro, tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(vmae.SIZES, "wide", dict(MICRO, embed_dim=48))
-    argv = cli(lists / "out", "--data_path", str(lists), "--nb_classes", "5" if case == "label" else "8")
-    if case == "no val list":
-        (lists / "train.csv").write_text("a.mp4 0\n")
-    if case == "other size":
-        argv += ["--model", "wide", "--finetune", str(trained["out"] / "checkpoint-best.pth")]
-    if case == "no file":
-        argv += ["--finetune", "/no/such.pth"]
-    with pytest.raises(SystemExit) as stop:
-        engine.run(tf.main, argv)
-    assert stop.value.code == 2 and message in capsys.readouterr().err
-
-
-def test_eval_needs_weights(capsys):
-    with pytest.raises(SystemExit):
-        tf.parse_args(["--eval"])
-    assert "--eval" in capsys.readouterr().err
+    paths = {"{d}": str(ft_inputs), "{ckpt}": str(trained["out"] / "checkpoint-last.pth")}
+    fill = lambda text: functools.reduce(lambda t, kv: t.replace(*kv), paths.items(), text)  # noqa: E731
+    err = refused(tf.main, cli(tmp_path / "out", *map(fill, flags)), capsys, monkeypatch)
+    assert fill(message) in err
 
 
 # -----------------------------------------------------------------------------------------------------
@@ -252,17 +314,17 @@ def save(tmp_path, state, name="ckpt.pth"):
     return tmp_path / name
 
 
-def test_reference_pretraining_checkpoint_loads_compiled_and_wrapped(tmp_path, capsys):
+def test_reference_pretraining_checkpoint_loads_compiled_and_wrapped(tmp_path):
     entry = golden("pretrain_tiny")["p16"]
     model = vmae.PretrainVideoMAE(config_from_reference(entry["official_kwargs"])).eval()
     compiled = {"model": {f"_orig_mod.{k}": v for k, v in entry["state_dict"].items()}}  # the reference's compiled runs
     result = vmae.load_weights(model, save(tmp_path, compiled))
-    assert not result.missing_keys and not result.unexpected_keys and "WARNING" not in capsys.readouterr().out
+    assert not result.missing_keys and not result.unexpected_keys and "WARNING" not in str(result)
     with torch.no_grad():
         assert_probe(model(golden_video(entry), entry["encoder_mask"], entry["decoder_mask"]), entry["outputs_dual"])
 
 
-def test_reference_pretraining_encoder_into_a_classifier(tmp_path, capsys):
+def test_reference_pretraining_encoder_into_a_classifier(tmp_path):
     """As the reference's fine-tuning: its encoder in, decoder / mask token / final norm left out, fresh
     fc_norm and head (the key lists are the reference loader's own, stored in the golden file)."""
     pretrained = golden("pretrain_tiny")["p16"]["state_dict"]
@@ -271,7 +333,7 @@ def test_reference_pretraining_encoder_into_a_classifier(tmp_path, capsys):
     result = vmae.load_weights(model, save(tmp_path, {"module": pretrained}))  # DeepSpeed's key
     assert sorted(result.missing_keys) == sorted(expected["missing_keys"])
     assert sorted(result.unexpected_keys) == sorted(expected["unexpected_keys"])
-    printed = capsys.readouterr().out
+    printed = str(result)
     assert "left out, as the reference's fine-tuning does" in printed and "(34 tensors)" in printed
     assert "starting fresh" in printed and "WARNING" not in printed
     torch.testing.assert_close(model.blocks[1].attn.qkv.weight, pretrained["encoder.blocks.1.attn.qkv.weight"].float())
@@ -285,14 +347,15 @@ def test_reference_classifier_gives_its_logits(tmp_path):
         torch.testing.assert_close(model(golden_video(entry)), entry["logits"], atol=1e-5, rtol=1e-4)
 
 
-def test_head_of_another_class_count(tmp_path, capsys):
+def test_head_of_another_class_count(tmp_path):
     """Dropped with a message, or re-indexed with a label map (the reference's K710 -> K400 conversion)."""
     entry = golden("finetune_tiny")
     path = save(tmp_path, {"model": entry["state_dict"]})
     cfg = config_from_reference(entry["official_kwargs"])
     model = vmae.VideoClassifier(cfg, 3)
-    assert vmae.load_weights(model, path).missing_keys == ["head.weight", "head.bias"]
-    assert "dropping head.weight (5, 64), a head for another class count" in capsys.readouterr().out
+    result = vmae.load_weights(model, path)
+    assert result.missing_keys == ["head.weight", "head.bias"]
+    assert "dropping head.weight (5, 64), a head for another class count" in str(result)
     model = vmae.VideoClassifier(cfg, 3)
     assert vmae.load_weights(model, path, label_map=[4, 0, 2]).missing_keys == []
     torch.testing.assert_close(model.head.weight, entry["state_dict"]["head.weight"][[4, 0, 2]].float())

@@ -3,7 +3,10 @@ micro model, resume, DDP, and bad flags."""
 import json
 import os
 import socket
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -126,13 +129,15 @@ def test_one_run_writes_loadable_checkpoints_and_logs(micro, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "effective batch 4 videos" in printed and "lr 0.05 x 4 / 256" in printed
     names = sorted(p.name for p in tmp_path.iterdir())
-    assert names == ["checkpoint-1.pth", "checkpoint-2.pth", "checkpoint-last.pth", "log.txt", "loss.png", "recon.png"]
+    assert names == [".lock", "checkpoint-1.pth", "checkpoint-2.pth", "checkpoint-last.pth", "log.txt", "loss.png",
+                     "recon.png"]
+    assert (tmp_path / ".lock").read_text() == ""  # released: the run ended cleanly
     rows = [json.loads(line) for line in (tmp_path / "log.txt").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [0, 1, 2] and all(np.isfinite(r["train_loss"]) for r in rows)
     state = torch.load(tmp_path / "checkpoint-2.pth", weights_only=True)
     assert set(state) >= {"model", "optimizer", "epoch", "scaler", "args", "step"}
     assert state["epoch"] == 2 and state["step"] == 3 * 4
-    model = vmae.PretrainVideoMAE(vmae.config_from_checkpoint(state, "checkpoint-2"))
+    model = vmae.PretrainVideoMAE(vmae.config_from_checkpoint(vmae.read_checkpoint(tmp_path / "checkpoint-2.pth")))
     model.load_state_dict(state["model"], strict=True)  # plain keys, no module. / _orig_mod.
 
 
@@ -163,20 +168,174 @@ def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(micro, tmp_path
         torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=0, msg=key)
 
 
-@pytest.mark.parametrize("flags,message", [
-    (["--model", "enormous"], "--model enormous"),
-    (["--mask_ratio", "1.2"], "--mask_ratio"),
-    (["--decoder_mask_ratio", "0.6"], "0.6"),
-    (["--input_size", "100"], "--input_size=100"),
+# -----------------------------------------------------------------------------------------------------
+# Bad input: every bad flag, list line, file and state is a row; each stops with exit code 2, a message
+# naming the culprit and no traceback, before the first optimizer step (unless only decoding can tell)
+
+
+def refused(main, argv, capsys, monkeypatch, before_first_step: bool = True) -> str:
+    """Run a recipe's command line that must refuse: exit code 2, no traceback, no epoch started (unless
+    the flaw shows only in decoding). Returns what it printed on stderr."""
+    real, epochs = engine.train_epoch, []
+    monkeypatch.setattr(engine, "train_epoch", lambda *a, **k: epochs.append(a[3]) or real(*a, **k))
+    with pytest.raises(SystemExit) as stop:
+        engine.run(main, argv)
+    out, err = capsys.readouterr()
+    assert stop.value.code == 2 and "Traceback" not in out + err, out + err
+    assert not epochs or not before_first_step, f"refused only after starting epoch {epochs}: {err}"
+    return err
+
+
+def training_checkpoint_variants(folder, checkpoint, cfg) -> None:
+    """Bad states made from a real training checkpoint: each file is the good one with one thing wrong."""
+    state = torch.load(checkpoint, weights_only=True)
+    variants = dict(
+        weights_only=dict(model=state["model"]),  # released weights: no optimizer, no epoch
+        lacking={**state, "model": {k: v for k, v in state["model"].items() if k != "encoder.blocks.1.mlp.fc2.bias"}},
+        nonfinite={**state, "model": {**state["model"], "encoder.blocks.0.attn.qkv.weight": torch.full(
+            state["model"]["encoder.blocks.0.attn.qkv.weight"].shape, float("nan"))}},
+        classifier={**state, "model": vmae.VideoClassifier(cfg, 8).state_dict()},  # another model's
+        other_data={**state, "args": {**state["args"], "data": "1000 videos, 0123456789ab"}},
+        two_processes={**state, "args": {**state["args"], "processes": 2}},
+    )
+    for name, variant in variants.items():
+        torch.save(variant, folder / f"{name}.pth")
+    (folder / "garbage.pth").write_bytes(os.urandom(3000))
+
+
+@pytest.fixture(scope="module")
+def bad_inputs(tmp_path_factory):
+    """Files for the rows below: lists with bad lines, missing, empty and corrupt videos, a short frame
+    folder, a finished one-epoch run and bad variants of its checkpoint, a folder another run holds."""
+    import data
+    d = tmp_path_factory.mktemp("bad_inputs")
+    good = data.SyntheticVideos(2, length=24, height=32, width=40).export(str(d), "good")  # 2 real .mp4
+    video = d / "good" / "video_00000.mp4"
+    (d / "empty.mp4").write_bytes(b"")
+    (d / "garbage.mp4").write_bytes(os.urandom(5000))
+    frames = d / "frames"
+    frames.mkdir()
+    for i in range(1, 4):
+        (frames / f"img_{i:05}.jpg").write_bytes(b"\xff\xd8")
+    lists = {"minus5": f"{video} 1 -5\n", "many": f"{video} x\n{video} 0 -1\n{video} 0 0\n{video} 1 2 3 4\n",
+             "missing": f"{d}/gone1.mp4\n{video}\n{d}/gone2.mp4\n", "empty": f"{d}/empty.mp4 0 -1\n",
+             "short": f"{frames} 1 16\n", "corrupt": f"{d}/garbage.mp4\n" * 4, "blank": "\n\n"}
+    for name, text in lists.items():
+        (d / f"{name}.csv").write_text(text)
+    assert good
+    (d / "a_file").write_text("not a folder")
+    with pytest.MonkeyPatch.context() as m:
+        m.setitem(vmae.SIZES, "micro", MICRO)
+        tp.main(cli(d / "run", "--epochs", "1"))
+        cfg = vmae.config("micro", img_size=32, num_frames=4)
+    training_checkpoint_variants(d, d / "run" / "checkpoint-last.pth", cfg)
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(d / "locked")], stdout=subprocess.PIPE,
+                              text=True)  # a live run's lock, from another process
+    assert holder.stdout.readline() == "held\n"
+    yield d
+    holder.kill()
+    holder.wait()
+
+
+HOLDER = """import sys
+import time
+from pathlib import Path
+sys.path.insert(0, %r)
+import engine
+engine.take_folder(Path(sys.argv[1]))
+print("held", flush=True)
+time.sleep(3600)
+""" % str(Path(__file__).resolve().parent.parent)
+
+
+PRETRAIN_REFUSALS = [
+    # flags, each with its valid range
+    (["--clip_grad", "-1"], "argument --clip_grad: must be in (0, inf), got -1"),
+    (["--clip_grad", "0"], "argument --clip_grad: must be in (0, inf), got 0"),
+    (["--weight_decay", "-0.05"], "argument --weight_decay: must be in [0, inf), got -0.05"),
+    (["--weight_decay_end", "-1"], "argument --weight_decay_end: must be in [0, inf)"),
+    (["--lr", "-1"], "argument --lr: must be in (0, inf), got -1"),
+    (["--lr", "nan"], "argument --lr: must be in (0, inf), got nan"),
+    (["--min_lr", "inf"], "argument --min_lr: must be in [0, inf), got inf"),
+    (["--opt_betas", "0.9", "1.5"], "argument --opt_betas: must be in [0, 1), got 1.5"),
+    (["--opt_betas", "0.9"], "argument --opt_betas: expected 2 arguments"),
+    (["--opt_eps", "-1"], "argument --opt_eps: must be in (0, inf), got -1"),
+    (["--opt_eps", "0"], "argument --opt_eps: must be in (0, inf), got 0"),
+    (["--warmup_epochs", "-1"], "argument --warmup_epochs: must be in [0, inf), got -1"),
+    (["--warmup_steps", "-2"], "argument --warmup_steps: must be in [-1, inf), got -2"),
+    (["--sampling_rate", "0"], "argument --sampling_rate: must be in [1, inf), got 0"),
+    (["--num_workers", "-1"], "argument --num_workers: must be in [0, inf), got -1"),
+    (["--device", "foo"], "argument --device: expected cpu, cuda or cuda:N, got 'foo'"),
+    (["--seed", str(10 ** 23)], "argument --seed: must be in [0, 4294967295], got 1000000000000000000000"),
+    (["--epochs", "1e9"], "argument --epochs: expected an integer in [1, 100000], got '1e9'"),
+    (["--epochs", "1000000000"], "argument --epochs: must be in [1, 100000], got 1000000000"),
+    (["--epochs", "100000", "--synthetic_size", "2000", "--batch_size", "1"],
+     "= 200000000 optimizer steps, more than 1e+07"),
+    (["--batch_size", "0"], "argument --batch_size: must be in [1, inf), got 0"),
+    (["--batch_size", "32"], "--batch_size 32 x --accum_iter 1 x 1 processes is more than the 16 videos"),
+    (["--accum_iter", "0"], "argument --accum_iter: must be in [1, inf), got 0"),
+    (["--num_sample", "0"], "argument --num_sample: must be in [1, inf), got 0"),
+    (["--log_every", "0"], "argument --log_every: must be in [1, inf), got 0"),
+    (["--save_ckpt_freq", "0"], "argument --save_ckpt_freq: must be in [1, inf), got 0"),
+    (["--synthetic_size", "0"], "argument --synthetic_size: must be in [1, inf), got 0"),
+    (["--mask_ratio", "1.2"], "argument --mask_ratio: must be in (0, 1), got 1.2"),
+    (["--decoder_mask_ratio", "1"], "argument --decoder_mask_ratio: must be in [0, 1), got 1"),
+    (["--decoder_mask_ratio", "0.6"], "--decoder_mask_ratio/--input_size"),
+    (["--decoder_depth", "0"], "argument --decoder_depth: must be in [1, inf), got 0"),
+    (["--drop_path", "1"], "argument --drop_path: must be in [0, 1), got 1"),
+    (["--max_bad_fraction", "1.5"], "argument --max_bad_fraction: must be in [0, 1], got 1.5"),
+    (["--num_frames", "0"], "argument --num_frames: must be in [1, 1024], got 0"),
     (["--num_frames", "15"], "--num_frames=15"),
-    (["--batch_size", "0"], "--batch_size"),
-    (["--data_path", "/no/such/list.csv"], "--data_path /no/such/list.csv"),
-    (["--precision", "fp8"], "--precision"),
-])
-def test_bad_flags_name_the_flag(flags, message, capsys):
-    with pytest.raises(SystemExit):
-        tp.parse_args(flags)
-    assert message in capsys.readouterr().err
+    (["--input_size", "100"], "--input_size=100"),
+    (["--input_size", "5000"], "argument --input_size: must be in [1, 4096], got 5000"),
+    (["--tubelet_size", "0"], "argument --tubelet_size: must be in [1, inf), got 0"),
+    (["--fname_tmpl", "img_{}_{}.jpg"], "argument --fname_tmpl: 'img_{}_{}.jpg' does not format with a frame number"),
+    (["--fname_tmpl", "img_{:05d"], "argument --fname_tmpl: 'img_{:05d' does not format"),
+    (["--fname_tmpl", "img.jpg"], "argument --fname_tmpl: 'img.jpg' gives every frame the name img.jpg"),
+    (["--model", "enormous"], "--model enormous"),
+    (["--precision", "fp8"], "argument --precision: invalid choice: 'fp8'"),
+    (["--data_path", "/no/such/list.csv"], "--data_path /no/such/list.csv: no such file"),
+    (["--fsdp"], "--fsdp needs a process group"),
+    # list lines and files: all bad lines at once, every listed path checked before the first step
+    (["--data_path", "{d}/minus5.csv"], "minus5.csv:1: expected total_frames > 0 (a folder of frames) or -1 (a video "
+     "file) and start_idx >= 0, got start_idx 1, total_frames -5"),
+    (["--data_path", "{d}/many.csv"], "3 problems:\n  {d}/many.csv:1: expected 'path', 'path label'"),
+    (["--data_path", "{d}/many.csv"], "many.csv:3: total_frames is 0 (use -1 for a video file)\n  {d}/many.csv:4: "),
+    (["--data_path", "{d}/blank.csv"], "blank.csv: no clips found"),
+    (["--data_path", "{d}/missing.csv"], "2 problems:\n  {d}/gone1.mp4: no such file\n  {d}/gone2.mp4: no such file"),
+    (["--data_path", "{d}/missing.csv", "--skip_bad_videos", "--max_bad_fraction", "0.5"],
+     "2 of 3 videos are unreadable, more than max_bad_fraction=0.5"),
+    (["--data_path", "{d}/empty.csv"], "empty.mp4: empty file"),
+    (["--data_path", "{d}/short.csv"], "img_00016.jpg: missing, so {d}/frames has fewer frames than its list line"),
+    (["--data_path", "{d}/corrupt.csv", "--num_workers", "1"], "garbage.mp4: OpenCV cannot open"),  # found in epoch 0
+    (["--finetune", "{d}/garbage.pth"], "garbage.pth: cannot be read as a weights-only checkpoint"),
+    # states: checkpoints to resume from, the output folder
+    (["--resume", "{d}/weights_only.pth"], "weights_only.pth: not a training checkpoint (it has no optimizer, epoch); "
+     "to start from its weights, pass it as --finetune"),
+    (["--resume", "{d}/garbage.pth"], "garbage.pth: cannot be read as a weights-only checkpoint"),
+    (["--resume", "{d}/lacking.pth"], "lacking.pth: it does not fit this model (a checkpoint of another model, size or "
+     "recipe, or an incomplete file): missing: encoder.blocks.1.mlp.fc2.bias"),
+    (["--resume", "{d}/classifier.pth"], "cannot resume from {d}/classifier.pth: it does not fit this model"),
+    (["--resume", "{d}/nonfinite.pth"], "cannot resume from {d}/nonfinite.pth: non-finite weights in "
+     "encoder.blocks.0.attn.qkv.weight"),
+    (["--resume", "{d}/run/checkpoint-last.pth", "--batch_size", "2", "--mask_ratio", "0.5"],
+     "resuming would mix two runs:\n  --batch_size: 4 in the checkpoint, 2 now\n  --epochs: 1 in the checkpoint, 3 now"
+     "\n  --mask_ratio: 0.75 in the checkpoint, 0.5 now\nUse the checkpoint's values"),
+    (["--resume", "{d}/run/checkpoint-last.pth", "--seed", "1", "--no-normalize_target", "--lr", "0.1"], "--seed: 0 in "
+     "the checkpoint, 1 now"),
+    (["--resume", "{d}/other_data.pth"], "data: '1000 videos, 0123456789ab' in the checkpoint, '16 videos, "),
+    (["--resume", "{d}/two_processes.pth"], "processes: 2 in the checkpoint, 1 now"),
+    (["--output_dir", "{d}/locked"], "--output_dir {d}/locked is in use by another run (pid "),
+    (["--output_dir", "{d}/a_file/out"], "--output_dir {d}/a_file/out: cannot write there"),
+]
+
+
+@pytest.mark.parametrize("flags,message", PRETRAIN_REFUSALS, ids=[" ".join(f) for f, _ in PRETRAIN_REFUSALS])
+def test_pretraining_refuses_bad_input_by_name(flags, message, bad_inputs, micro, tmp_path, capsys, monkeypatch):
+    flags = [f.replace("{d}", str(bad_inputs)) for f in flags]
+    err = refused(tp.main, cli(tmp_path / "out", *flags), capsys, monkeypatch,
+                  before_first_step="corrupt.csv" not in " ".join(flags))
+    assert message.replace("{d}", str(bad_inputs)) in err
 
 
 def test_the_demo_builds_the_laptop_size_with_masks_it_can_make():
@@ -188,12 +347,6 @@ def test_the_demo_builds_the_laptop_size_with_masks_it_can_make():
     assert num_visible == 4 * 4 and num_queries == 64 // 2
     assert ((~enc).sum(1) == num_visible).all() and ((~dec).sum(1) == num_queries).all()
     assert "demo" not in vmae.ALIASES.values() and set(vmae.ALIASES.values()) == set(vmae.PAPER_SIZES)
-
-
-def test_dataset_smaller_than_a_batch_is_an_error(micro, tmp_path, capsys):
-    with pytest.raises(SystemExit) as stop:
-        engine.run(tp.main, cli(tmp_path, "--batch_size", "32"))
-    assert stop.value.code == 2 and "--batch_size 32" in capsys.readouterr().err
 
 
 # -----------------------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+import engine
 import masking
 import train_pretrain as tp
 import visualize
@@ -97,8 +98,9 @@ def test_recon_refuses_a_classifier_checkpoint(tmp_path, capsys):
     cfg = tiny()
     path = tmp_path / "classifier.pth"
     torch.save({"model": vmae.VideoClassifier(cfg, 4).state_dict(), "args": {"model": "small"}}, path)
-    with pytest.raises(vmae.CheckpointError, match="fine-tuned classifier.*reconstruction needs a pretraining checkpoint"):
-        vmae.load_pretrained(path)
+    with pytest.raises(SystemExit):
+        engine.run(visualize.main, ["recon", "--checkpoint", str(path), "--out", str(tmp_path / "r.png")])
+    assert "holds a fine-tuned classifier (head.*, fc_norm.*) and no decoder" in capsys.readouterr().err
 
 
 def test_curves_put_runs_on_an_epoch_axis(tmp_path):

@@ -1,0 +1,248 @@
+"""Nothing silent, nothing lost: what engine.py guards for both recipes, tried the way bad luck tries it.
+Every numeric flag of every script has a stated range; a resume that would mix two runs stops unless told;
+a killed run (SIGKILL between an epoch's files) reruns to exactly the uninterrupted run's files; read-only,
+small and full disks are found and named; weights gone non-finite stop the run at the real last good
+checkpoint; a folder held by one run stops the next, stale locks are taken over; a refusal on rank 0 reaches
+every process. (Each recipe's table of bad flags, lines, files and states is in its own test file.)"""
+import argparse
+import errno
+import importlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import engine
+import train_pretrain as tp
+import vmae
+from test_train_pretrain import MICRO, cli, micro, refused, run_processes, torchrun_env  # noqa: F401 (micro: a fixture)
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def rows(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "log.txt").read_text().splitlines()]
+
+
+# -----------------------------------------------------------------------------------------------------
+# Flags
+
+
+def test_within_takes_the_interval_it_states():
+    unit, positive, count = engine.within("[0, 1)"), engine.within("(0, inf)"), engine.within("[1, 100]", int)
+    assert unit("0") == 0 and unit("0.999") == 0.999 and positive("1e-30") == 1e-30 and count("100") == 100
+    for parse, text in [(unit, "1"), (unit, "-0.0001"), (unit, "nan"), (positive, "0"), (positive, "inf"),
+                        (positive, "-inf"), (count, "0"), (count, "101"), (count, "1.5"), (count, "1e2"),
+                        (count, str(10 ** 400)), (unit, "x")]:
+        with pytest.raises(argparse.ArgumentTypeError):
+            parse(text)
+
+
+def scripts() -> list[str]:
+    """The command-line scripts: every top-level module with a parse_args (a new one is covered by itself)."""
+    return sorted(p.stem for p in ROOT.glob("*.py") if "\ndef parse_args(" in p.read_text())
+
+
+@pytest.mark.parametrize("name", scripts())
+def test_every_numeric_flag_states_its_valid_range(name, monkeypatch):
+    """No flag of any script parses a bare int or float: each takes engine.within (or another checking type),
+    so a value out of range stops at parse time with the flag's name."""
+    class Parsed(Exception):
+        pass
+
+    def catch(parser, *args, **kwargs):
+        raise Parsed(parser)
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_known_args", catch)
+    with pytest.raises(Parsed) as parsed:
+        importlib.import_module(name).parse_args([])
+    actions = parsed.value.args[0]._actions
+    bare = [a.option_strings or a.dest for a in actions if a.type in (int, float)]
+    assert not bare, f"{name}.py: numeric flags without a range: {bare}"
+
+
+# -----------------------------------------------------------------------------------------------------
+# Resuming: the same run or a refusal
+
+
+def test_resume_with_a_changed_flag_is_refused_and_allowed_with_the_override(micro, tmp_path, capsys, monkeypatch):
+    tp.main(cli(tmp_path, "--epochs", "1"))
+    before = (tmp_path / "checkpoint-last.pth").read_bytes()
+    err = refused(tp.main, cli(tmp_path, "--epochs", "2", "--log_every", "1", "--num_workers", "1"), capsys, monkeypatch)
+    assert "--epochs: 1 in the checkpoint, 2 now" in err and "--log_every" not in err and "--num_workers" not in err
+    assert (tmp_path / "checkpoint-last.pth").read_bytes() == before and len(rows(tmp_path)) == 1  # nothing touched
+
+    tp.main(cli(tmp_path, "--epochs", "2", "--allow_resume_changes"))
+    assert "--allow_resume_changes: continuing with\n  --epochs: 1 in the checkpoint, 2 now" in capsys.readouterr().out
+    first, note, second = rows(tmp_path)
+    assert (first["epoch"], second["epoch"]) == (0, 1)
+    assert note == dict(resumed_from=str(tmp_path / "checkpoint-last.pth"), at_epoch=1,
+                        changes=["--epochs: 1 in the checkpoint, 2 now"])
+    assert torch.load(tmp_path / "checkpoint-last.pth", weights_only=True)["args"]["epochs"] == 2
+
+
+# -----------------------------------------------------------------------------------------------------
+# A kill at any moment: the rerun ends where the uninterrupted run ends
+
+KILLABLE = """
+import os, signal, sys
+sys.path.insert(0, {root!r})
+import engine, train_pretrain, vmae
+vmae.SIZES["micro"] = {micro!r}
+kill_at, renames, replace = int(os.environ.get("KILL_AT", 0)), [0], os.replace
+
+def replace_or_die(src, dst):  # the n-th file put in place: SIGKILL just before it
+    renames[0] += 1
+    if renames[0] == kill_at:
+        os.kill(os.getpid(), signal.SIGKILL)
+    replace(src, dst)
+
+os.replace = replace_or_die
+engine.run(train_pretrain.main, sys.argv[1:])
+"""
+
+
+def run_killable(out: Path, kill_at: int = 0) -> int:
+    script = KILLABLE.format(root=str(ROOT), micro=MICRO)
+    env = dict(os.environ, KILL_AT=str(kill_at), OMP_NUM_THREADS="1", MPLBACKEND="Agg")
+    flags = cli(out, "--epochs", "3", "--synthetic_size", "8", "--save_ckpt_freq", "1")
+    return subprocess.run([sys.executable, "-c", script, *flags], env=env, capture_output=True, timeout=600).returncode
+
+
+def test_a_sigkill_between_an_epochs_writes_loses_nothing(tmp_path):
+    """Each epoch puts three files in place, each by a rename: checkpoint-<epoch>.pth, log.txt, and last
+    checkpoint-last.pth, which commits the epoch. Killed before epoch 1's log.txt (its checkpoint-1.pth
+    already written), then before epoch 2's checkpoint-last.pth (its log line already written), then rerun:
+    the files must be the uninterrupted run's, and no temporary file may be left."""
+    assert run_killable(tmp_path / "straight") == 0
+    out = tmp_path / "killed"
+    assert run_killable(out, kill_at=5) == -signal.SIGKILL
+    assert torch.load(out / "checkpoint-last.pth", weights_only=True)["epoch"] == 0 and len(rows(out)) == 1
+    assert list(out.glob(".*.tmp"))  # what the kill left
+    assert run_killable(out, kill_at=6) == -signal.SIGKILL  # renames: 1 checkpoint-1, 2 log, 3 last; 4, 5, 6 epoch 2
+    assert torch.load(out / "checkpoint-last.pth", weights_only=True)["epoch"] == 1 and len(rows(out)) == 3
+    assert run_killable(out) == 0
+
+    timeless = lambda rs: [{k: v for k, v in r.items() if not k.endswith(("time_s", "per_s"))} for r in rs]  # noqa: E731
+    assert timeless(rows(out)) == timeless(rows(tmp_path / "straight"))
+    assert not list(out.glob(".*.tmp")) and (out / ".lock").read_text() == ""
+    for name in ("checkpoint-0.pth", "checkpoint-1.pth", "checkpoint-2.pth", "checkpoint-last.pth"):
+        a, b = (torch.load(run / name, weights_only=True) for run in (tmp_path / "straight", out))
+        assert (a["epoch"], a["step"]) == (b["epoch"], b["step"])
+        assert {**a["args"], "output_dir": None} == {**b["args"], "output_dir": None}
+        for key in a["model"]:
+            assert torch.equal(a["model"][key], b["model"][key]), f"{name}: {key}"
+        for x, y in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+            assert all(torch.equal(x[k], y[k]) for k in x), name
+
+
+# -----------------------------------------------------------------------------------------------------
+# The output folder: writable, roomy, one writer
+
+
+def test_a_read_only_output_folder_fails_before_the_first_step(micro, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "read_only"
+    out.mkdir()
+    out.chmod(0o555)
+    if os.access(out, os.W_OK):  # root writes anyway: fail its writes there as a read-only file system does
+        real_open = os.open
+
+        def read_only(path, flags, *args, **kwargs):
+            if str(path).startswith(str(out)) and flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT):
+                raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+            return real_open(path, flags, *args, **kwargs)
+        monkeypatch.setattr(os, "open", read_only)
+    err = refused(tp.main, cli(out), capsys, monkeypatch)
+    assert f"--output_dir {out}: cannot write there" in err
+
+
+def test_too_little_space_for_a_checkpoint_fails_before_the_first_step(micro, tmp_path, capsys, monkeypatch):
+    real = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: real(path)._replace(free=100_000))
+    err = refused(tp.main, cli(tmp_path), capsys, monkeypatch)
+    assert f"--output_dir {tmp_path}: 0.00 GiB free, but a checkpoint of this model needs about" in err
+
+
+def test_a_full_disk_is_named_and_replaces_nothing(micro, tmp_path, capsys, monkeypatch):
+    tp.main(cli(tmp_path, "--epochs", "1"))
+    before = (tmp_path / "checkpoint-last.pth").read_bytes()
+    real, full = shutil.disk_usage, []
+
+    def disk_fills_up(state, path, *args, **kwargs):  # what torch.save does when the disk is full
+        Path(path).write_bytes(b"\0" * 100)
+        full.append(path)
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+    monkeypatch.setattr(torch, "save", disk_fills_up)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: real(path)._replace(free=0 if full else real(path).free))
+    err = refused(tp.main, cli(tmp_path, "--epochs", "2", "--allow_resume_changes"), capsys, monkeypatch,
+                  before_first_step=False)
+    assert f"cannot write {tmp_path / 'checkpoint-1.pth'}: no space left on the device" in err
+    assert "enforce fail" not in err and not list(tmp_path.glob(".*.tmp"))
+    assert (tmp_path / "checkpoint-last.pth").read_bytes() == before
+    assert [r["epoch"] for r in rows(tmp_path) if "epoch" in r] == [0]
+
+
+def test_a_stale_lock_is_taken_over_with_a_note(micro, tmp_path, capsys):
+    tmp_path.mkdir(exist_ok=True)
+    (tmp_path / ".lock").write_text("pid 99999999 on a-host-that-crashed\n")
+    (tmp_path / ".checkpoint-last.pth.99999999.tmp").write_bytes(b"half a checkpoint")
+    tp.main(cli(tmp_path, "--epochs", "1"))
+    printed = capsys.readouterr().out
+    assert "taking over from a run that ended without releasing it (pid 99999999 on a-host-that-crashed)" in printed
+    assert "removed 1 temporary file(s)" in printed and (tmp_path / ".lock").read_text() == ""
+
+
+def held_folder(rank: int, world: int, port: int, out: str, report: str):
+    torchrun_env(rank, world, port)
+    vmae.SIZES["micro"] = MICRO
+    try:
+        tp.main(cli(out))
+    except engine.RunError as e:
+        Path(report.format(rank)).write_text(str(e))
+    dist.destroy_process_group()
+
+
+def test_a_refusal_on_rank_zero_reaches_every_process(tmp_path):
+    """Only rank 0 takes the folder; its refusal must stop rank 1 too, not leave it waiting in a collective."""
+    lock = engine.take_folder(tmp_path / "out")
+    try:
+        run_processes(held_folder, 2, str(tmp_path / "out"), str(tmp_path / "rank{}.txt"), timeout=120)
+    finally:
+        engine.release_folder(lock)
+    for rank in (0, 1):
+        assert "is in use by another run" in (tmp_path / f"rank{rank}.txt").read_text()
+
+
+# -----------------------------------------------------------------------------------------------------
+# Non-finite numbers
+
+
+def test_nonfinite_weights_or_loss_stop_at_the_real_last_good_checkpoint(micro, tmp_path, capsys, monkeypatch):
+    """Weights that go non-finite on an epoch's last step (the loss still finite) are not saved, and the
+    message names the checkpoint that is good: checkpoint-last.pth of epoch 0, not the epoch that failed."""
+    real, gathered = engine.get_model_state_dict, []
+
+    def poisoned(model, options):
+        state = real(model, options=options)
+        gathered.append(1)
+        if len(gathered) == 2:  # epoch 1's weights
+            state["decoder.head.weight"] = torch.full_like(state["decoder.head.weight"], float("nan"))
+        return state
+    monkeypatch.setattr(engine, "get_model_state_dict", poisoned)
+    err = refused(tp.main, cli(tmp_path), capsys, monkeypatch, before_first_step=False)
+    assert "the weights became non-finite in epoch 1 (decoder.head.weight)" in err
+    assert f"The last good checkpoint is {tmp_path / 'checkpoint-last.pth'} (epoch 0)" in err
+    assert torch.load(tmp_path / "checkpoint-last.pth", weights_only=True)["epoch"] == 0 and len(rows(tmp_path)) == 1
+
+    monkeypatch.setattr(engine, "get_model_state_dict", real)
+    loss = vmae.pretrain_loss
+    monkeypatch.setattr(vmae, "pretrain_loss", lambda *a, **k: loss(*a, **k) * float("nan"))
+    err = refused(tp.main, cli(tmp_path), capsys, monkeypatch, before_first_step=False)  # resumes at epoch 1
+    assert "loss became non-finite at optimizer step 4" in err
+    assert f"The last good checkpoint is {tmp_path / 'checkpoint-last.pth'} (epoch 0)" in err
