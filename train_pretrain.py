@@ -41,7 +41,7 @@ def pretrain_step_loss(model: torch.nn.Module, cfg: vmae.VideoMAEConfig, video: 
     pred = model(video, enc, dec, num_visible=num_visible, num_queries=num_queries)  # (B, N_q, 3·t·p²)
     queries = vmae.query_indices(enc, dec, num_queries)  # (B, N_q): the target only where the decoder predicts
     target = vmae.reconstruction_target(video, cfg.patch_size, cfg.tubelet_size, normalize_target, queries)
-    return vmae.pretrain_loss(pred, target, enc, dec)
+    return vmae.pretrain_loss(pred, target, enc, dec, queries)
 
 
 def step_flops(cfg: vmae.VideoMAEConfig, batch: int, masks: masking.MaskConfig) -> tuple[int, int]:
