@@ -669,10 +669,12 @@ def suite_part(part: str, out: Path, smoke: bool, limit: float) -> None:
         suite_command(["train_pretrain.py", *flags, "--input_size", str(s.px), "--num_frames", str(s.frames),
                        "--output_dir", str(scratch)], limit, write,
                       then=["visualize.py", "recon", "--checkpoint", str(scratch / "checkpoint-last.pth"), "--slots", "4",
-                            "--out", str(out / "recon.png")])
+                            "--out", str(scratch / "showcase.png")])
+        if (scratch / "showcase.png").exists():  # the PNG only: the GIF beside it would not come back
+            shutil.copy(scratch / "showcase.png", out / "recon.png")
     elif part == "study":  # the study's GPU setting; its tables and figure next to the suite's
         scratch = Path(tempfile.mkdtemp())
-        suite_command(["study.py", "--out", str(scratch)] + (["--quick", "--seeds", "0", "--arms", "a"] if smoke else []),
+        suite_command(["study.py", "--out", str(scratch)] + (["--quick", "--seeds", "0", "--arms", "v1"] if smoke else []),
                       limit, write)
         for name in ("study.md", "study.png"):
             if (scratch / name).exists():
