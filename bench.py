@@ -59,10 +59,10 @@ def parse_args(argv=None):
     p.add_argument("--ops", action="store_true", help="count the ATen ops of one train step per size and precision, and exit")
     p.add_argument("--gpu_suite", metavar="DIR", help="run every GPU measurement of docs/gpu.md, tables to DIR/summary.md")
     p.add_argument("--parts", nargs="+", default=list(SUITE_DEFAULT), choices=list(SUITE), help="--gpu_suite: which parts")
-    p.add_argument("--budget_s", type=float, default=560, help="--gpu_suite: seconds for all parts together")
+    p.add_argument("--budget_s", type=engine.within("(0, inf)"), default=560, help="--gpu_suite: seconds for all parts together")
     p.add_argument("--smoke", action="store_true", help="--gpu_suite: tiny sizes on the CPU, to check it runs")
     p.add_argument("--part", help=argparse.SUPPRESS)  # one part, in the process the suite starts for it
-    p.add_argument("--part_limit", type=float, default=600, help=argparse.SUPPRESS)
+    p.add_argument("--part_limit", type=engine.within("(0, inf)"), default=600, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
