@@ -11,8 +11,10 @@ timm importable).
     python bench.py                               # small and base, 16x224, batch 2, fp32 and bf16
     python bench.py --sizes base --batch_size 8 --precision bf16 --compile
     python bench.py --flops                       # tokens and GFLOPs per clip for every size, no timing
-    python bench.py --data                        # clips/s of one data worker on 720p and 240p videos
+    python bench.py --data                        # clips/s of one data worker on 240p, 320p and 720p videos
     python bench.py --memory --sizes giant        # GB per GPU by size, precision, checkpointing (computed)
+    python bench.py --ops                         # ATen ops per train step (what an eager GPU step launches)
+    python bench.py --gpu_suite gpu_out           # every GPU figure of docs/gpu.md, in gpu_out/summary.md
 
 FLOPs are counted by running the step once on the `meta` device under PyTorch's FLOP counter (2 FLOPs
 per multiply-add; exact shapes, no arithmetic typed in by hand; train_pretrain.step_flops). The paper's "FLOPs" are multiply-adds
@@ -22,8 +24,12 @@ import argparse
 import statistics
 import sys
 import time
+from collections import Counter
+from pathlib import Path
+from typing import NamedTuple
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 import engine
@@ -50,6 +56,13 @@ def parse_args(argv=None):
     p.add_argument("--flops", action="store_true", help="print the per-clip token and FLOP table and exit")
     p.add_argument("--data", action="store_true", help="time one data worker on videos the bench writes, and exit")
     p.add_argument("--memory", action="store_true", help="compute the training-memory table for every size, and exit")
+    p.add_argument("--ops", action="store_true", help="count the ATen ops of one train step per size and precision, and exit")
+    p.add_argument("--gpu_suite", metavar="DIR", help="run every GPU measurement of docs/gpu.md, tables to DIR/summary.md")
+    p.add_argument("--parts", nargs="+", default=list(SUITE_DEFAULT), choices=list(SUITE), help="--gpu_suite: which parts")
+    p.add_argument("--budget_s", type=engine.within("(0, inf)"), default=560, help="--gpu_suite: seconds for all parts together")
+    p.add_argument("--smoke", action="store_true", help="--gpu_suite: tiny sizes on the CPU, to check it runs")
+    p.add_argument("--part", help=argparse.SUPPRESS)  # one part, in the process the suite starts for it
+    p.add_argument("--part_limit", type=engine.within("(0, inf)"), default=600, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
@@ -60,10 +73,6 @@ def parse_args(argv=None):
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
-
-
-def median_seconds(fn, steps: int, warmup: int, device: torch.device) -> float:
-    return round_robin({"fn": fn}, steps, warmup, device)["fn"]
 
 
 def round_robin(contenders: dict, steps: int, warmup: int, device: torch.device) -> dict[str, float]:
@@ -208,28 +217,35 @@ def write_video(path: str, width: int, height: int, seconds: int = 10, fps: int 
     writer.release()
 
 
+VIDEOS = {"240p": (320, 240), "320p": (426, 320), "720p": (1280, 720)}  # width, height
+
+
 def data_table(args) -> None:
-    """Clips/s of one worker (one process, one decoding thread) turning videos into training clips."""
+    """Clips/s of one worker (one process, one decoding thread) turning videos into training clips: float
+    clips normalised by the worker, or uint8 clips that the GPU normalises (--normalize_on_device)."""
     import tempfile
     import data
-    print(f"# one data worker, {args.num_frames}x{args.input_size} clips from 10 s, 30 fps mp4v videos written here")
-    print("| video | pretraining clips/s (num_sample 1) | pretraining clips/s (num_sample 4) | fine-tune train clips/s (num_sample 2) |")
-    print("|---|---|---|---|")
+    clip = 3 * args.num_frames * args.input_size ** 2
+    print(f"# one data worker, {args.num_frames}x{args.input_size} clips from 10 s, 30 fps mp4v videos written here; "
+          f"torch {torch.__version__}; a clip is {4 * clip / 1e6:.2f} MB as float32, {clip / 1e6:.2f} MB as uint8")
+    print("| video | pretraining clips/s (num_sample 1) | pretraining clips/s (num_sample 4) "
+          "| num_sample 4, uint8 (normalised on the device) | fine-tune train clips/s (num_sample 2) |")
+    print("|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as folder:
-        for name, (w, h) in {"720p": (1280, 720), "240p": (320, 240)}.items():
+        for name, (w, h) in VIDEOS.items():
             path = f"{folder}/{name}.mp4"
             write_video(path, w, h)
             list_file = f"{folder}/{name}.csv"
             with open(list_file, "w") as f:
                 f.write(f"{path} 0\n")
-            rates = []
-            for build, num_sample in ((data.build_pretrain_dataset, 1), (data.build_pretrain_dataset, 4),
-                                      (data.build_finetune_dataset, 2)):
-                kwargs = dict(num_frames=args.num_frames, sampling_rate=4, input_size=args.input_size, num_sample=num_sample)
-                dataset = (build(list_file, **kwargs) if build is data.build_pretrain_dataset
-                           else build("train", list_file, nb_classes=1, **kwargs))
-                seconds = median_seconds(lambda: dataset[0], args.steps, args.warmup, torch.device("cpu"))
-                rates.append(f"{num_sample / seconds:.1f}")
+            kwargs = dict(num_frames=args.num_frames, sampling_rate=4, input_size=args.input_size)
+            columns = [data.build_pretrain_dataset(list_file, **kwargs, num_sample=1),
+                       data.build_pretrain_dataset(list_file, **kwargs, num_sample=4),
+                       data.build_pretrain_dataset(list_file, **kwargs, num_sample=4, uint8=True),
+                       data.build_finetune_dataset("train", list_file, nb_classes=1, **kwargs, num_sample=2)]
+            seconds = round_robin({i: (lambda ds=ds: ds[0]) for i, ds in enumerate(columns)}, args.steps, args.warmup,
+                                  torch.device("cpu"))  # taking turns, as the train steps do
+            rates = [f"{ds.num_sample / seconds[i]:.1f}" for i, ds in enumerate(columns)]
             print(f"| {name} | " + " | ".join(rates) + " |", flush=True)
 
 
@@ -308,6 +324,394 @@ def memory_table(args) -> None:
 
 
 # -----------------------------------------------------------------------------------------------------
+# Ops per step
+
+
+ALLOCATIONS = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided"}
+CASTS = {"_to_copy", "copy_", "_foreach_copy_"}
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts the ATen ops a step asks for below autograd and autocast: forward, backward (autograd's own
+    ops) and the optimizer, with autocast's casts included. Composite ops arrive already split into the
+    ops that run (F.linear as a transpose and an addmm). On a GPU every op but a view or an allocation is
+    at least one kernel launch, each with its host-side cost, so the count tracks an eager step's host time."""
+
+    def __init__(self):
+        super().__init__()
+        self.counts = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if func.namespace == "profiler":  # the optimizer's record_function marks, no work
+            kind = "marks"
+        elif any(r.alias_info is not None and not r.alias_info.is_write for r in func._schema.returns):
+            kind = "view"
+        else:
+            kind = "allocation" if name in ALLOCATIONS else "cast" if name in CASTS else "compute"
+        self.counts[kind] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def count_ops(step) -> Counter:
+    """Ops of one call of step(), by kind (compute, cast, view, allocation), and the aten:: events
+    torch.profiler records for it (every nesting level, so CPU kernels' inner calls count too)."""
+    step()  # the first step creates AdamW's state
+    with OpCounter() as counter:
+        step()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        step()
+    counter.counts["profiler"] = sum(e.name.startswith("aten::") for e in prof.events())
+    return counter.counts
+
+
+def ops_table(args) -> None:
+    """ATen ops per dual-masking train step (masks, forward, target, loss, backward, AdamW). The count does
+    not depend on the resolution, nor on the batch size from 2 clips on (with 1, a reshape needs no copy). bf16 autocast on the CPU inserts the same weight casts as on a
+    GPU; a GPU's autocast also runs LayerNorm in fp32, which adds 4 casts per LayerNorm that the CPU count
+    does not show."""
+    device = torch.device("cpu")
+    print(f"# ATen ops per train step, dual masking, counted on the CPU (torch {torch.__version__}); "
+          f"batch {args.batch_size}, {args.num_frames}x{args.input_size}")
+    print("| model | precision | ops | compute | casts | views | allocations | profiler aten:: events |")
+    print("|---|---|---|---|---|---|---|---|")
+    for size in args.sizes:
+        cfg = vmae.config(size, num_frames=args.num_frames, img_size=args.input_size)
+        torch.manual_seed(0)
+        model = vmae.PretrainVideoMAE(cfg)
+        video = torch.randn(args.batch_size, 3, cfg.num_frames, cfg.img_size, cfg.img_size)
+        loss = lambda m, v: train_pretrain.pretrain_step_loss(m, cfg, v, recipe(args, dual=True))  # noqa: E731
+        for precision in args.precision:
+            c = count_ops(train_step_fn(model, loss, video, device, precision))
+            total = c["compute"] + c["cast"] + c["view"] + c["allocation"]
+            print(f"| {size} | {precision} | {total} | {c['compute']} | {c['cast']} | {c['view']} | {c['allocation']} "
+                  f"| {c['profiler']} |", flush=True)
+
+
+# -----------------------------------------------------------------------------------------------------
+# The GPU suite: every GPU measurement docs/gpu.md asks for, in one command, its tables written to files
+
+# Datasheet dense bf16 peaks (no sparsity), TFLOP/s, for MFU = model FLOPs / step time / peak. The first
+# entry whose words all appear in the device's name counts ("H100 PCIe" before "H100").
+DATASHEET_BF16_TFLOPS = {"H100 PCIe": 756, "H100": 989, "H200": 989}
+# The parts in the order they run, with their time limits in seconds. The last two are left out unless
+# named with --parts: each alone takes about as long as the rest together.
+SUITE = {"env": 20, "eager": 120, "compiled": 180, "profile": 40, "tests": 150, "data": 60,
+         "showcase": 660, "study": 1800}
+SUITE_DEFAULT = ("env", "eager", "compiled", "profile", "tests", "data")
+# The files it writes: summary.md (every table), suite.log (each part's exit and errors), profile.txt,
+# test_gpu.log and test_gpu.xml; recon.png, study.md and study.png from the optional parts.
+
+
+def datasheet_peak(device: torch.device) -> float | None:
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
+    return next((t * 1e12 for key, t in DATASHEET_BF16_TFLOPS.items() if all(w in name for w in key.split())), None)
+
+
+class Setting(NamedTuple):
+    """What the suite measures: the real thing on a GPU, or a tiny stand-in (--smoke) that runs every line of
+    the suite on a CPU in a few minutes. Rows: (size, clips per GPU, activation checkpointing, mode)."""
+    frames: int
+    px: int
+    steps: int
+    eager: list
+    compiled: list
+    profile: tuple  # (size, clips per GPU)
+
+
+GPU = Setting(16, 224, 5,
+              [(size, b, False, "eager") for size in ("small", "base", "large", "huge") for b in (32, 128)]
+              + [("giant", 32, True, "eager"), ("giant", 128, True, "eager"),
+                 ("base", 32, False, "fsdp"), ("base", 128, False, "fsdp")],
+              [("base", 128, False, "default"), ("small", 128, False, "default"), ("large", 128, False, "default"),
+               ("huge", 128, False, "default"), ("base", 32, False, "default"), ("small", 32, False, "default"),
+               ("base", 128, False, "reduce-overhead"), ("giant", 128, True, "default")],
+              ("base", 128))
+SMOKE = Setting(8, 32, 2, [("demo", 2, False, "eager"), ("demo", 4, True, "eager"), ("demo", 2, False, "fsdp")],
+                [("demo", 2, False, "default")], ("demo", 2))
+MODES = {"eager": "eager", "fsdp": "eager, FSDP2 bf16 weights", "default": "compiled",
+         "reduce-overhead": "compiled, CUDA graphs"}
+
+
+def one_process_group(device: torch.device) -> engine.Dist:
+    """A process group of one, as torchrun --nproc_per_node=1 would make, for FSDP on a single device."""
+    import os
+    import torch.distributed as dist
+    if not dist.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", "29517")
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=0, world_size=1)
+    return engine.Dist(0, 1, 0, device)
+
+
+def step_row(size: str, batch: int, with_checkpoint: bool, mode: str, s: Setting, device: torch.device) -> str:
+    """One dual-masking bf16 train step of `batch` clips, timed: a table row (OOM where it does not fit).
+    mode: eager; fsdp (eager, the weights cast to bf16 by FSDP2's mixed-precision policy, one process);
+    a torch.compile mode."""
+    import gc
+    from dataclasses import replace
+    cfg = vmae.config(size, num_frames=s.frames, img_size=s.px, with_checkpoint=with_checkpoint)
+    masks = masking.MaskConfig("tube", 0.9, "run_cell", 0.5)
+    flops = train_pretrain.step_flops(replace(cfg, with_checkpoint=False), batch, masks)[1]  # no recompute: model FLOPs
+    row = f"| {size} | {batch} | {MODES[mode]}{', checkpointing' if with_checkpoint else ''} | "
+    try:
+        torch.manual_seed(0)
+        with torch.device(device):  # weights made on the GPU: a billion parameters take long on the CPU
+            model = vmae.PretrainVideoMAE(cfg)
+        if mode == "fsdp":
+            model = engine.wrap_model(model, one_process_group(device), fsdp=True, precision="bf16")
+        video = torch.randn(batch, 3, s.frames, s.px, s.px, device=device)
+        loss = lambda m, v: train_pretrain.pretrain_step_loss(m, cfg, v, masks)  # noqa: E731
+        if mode not in ("eager", "fsdp"):
+            torch._dynamo.reset()
+            loss = torch.compile(loss, mode=mode, dynamic=False)
+        step = train_step_fn(model, loss, video, device, "bf16")
+        sync(device)
+        start = time.perf_counter()
+        step()  # the first step: compiling, AdamW's state
+        sync(device)
+        first = time.perf_counter() - start
+        seconds = round_robin({"step": step}, s.steps, 2, device)["step"]
+        memory = peak_memory(step, device)
+    except torch.OutOfMemoryError:
+        return row + "OOM | | | | | | |"
+    finally:
+        model = step = video = None
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    peak = datasheet_peak(device)
+    mfu = f"{100 * flops / seconds / peak:.1f}" if peak else "-"
+    compile_s = f"{first - seconds:.0f}" if mode not in ("eager", "fsdp") else ""
+    return row + (f"{seconds * 1e3:.0f} | {batch / seconds:.1f} | {flops / batch / 1e9:.1f} | {flops / seconds / 1e12:.1f} "
+                  f"| {mfu} | {memory} | {compile_s} |")
+
+
+def suite_steps(part: str, rows: list, s: Setting, device: torch.device, write) -> None:
+    write(f"\n## Train steps, {part}: dual masking, bf16 autocast, {s.frames}x{s.px}, median of {s.steps} steps\n\n"
+          "MFU: model FLOPs (bench.py's count, no recompute) / step time / the datasheet's dense bf16 peak. "
+          "compile s: the first step's time minus a later step's.\n\n"
+          "| model | clips/GPU | mode | ms/step | clips/s | GFLOP/clip | TFLOP/s | MFU % | peak mem GiB | compile s |\n"
+          "|---|---|---|---|---|---|---|---|---|---|\n")
+    for size, batch, ckpt, mode in rows:
+        write(step_row(size, batch, ckpt, mode, s, device) + "\n")
+
+
+def kernel_class(name: str) -> str:
+    n = name.lower()
+    # attention first: the flash kernels' names carry cutlass types too
+    for cls, words in (("attention", ("flash", "fmha", "attention")), ("optimizer", ("adam", "multi_tensor")),
+                       ("matmul", ("gemm", "nvjet", "xmma", "cutlass", "wgmma", "aten::linear", "aten::mm")),
+                       ("copy / cast", ("copy", "memcpy", "memset")), ("layer norm", ("layer_norm", "layernorm")),
+                       ("reduction", ("reduce",))):
+        if any(w in n for w in words):
+            return cls
+    return "elementwise / other"
+
+
+def suite_profile(s: Setting, device: torch.device, out: Path, write) -> None:
+    """Three eager steps under torch.profiler: kernels per step, GPU busy time, where it goes."""
+    from torch.profiler import ProfilerActivity, profile
+    size, batch = s.profile
+    cfg = vmae.config(size, num_frames=s.frames, img_size=s.px)
+    masks = masking.MaskConfig("tube", 0.9, "run_cell", 0.5)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = vmae.PretrainVideoMAE(cfg)
+    video = torch.randn(batch, 3, s.frames, s.px, s.px, device=device)
+    step = train_step_fn(model, lambda m, v: train_pretrain.pretrain_step_loss(m, cfg, v, masks), video, device, "bf16")
+    for _ in range(3):
+        step()
+    cuda = device.type == "cuda"
+    sync(device)
+    start = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        for _ in range(3):
+            step()
+        sync(device)
+    wall = (time.perf_counter() - start) / 3
+    if cuda:  # the kernels, copies and fills the GPU ran
+        kernels, time_of = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA], "device_time_total"
+    else:  # a CPU runs each top-level op itself: those stand in, so that --smoke runs every line
+        kernels, time_of = [e for e in prof.events() if e.name.startswith("aten::") and e.cpu_parent is None], "cpu_time_total"
+    busy = sum(getattr(e, time_of) for e in kernels) / 3e3  # ms per step
+    write(f"\n## Profile: {size}, {batch} clips, eager bf16, 3 steps after 3 (times under the profiler)\n\n"
+          f"wall {wall * 1e3:.0f} ms/step; {len(kernels) / 3:.0f} kernels and copies/step; GPU busy {busy:.0f} ms/step "
+          f"({100 * busy / (wall * 1e3):.0f} % of the wall time)\n\n| kernel class | kernels/step | ms/step | share of GPU time |\n"
+          "|---|---|---|---|\n")
+    classes = {}
+    for e in kernels:
+        count, us = classes.get(kernel_class(e.name), (0, 0.0))
+        classes[kernel_class(e.name)] = (count + 1, us + getattr(e, time_of))
+    for cls, (count, us) in sorted(classes.items(), key=lambda kv: -kv[1][1]):
+        write(f"| {cls} | {count / 3:.0f} | {us / 3e3:.1f} | {100 * us / 3e3 / busy:.0f} % |\n")
+    sort = "self_device_time_total" if cuda else "self_cpu_time_total"
+    (out / "profile.txt").write_text(prof.key_averages().table(sort_by=sort, row_limit=40, max_name_column_width=90))
+
+
+def suite_tests(out: Path, limit: float, write) -> None:
+    """tests/test_gpu.py (and the GPU test of test_masking.py) with every failure named: the full log and a
+    JUnit file, not a tail."""
+    import subprocess
+    import xml.etree.ElementTree as ET
+    xml = out / "test_gpu.xml"
+    try:
+        with open(out / "test_gpu.log", "w") as log:
+            subprocess.run([sys.executable, "-m", "pytest", "-rA", "tests/test_gpu.py", "tests/test_masking.py",
+                            f"--junitxml={xml}"], stdout=log, stderr=subprocess.STDOUT, timeout=limit)
+    except subprocess.TimeoutExpired:
+        return write(f"\n## tests/test_gpu.py\n\nstopped after {limit:.0f} s; what ran is in test_gpu.log\n")
+    outcome = {}
+    for case in ET.parse(xml).getroot().iter("testcase"):
+        bad = next((c for c in case if c.tag in ("failure", "error", "skipped")), None)
+        kind = "passed" if bad is None else bad.tag
+        why = (bad.get("message") or "").split("\n")[0][:200] if kind in ("failure", "error") else ""
+        outcome.setdefault(kind, []).append(f"{case.get('classname')}::{case.get('name')}" + (f": {why}" if why else ""))
+    write("\n## tests/test_gpu.py\n\n" + ", ".join(f"{len(v)} {k}" for k, v in outcome.items()) + "\n\n"
+          + "".join(f"- {kind}: {name}\n" for kind in ("failure", "error") for name in outcome.get(kind, [])))
+
+
+def loader_rate(list_file: str, workers: int, uint8: bool, s: Setting, device: torch.device) -> float:
+    """Clips/s delivered by a DataLoader with `workers` processes (pinned, copied to the device and, for uint8,
+    normalised there), batches of 8 videos x num_sample 4."""
+    import data
+    dataset = data.build_pretrain_dataset(list_file, num_frames=s.frames, input_size=s.px, num_sample=4, uint8=uint8)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=8, shuffle=True, num_workers=workers,
+                                         pin_memory=device.type == "cuda", drop_last=True, persistent_workers=False)
+    batches, start, clips = iter(loader), None, 0
+    for i, clips_batch in enumerate(batches):
+        video = clips_batch.to(device, non_blocking=True)
+        if uint8:
+            video = data.normalize(video)
+        if i == workers:  # every worker has delivered a first batch: start the clock
+            sync(device)
+            start = time.perf_counter()
+        elif start is not None:
+            clips += video.shape[0] * video.shape[1]
+    sync(device)
+    return clips / (time.perf_counter() - start)
+
+
+def suite_data(s: Setting, device: torch.device, write) -> None:
+    """One worker per video size (the --data table), then the whole host: a loader with a worker per core."""
+    import contextlib
+    import io
+    import os
+    import tempfile
+    table = io.StringIO()
+    with contextlib.redirect_stdout(table):
+        data_table(parse_args(["--num_frames", str(s.frames), "--input_size", str(s.px), "--steps", "3"]))
+    workers = max(1, (os.cpu_count() or 2) - 2)  # the main process and its pinning thread keep a core
+    write(f"\n## Data, on this host's CPU ({os.cpu_count()} cores)\n\n{table.getvalue()}\n"
+          f"| DataLoader, {workers} workers, 240p, num_sample 4 | clips/s |\n|---|---|\n")
+    with tempfile.TemporaryDirectory() as folder:
+        write_video(f"{folder}/240p.mp4", *VIDEOS["240p"])
+        list_file = f"{folder}/list.csv"
+        Path(list_file).write_text(f"{folder}/240p.mp4 0 -1\n" * 8 * (2 * workers + 4))
+        for uint8 in (False, True):
+            rate = loader_rate(list_file, workers, uint8, s, device)
+            write(f"| {'uint8, normalised on the device' if uint8 else 'float32, normalised by the workers'} | {rate:.0f} |\n")
+
+
+def suite_command(cmd: list, limit: float, write, then: list | None = None) -> None:
+    """A recipe run (showcase, study) in its own process; `then` runs after it even if it ran out of time."""
+    import subprocess
+    for c, share in ((cmd, 0.9), (then, 0.1)):
+        if c is None:
+            continue
+        try:
+            result = subprocess.run([sys.executable, *c], capture_output=True, text=True, timeout=share * limit)
+            status, text = f"exit {result.returncode}", result.stdout[-3000:] + result.stderr[-2000:]
+        except subprocess.TimeoutExpired as e:
+            status, text = f"stopped after {share * limit:.0f} s", str(e.stdout or "")[-3000:]
+        write(f"\n## `python {' '.join(c)}`: {status}\n\n```\n{text}\n```\n")
+
+
+def suite_part(part: str, out: Path, smoke: bool, limit: float) -> None:
+    """Run one part of the suite in this process, appending its tables to summary.md."""
+    import datetime
+    import os
+    import platform
+    import shutil
+    import subprocess
+    import tempfile
+    s = SMOKE if smoke else GPU
+    device = torch.device("cpu" if smoke else "cuda")
+
+    def write(text):
+        with open(out / "summary.md", "a") as f:
+            f.write(text)
+        print(text, end="", flush=True)
+
+    if part == "env":
+        cpus = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+        cpu = next((line.split(":", 1)[1].strip() for line in cpus.splitlines() if line.startswith("model name")),
+                   platform.processor())
+        name = (torch.cuda.get_device_name(device) if device.type == "cuda" else "no GPU") + f"; CPU: {cpu}"
+        smi = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"],
+                             capture_output=True, text=True).stdout.strip() if device.type == "cuda" else "-"
+        write(f"# bench.py --gpu_suite{' --smoke' if smoke else ''}, {datetime.datetime.now():%Y-%m-%d %H:%M}\n\n"
+              f"{name}; nvidia-smi: {smi}; torch {torch.__version__} (CUDA {torch.version.cuda}); "
+              f"{os.cpu_count()} CPU cores; Python {platform.python_version()}; datasheet bf16 peak: "
+              f"{(datasheet_peak(device) or 0) / 1e12:.0f} TFLOP/s\n")
+    elif part in ("eager", "compiled"):
+        suite_steps(part, s.eager if part == "eager" else s.compiled, s, device, write)
+    elif part == "profile":
+        suite_profile(s, device, out, write)
+    elif part == "tests":
+        suite_tests(out, limit - 15, write)
+    elif part == "data":
+        suite_data(s, device, write)
+    elif part == "showcase":  # a ViT-S pretrained on the built-in clips at 224 px: the README's reconstruction
+        scratch = Path(tempfile.mkdtemp())
+        flags = ["--model", "demo", "--epochs", "1", "--synthetic_size", "8", "--batch_size", "2"] if smoke else \
+                ["--model", "small", "--epochs", "100", "--warmup_epochs", "5", "--batch_size", "32", "--num_workers", "12"]
+        suite_command(["train_pretrain.py", *flags, "--input_size", str(s.px), "--num_frames", str(s.frames),
+                       "--output_dir", str(scratch)], limit, write,
+                      then=["visualize.py", "recon", "--checkpoint", str(scratch / "checkpoint-last.pth"), "--slots", "4",
+                            "--out", str(scratch / "showcase.png")])
+        if (scratch / "showcase.png").exists():  # the PNG only: the GIF beside it would not come back
+            shutil.copy(scratch / "showcase.png", out / "recon.png")
+    elif part == "study":  # the study's GPU setting; its tables and figure next to the suite's
+        scratch = Path(tempfile.mkdtemp())
+        suite_command(["study.py", "--out", str(scratch)] + (["--quick", "--seeds", "0", "--arms", "v1"] if smoke else []),
+                      limit, write)
+        for name in ("study.md", "study.png"):
+            if (scratch / name).exists():
+                shutil.copy(scratch / name, out / name)
+
+
+def gpu_suite(args) -> None:
+    """Each part in its own process (a crash or an out-of-memory stays in its part) with its own time limit,
+    all within --budget_s; every table is appended to summary.md as soon as it is measured, so a part that
+    runs out of time keeps the rows it finished. Rerun single parts with --parts."""
+    import subprocess
+    out = Path(args.gpu_suite)
+    out.mkdir(parents=True, exist_ok=True)
+    if not args.smoke and not torch.cuda.is_available():
+        raise SystemExit("bench.py --gpu_suite: no GPU here; --smoke runs the suite's tiny stand-in on the CPU")
+    deadline = time.time() + args.budget_s
+    with open(out / "suite.log", "a") as log:
+        for part in args.parts:
+            limit = min(SUITE[part] * (3 if args.smoke else 1), deadline - time.time())
+            if limit < 5:
+                print(f"{part}: skipped, the budget is spent", file=log, flush=True)
+                continue
+            cmd = [sys.executable, __file__, "--gpu_suite", str(out), "--part", part, "--part_limit", str(int(limit))]
+            start = time.time()
+            try:
+                result = subprocess.run(cmd + (["--smoke"] if args.smoke else []), stdout=subprocess.PIPE,
+                                        stderr=log, text=True, timeout=limit)
+                status = f"exit {result.returncode}"
+                print(result.stdout, end="", flush=True)
+            except subprocess.TimeoutExpired:
+                status = f"stopped after its {limit:.0f} s"
+            print(f"{part}: {status}, {time.time() - start:.0f} s", file=log, flush=True)
+            print(f"# {part}: {status}, {time.time() - start:.0f} s", flush=True)
+    print(f"tables: {out / 'summary.md'}; errors: {out / 'suite.log'}")
+
+
+# -----------------------------------------------------------------------------------------------------
 # Tables
 
 
@@ -336,6 +740,12 @@ def main(argv=None):
         return data_table(args)
     if args.memory:
         return memory_table(args)
+    if args.ops:
+        return ops_table(args)
+    if args.part:
+        return suite_part(args.part, Path(args.gpu_suite), args.smoke, args.part_limit)
+    if args.gpu_suite:
+        return gpu_suite(args)
     device = torch.device(args.device)
     torch.manual_seed(0)
     B = args.batch_size

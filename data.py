@@ -32,7 +32,8 @@ Lists are space separated with no header, as the reference reads them; `data_roo
 
 Public API
   build_pretrain_dataset(data_path=None, data_root='', *, num_frames, sampling_rate, input_size,
-      num_sample, ...) -> PretrainDataset; item: float (num_sample, 3, T, H, W)
+      num_sample, uint8=False, ...) -> PretrainDataset; item: float (num_sample, 3, T, H, W), or with
+      uint8=True the same crops as uint8 pixels; normalize(clips) on the device turns them into the float ones
   build_finetune_dataset(mode, data_path=None, data_root='', *, nb_classes, num_frames, sampling_rate,
       input_size, short_side_size, num_sample, test_num_segment, test_num_crop, sparse_sample, ...)
       -> FinetuneDataset; items:
@@ -50,7 +51,7 @@ Public API
   read_video, read_frames: decoding; read_pretrain_list, read_finetune_split: the list formats
   pretrain_indices, dense_indices, dense_test_indices, segment_indices, segment_test_indices: sampling
   multi_scale_crop, rand_augment, random_resized_crop, random_erase, resize_short_side, spatial_crop,
-  to_tensor: augmentation on (T, H, W, 3) uint8 frames / the final tensor
+  to_tensor, normalize: augmentation on (T, H, W, 3) uint8 frames / the final tensor
 
 DataLoader workers need no worker_init_fn. OpenCV runs single-threaded from import on (each worker decodes
 with one thread; the workers are the parallelism), which also keeps forked workers from hanging: OpenCV's
@@ -631,14 +632,31 @@ _NORMALISE = ((np.arange(256, dtype=np.float32)[None] / 255 - np.float32(IMAGENE
               / np.float32(IMAGENET_STD)[:, None]).astype(np.float32)
 
 
-def to_tensor(frames: np.ndarray) -> Tensor:
-    """(T, H, W, 3) uint8 -> (3, T, H, W) float32: /255, then the ImageNet mean and std."""
+def to_tensor(frames: np.ndarray, out: Tensor | None = None) -> Tensor:
+    """(T, H, W, 3) uint8 -> (3, T, H, W) float32: /255, then the ImageNet mean and std. Written into `out`
+    if given (a contiguous (3, T, H, W) tensor); a uint8 `out` gets the pixels as they are, channel first,
+    for `normalize` to finish on the device."""
     t, h, w, _ = frames.shape
-    clip = torch.empty(3, t, h, w)
+    clip = torch.empty(3, t, h, w) if out is None else out
     planes = clip.numpy().reshape(3, t * h, w)  # a view: OpenCV writes straight into the tensor
+    if clip.dtype == torch.uint8:
+        cv2.split(np.ascontiguousarray(frames).reshape(t * h, w, 3), list(planes))
+        return clip
     for c in range(3):  # a table lookup, several times faster than the arithmetic
         cv2.LUT(np.ascontiguousarray(frames[..., c]).reshape(t * h, w), _NORMALISE[c], dst=planes[c])
     return clip
+
+
+def normalize(clips: Tensor) -> Tensor:
+    """uint8 clips (..., 3, T, H, W), e.g. from a pretraining dataset built with uint8=True, on the device
+    that trains -> float32, equal to what to_tensor makes on the CPU (the same float32 steps as its table:
+    x / 255, minus the mean, over the std). A uint8 clip is a quarter of the bytes through the loader's
+    shared memory, pinning and the host-to-device copy. The constants are filled in on the device: a
+    tensor built from a list would be a host-to-device copy, which waits for the queued kernels."""
+    stats = clips.new_empty((3, 3, 1, 1, 1), dtype=torch.float32)  # (255 / mean / std, channel, 1, 1, 1)
+    for c in range(3):
+        stats[0, c], stats[1, c], stats[2, c] = 255, IMAGENET_MEAN[c], IMAGENET_STD[c]
+    return clips.float().div_(stats[0]).sub_(stats[1]).div_(stats[2])
 
 
 def random_erase(clip: Tensor, rng: np.random.Generator, prob: float = 0.25,
@@ -881,14 +899,15 @@ class _Clips(Dataset):
 
 class PretrainDataset(_Clips):
     """Pretraining clips. Item: (num_sample, 3, num_frames, input_size, input_size) float, num_sample
-    multi-scale crops of one strided window (decoded once)."""
+    multi-scale crops of one strided window (decoded once); with uint8=True the same crops as uint8
+    pixels, to be normalised on the device (`normalize`)."""
 
     def __init__(self, source: VideoList | SyntheticVideos, num_frames: int = 16, sampling_rate: int = 4,
                  input_size: int = 224, num_sample: int = 1, skip_bad_videos: bool = False,
-                 max_bad_fraction: float = 0.01):
+                 max_bad_fraction: float = 0.01, uint8: bool = False):
         super().__init__(source, skip_bad_videos, max_bad_fraction)
         self.num_frames, self.sampling_rate = num_frames, sampling_rate
-        self.input_size, self.num_sample = input_size, num_sample
+        self.input_size, self.num_sample, self.uint8 = input_size, num_sample, uint8
 
     def __len__(self) -> int:
         return len(self.source)
@@ -897,8 +916,12 @@ class PretrainDataset(_Clips):
         rng = _item_rng()
         choose = lambda n: pretrain_indices(n, self.num_frames, self.sampling_rate, rng)
         frames, _ = self._load(index, choose, rng)  # (T, H, W, 3) uint8
-        crops = [multi_scale_crop(frames, self.input_size, rng) for _ in range(self.num_sample)]
-        return torch.stack([to_tensor(crop) for crop in crops])
+        size = self.input_size
+        clips = torch.empty(self.num_sample, 3, self.num_frames, size, size,
+                            dtype=torch.uint8 if self.uint8 else torch.float32)
+        for clip in clips:  # each crop written straight into the batch item
+            to_tensor(multi_scale_crop(frames, size, rng), out=clip)
+        return clips
 
 
 class FinetuneDataset(_Clips):
@@ -966,15 +989,17 @@ class FinetuneDataset(_Clips):
 def build_pretrain_dataset(data_path: str | None = None, data_root: str = "", *, num_frames: int = 16,
                            sampling_rate: int = 4, input_size: int = 224, num_sample: int = 1,
                            fname_tmpl: str = "img_{:05}.jpg", skip_bad_videos: bool = False,
-                           max_bad_fraction: float = 0.01, synthetic_videos: int = 1024) -> PretrainDataset:
+                           max_bad_fraction: float = 0.01, synthetic_videos: int = 1024,
+                           uint8: bool = False) -> PretrainDataset:
     """The pretraining dataset for data_path (a list file or a folder of videos), or the synthetic set; every
-    listed file is stat-checked first."""
+    listed file is stat-checked first. uint8: items are uint8 pixels, to be normalised on the device with
+    `normalize`."""
     if data_path:
         source = VideoList(read_pretrain_list(data_path, data_root), fname_tmpl)
     else:
         source = _synthetic(synthetic_videos, 8, num_frames, sampling_rate, input_size, first_index=0)
     dataset = PretrainDataset(source, num_frames, sampling_rate, input_size, num_sample, skip_bad_videos,
-                              max_bad_fraction)
+                              max_bad_fraction, uint8)
     dataset.check_files()
     return dataset
 

@@ -99,7 +99,7 @@ def num_hidden(kind: str, grid: Grid, ratio: float) -> int:
         raise ValueError(f"unknown mask kind {kind!r}; expected one of {', '.join(MASKS)}")
     key = (kind, tuple(grid), ratio)
     if key not in _counted:  # drawn once per setting: every training step asks
-        _counted[key] = int(MASKS[kind](1, grid, ratio).sum())
+        _counted[key] = int(MASKS[kind](1, grid, ratio, device="cpu").sum())
     return _counted[key]
 
 

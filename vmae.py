@@ -195,19 +195,21 @@ class CubeEmbed(nn.Module):
 
 class Attention(nn.Module):
     """Multi-head self-attention with one fused qkv matmul. Query and value have a bias, the key has none
-    (the reference stores q_bias and v_bias and feeds a zero k bias)."""
+    (the reference stores q_bias and v_bias and feeds a zero k bias; here the zeros are a fixed buffer, not
+    made anew in every forward, and not saved)."""
 
     def __init__(self, dim: int, num_heads: int):
         super().__init__()
         self.num_heads = num_heads
         self.q_bias = nn.Parameter(torch.zeros(dim))
         self.v_bias = nn.Parameter(torch.zeros(dim))
+        self.register_buffer("k_bias", torch.zeros(dim), persistent=False)
         self.qkv = nn.Linear(dim, 3 * dim, bias=False)
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: Tensor) -> Tensor:
         B, N, C = x.shape
-        bias = torch.cat([self.q_bias, torch.zeros_like(self.v_bias), self.v_bias])  # (3C,)
+        bias = torch.cat([self.q_bias, self.k_bias, self.v_bias])  # (3C,)
         qkv = F.linear(x, self.qkv.weight, bias)  # (B, N, 3C)
         q, k, v = qkv.view(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)  # (B, h, N, C/h)
         x = F.scaled_dot_product_attention(q, k, v)  # (B, h, N, C/h); scale (C/h)^-0.5
@@ -420,20 +422,22 @@ def reconstruction_target(video: Tensor, patch_size: int, tubelet_size: int, nor
     mean, std = imagenet_stats(cubes)  # (3, 1) each
     cubes = cubes * std + mean  # pixels in [0, 1]
     if normalize:
-        centred = cubes - cubes.mean(dim=-1, keepdim=True)
-        cube_std = (centred.square().sum(dim=-1, keepdim=True) / (cubes.shape[-1] - 1)).sqrt()  # n - 1
-        cubes = centred / (cube_std + 1e-6)
+        cube_std, cube_mean = torch.std_mean(cubes, dim=-1, correction=1, keepdim=True)  # unbiased, as torch.var
+        cubes = (cubes - cube_mean) / (cube_std + 1e-6)
     return cubes.transpose(-1, -2).flatten(2)  # (B, M, t·p·p·3), channel fastest like the reference
 
 
-def pretrain_loss(pred: Tensor, target: Tensor, encoder_mask: Tensor, decoder_mask: Tensor | None = None) -> Tensor:
+def pretrain_loss(pred: Tensor, target: Tensor, encoder_mask: Tensor, decoder_mask: Tensor | None = None,
+                  queries: Tensor | None = None) -> Tensor:
     """Mean squared error per cube, averaged over every cube of the batch that the encoder did not see
     and the decoder predicted (a token-weighted mean over the batch, not a mean of per-clip means).
 
     pred (B, N_q, F) from PretrainVideoMAE with the same masks; target (B, N, F) for every cube, or
-    (B, N_q, F) for the queries only (reconstruction_target's `tokens`).
+    (B, N_q, F) for the queries only (reconstruction_target's `tokens`). queries: the (B, N_q) positions
+    from query_indices, if the caller has them (saves sorting the mask again).
     """
-    queries = query_indices(encoder_mask, decoder_mask, pred.shape[1])  # (B, N_q)
+    if queries is None:
+        queries = query_indices(encoder_mask, decoder_mask, pred.shape[1])  # (B, N_q)
     if target.shape[1] != pred.shape[1]:
         target = gather_tokens(target, queries)
     counted = encoder_mask.gather(1, queries)  # (B, N_q) True where the encoder did not see the cube

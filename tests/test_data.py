@@ -384,6 +384,32 @@ def test_to_tensor_normalises_and_round_trips():
     assert torch.allclose(back, torch.from_numpy(frames[:, 1:9, 2:11]).permute(3, 0, 1, 2).float(), atol=1e-3)
 
 
+def test_uint8_clips_normalised_on_the_device_equal_the_float_clips():
+    """normalize() after a uint8 to_tensor gives to_tensor's float clip bit for bit, for every pixel value."""
+    frames = np.random.default_rng(3).integers(0, 256, (4, 10, 12, 3), dtype=np.uint8)
+    frames[0, 0, :, 0] = frames[0, 1, :, 1] = frames[0, 2, :, 2] = np.arange(12) * 23  # 0..253
+    frames[1, :2, :2] = 255
+    crop = frames[:, 1:9, 2:11]  # a strided view, as crops are
+    pixels = data.to_tensor(crop, out=torch.empty(3, 4, 8, 9, dtype=torch.uint8))
+    assert torch.equal(pixels, torch.from_numpy(crop).permute(3, 0, 1, 2))  # channel first, unchanged
+    assert torch.equal(data.normalize(pixels[None]), data.to_tensor(crop)[None])
+    every_value = np.arange(256, dtype=np.uint8).reshape(1, 16, 16, 1).repeat(3, axis=3)
+    pixels = data.to_tensor(every_value, out=torch.empty(3, 1, 16, 16, dtype=torch.uint8))
+    assert torch.equal(data.normalize(pixels), data.to_tensor(every_value))
+
+
+def test_uint8_pretraining_items_are_the_float_items_unnormalised():
+    kwargs = dict(num_frames=4, sampling_rate=2, input_size=24, num_sample=3, synthetic_videos=4)
+    floats, pixels = data.build_pretrain_dataset(**kwargs), data.build_pretrain_dataset(**kwargs, uint8=True)
+    for i in range(2):
+        torch.manual_seed(i)
+        expected = floats[i]
+        torch.manual_seed(i)
+        item = pixels[i]  # the same draws: the same window and crops
+        assert item.dtype == torch.uint8 and item.shape == expected.shape == (3, 3, 4, 24, 24)
+        assert torch.equal(data.normalize(item), expected)
+
+
 def test_random_erase_shares_the_box_across_frames():
     boxes = 0
     for seed in range(40):

@@ -86,6 +86,16 @@ def test_num_hidden_is_what_the_masks_hide(kind, fn, ratio, grid):
     assert (mask.sum(dim=1) == masking.num_hidden(kind, grid, ratio)).all()
 
 
+def test_step_flops_count_a_setting_never_drawn_before():
+    """The FLOP count runs on the meta device, where a mask has no values to count: the first count of a
+    setting must still be drawn on the CPU (bench.py's GPU suite starts each table in a fresh process)."""
+    import train_pretrain
+    masking._counted.clear()
+    cfg = vmae.config("small", depth=1, decoder_depth=1, img_size=64, num_frames=4)
+    forward, step = train_pretrain.step_flops(cfg, 1, masking.MaskConfig("tube", 0.75, "run_cell", 0.5))
+    assert 0 < forward < step
+
+
 def test_split_returns_sorted_complementary_indices():
     mask = masking.random_mask(16, BASE_GRID, 0.6)
     kept, dropped = vmae.mask_indices(mask)

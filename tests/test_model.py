@@ -225,6 +225,8 @@ def test_loss_equals_a_per_sample_loop(dual):
         total += err[counted].sum().item()
         cubes += int(counted.sum())
     assert vmae.pretrain_loss(pred, target, enc, dec).item() == pytest.approx(total / cubes, rel=1e-5)
+    queries = vmae.query_indices(enc, dec, n_q)  # the caller's own, as the training step passes them
+    assert vmae.pretrain_loss(pred, target, enc, dec, queries).item() == pytest.approx(total / cubes, rel=1e-5)
 
 
 def test_drop_path_drops_whole_samples():

@@ -168,6 +168,14 @@ def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(micro, tmp_path
         torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=0, msg=key)
 
 
+def test_normalising_on_the_device_trains_exactly_as_the_workers_normalising(micro, tmp_path):
+    """--normalize_on_device ships uint8 crops and normalises after the copy: the same clips, bit for bit."""
+    for run, flags in (("workers", ()), ("device", ("--normalize_on_device",))):
+        tp.main(cli(tmp_path / run, "--epochs", "1", *flags))
+    a, b = (torch.load(tmp_path / run / "checkpoint-last.pth", weights_only=True)["model"] for run in ("workers", "device"))
+    assert all(torch.equal(a[key], b[key]) for key in a)
+
+
 # -----------------------------------------------------------------------------------------------------
 # Bad input: every bad flag, list line, file and state is a row; each stops with exit code 2, a message
 # naming the culprit and no traceback, before the first optimizer step (unless only decoding can tell)
