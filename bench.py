@@ -689,7 +689,7 @@ def gpu_suite(args) -> None:
     out = Path(args.gpu_suite)
     out.mkdir(parents=True, exist_ok=True)
     if not args.smoke and not torch.cuda.is_available():
-        raise SystemExit("bench.py --gpu_suite: no GPU here; --smoke runs the suite's tiny stand-in on the CPU")
+        raise engine.RunError("bench.py --gpu_suite: no GPU here; --smoke runs the suite's tiny stand-in on the CPU")
     deadline = time.time() + args.budget_s
     with open(out / "suite.log", "a") as log:
         for part in args.parts:

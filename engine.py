@@ -483,7 +483,7 @@ FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)  # one plain sta
 # --allow_resume_changes; so must the number of processes and the list of videos.
 RESUME_FREE = {"output_dir", "resume", "auto_resume", "allow_resume_changes", "finetune", "label_map", "eval",
                "data_path", "data_root", "num_workers", "device", "precision", "compile", "with_checkpoint", "fsdp",
-               "log_every", "skip_bad_videos", "max_bad_fraction", "save_ckpt_freq",
+               "log_every", "skip_bad_videos", "max_bad_fraction", "save_ckpt_freq", "normalize_on_device",
                "probe_every", "probe_data", "probe_size", "probe_pooling"}  # the probe only reads the encoder
 
 

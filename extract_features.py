@@ -127,8 +127,10 @@ def write_index(out: Path, samples: list[data.Sample], names: list[str], views: 
     labelled = any(s.label >= 0 for s in samples)
     rows = [[s.path, f"{name}.npy", views] + ([s.label] if labelled else [])
             for s, name in zip(samples, names) if (out / f"{name}.npy").is_file()]
-    with open(out / "index.csv", "w", newline="") as f:
-        csv.writer(f).writerows([["video", "file", "views"] + (["label"] if labelled else [])] + rows)
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", newline="") as f:
+            csv.writer(f).writerows([["video", "file", "views"] + (["label"] if labelled else [])] + rows)
+    engine.atomic_write(out / "index.csv", write)
     return len(rows)
 
 
@@ -179,7 +181,9 @@ def main(argv=None):
     names = [feature_name(s.path, base) for s in samples]
     done = lambda i: (out / f"{names[i]}.npy").is_file() and (not args.tokens or (out / f"{names[i]}.tokens.npy").is_file())
     todo = [i for i in range(len(samples)) if not done(i)]
-    mine = todo[d.rank::d.world_size]  # whole videos per process: a video's views are averaged in one place
+    # Whole videos per process (a video's views are averaged in one place), split before looking at what is
+    # done: another process may already be writing its share, and every process must see the same split.
+    mine = [i for i in range(d.rank, len(samples), d.world_size) if not done(i)]
 
     model = vmae.VideoClassifier(args.cfg, num_classes=0)
     d.print(vmae.load_weights(model, args._checkpoint))

@@ -274,7 +274,8 @@ def run_study(setting: Setting, out: Path, seeds: list[int], arms: list[Arm], de
     results_file = out / "results.json"
     saved = json.loads(results_file.read_text()) if results_file.exists() else {}
     if saved and saved.get("setting") != json.loads(json.dumps(asdict(setting))):
-        sys.exit(f"--out {out}: holds results of another setting; use another --out or delete {results_file}")
+        raise engine.RunError(f"--out {out}: holds results of another setting; use another --out or delete "
+                              f"{results_file}")
     records = {(r["arm"], r["seed"]): r for r in saved.get("runs", [])}
     costs = {arm.name: pretrain_cost(model_config(setting), mask_recipe(setting, arm)) for arm in arms if arm.pretrained}
     todo = [(arm, seed) for seed in seeds for arm in arms if (arm.name, seed) not in records]

@@ -10,6 +10,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
+import engine
 import study
 
 MICRO = dict(embed_dim=32, depth=2, num_heads=2, decoder_embed_dim=16, decoder_num_heads=2)
@@ -52,7 +53,7 @@ def test_every_arm_runs_and_the_study_resumes(tmp_path, capsys):
     capsys.readouterr()
     again = study.run_study(TINY, tmp_path, [0], study.ARMS, "cpu", threads=1, num_workers=0, jobs=1)
     assert again == records and "5 runs done before, 0 to go" in capsys.readouterr().out
-    with pytest.raises(SystemExit, match="another setting"):
+    with pytest.raises(engine.RunError, match="another setting"):
         study.run_study(replace(TINY, finetune_epochs=3), tmp_path, [0], study.ARMS, "cpu", 1, 0, 1)
 
 
