@@ -565,6 +565,12 @@ def from_hugging_face(weights: dict) -> dict:
     return out
 
 
+# What to_hugging_face writes: HF_NAMES backwards, with the older bias spelling (q_bias, v_bias), which
+# transformers 4 reads as it is and transformers 5 renames to query.bias / value.bias as it loads.
+HF_WRITTEN = [(ours, hf) for hf, ours in reversed(HF_NAMES)
+              if hf not in ("attention.attention.query.bias", "attention.attention.value.bias", "classifier.")]
+
+
 def to_hugging_face(weights: dict) -> dict:
     """The inverse of from_hugging_face: a pretraining model's or a classifier's state dict under transformers'
     VideoMAE names (videomae.*, decoder.decoder_layers.*, fc_norm, classifier), qkv split into query, key and
@@ -579,8 +585,8 @@ def to_hugging_face(weights: dict) -> dict:
         parts = zip(("query", "key", "value"), value.chunk(3)) if found else [(None, value)]
         for name, tensor in parts:
             new = f"{block}.attention.attention.{name}.weight" if name else key
-            for hf, ours in reversed(HF_NAMES):  # reversed: the newer bias spelling is the one written
-                new = new.replace(ours, hf) if ours != "head." else new
+            for ours, hf in HF_WRITTEN:
+                new = new.replace(ours, hf)
             out[new] = tensor.clone().contiguous()
     return out
 

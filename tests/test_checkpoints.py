@@ -319,6 +319,10 @@ def test_export_loads_in_transformers_without_remote_code(kind, tmp_path, monkey
     cls = dict(classifier=transformers.VideoMAEForVideoClassification, pretraining=transformers.VideoMAEForPreTraining,
                encoder=transformers.VideoMAEModel)[kind]
     assert json.loads((folder / "config.json").read_text())["architectures"] == [cls.__name__]
+    from safetensors.torch import load_file  # the biases under the names transformers 4 has and 5 renames
+    biases = [k.rpartition(".")[2] for k in load_file(folder / "model.safetensors") if ".attention.attention." in k
+              and not k.endswith("weight")]
+    assert biases and set(biases) == {"q_bias", "v_bias"}
     hf, info = cls.from_pretrained(folder, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
     video, mask = torch.randn(2, 3, 4, 32, 32), masking.tube_mask(2, cfg.grid, 0.5)
