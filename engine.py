@@ -318,6 +318,13 @@ def train_epoch(t: Trainer, batches: Batches, loss_of: Callable, epoch: int, lr_
 
 
 def check_finite(first_bad: torch.Tensor, lr_schedule, t: Trainer) -> None:
+    """Stop at the first optimizer step whose loss was not finite on any process (all stop together: one that
+    stopped alone would leave the others waiting in their next gradient all-reduce)."""
+    if t.d.world_size > 1:
+        never = torch.iinfo(torch.long).max
+        first_bad = torch.where(first_bad < 0, never, first_bad)
+        dist.all_reduce(first_bad, op=dist.ReduceOp.MIN)
+        first_bad = torch.where(first_bad == never, -1, first_bad)
     bad = int(first_bad)
     if bad >= 0:
         raise RunError(f"loss became non-finite at optimizer step {bad} (lr {lr_schedule[bad]:.3g}); stopping without "

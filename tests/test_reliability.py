@@ -6,6 +6,7 @@ checkpoint; a folder held by one run stops the next, stale locks are taken over;
 every process. (Each recipe's table of bad flags, lines, files and states is in its own test file.)"""
 import argparse
 import errno
+import gc
 import importlib
 import json
 import os
@@ -246,3 +247,29 @@ def test_nonfinite_weights_or_loss_stop_at_the_real_last_good_checkpoint(micro, 
     err = refused(tp.main, cli(tmp_path), capsys, monkeypatch, before_first_step=False)  # resumes at epoch 1
     assert "loss became non-finite at optimizer step 4" in err
     assert f"The last good checkpoint is {tmp_path / 'checkpoint-last.pth'} (epoch 0)" in err
+
+
+def nan_on_rank_one(rank: int, world: int, port: int, out: str, report: str):
+    """Rank 1's loss alone goes non-finite at its third micro-batch; rank 0's stays finite there."""
+    torchrun_env(rank, world, port)
+    vmae.SIZES["micro"] = MICRO
+    calls, loss = [0], vmae.pretrain_loss
+
+    def sometimes_nan(*a, **k):
+        calls[0] += 1
+        return loss(*a, **k) * (float("nan") if rank == 1 and calls[0] == 3 else 1.0)
+    vmae.pretrain_loss = sometimes_nan
+    try:
+        tp.main(cli(out, "--log_every", "1"))
+    except engine.RunError as e:
+        Path(report.format(rank)).write_text(str(e))
+    gc.collect()  # the stopped run's DDP model before its process group (a gloo teardown race otherwise)
+    dist.destroy_process_group()
+
+
+def test_a_nonfinite_loss_on_one_process_stops_every_process(tmp_path):
+    """At the step it is read, the first bad step of any process stops all of them, instead of leaving the
+    others waiting in their next gradient all-reduce for the one that stopped."""
+    run_processes(nan_on_rank_one, 2, str(tmp_path / "out"), str(tmp_path / "rank{}.txt"), timeout=120)
+    for rank in (0, 1):
+        assert "loss became non-finite at optimizer step 2" in (tmp_path / f"rank{rank}.txt").read_text()
