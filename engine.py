@@ -481,6 +481,18 @@ def trim_log(out: Path, start_epoch: int) -> None:
               "(again)")
 
 
+def set_aside(out: Path) -> None:
+    """A run started afresh (--no-auto_resume) in a folder holding another run's log.txt and checkpoints moves
+    them into a sub-folder of their own, so the two runs neither mix nor overwrite each other's files."""
+    old = [p for p in [out / "log.txt", *out.glob("checkpoint-*.pth")] if p.exists()]
+    if old:
+        aside = out / f"replaced-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+        aside.mkdir()
+        for path in old:
+            os.replace(path, aside / path.name)
+        print(f"note: starting afresh in {out}: the {len(old)} file(s) of the run there before are in {aside}")
+
+
 # -----------------------------------------------------------------------------------------------------
 # Checkpoints: saved whole, resumed exactly or not at all
 
@@ -520,8 +532,11 @@ def resume_training(t: Trainer, resume: str | None, auto_resume: bool, args: dic
     Returns the checkpoint, or None when the run starts fresh. log.txt keeps the lines of finished epochs."""
     last = t.out / "checkpoint-last.pth"
     path = resume or (last if auto_resume and last.exists() else None)
-    if path is None:
-        on_main(t.d, trim_log, t.out, 0)
+    if path is None:  # a fresh start
+        if auto_resume:
+            on_main(t.d, trim_log, t.out, 0)  # lines a killed first epoch left
+        else:
+            on_main(t.d, set_aside, t.out)  # another run's files, by the user's choice to start afresh
         return None
     state = vmae.load_checkpoint(path)
     parts = (("model", dict), ("optimizer", dict), ("epoch", int))

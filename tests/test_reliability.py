@@ -273,3 +273,17 @@ def test_a_nonfinite_loss_on_one_process_stops_every_process(tmp_path):
     run_processes(nan_on_rank_one, 2, str(tmp_path / "out"), str(tmp_path / "rank{}.txt"), timeout=120)
     for rank in (0, 1):
         assert "loss became non-finite at optimizer step 2" in (tmp_path / f"rank{rank}.txt").read_text()
+
+
+def test_starting_afresh_sets_the_previous_run_aside(micro, tmp_path, capsys):
+    """--no-auto_resume into a folder with another run's files: they move into a sub-folder of their own, and
+    the new run's log.txt and checkpoints hold the new run alone."""
+    tp.main(cli(tmp_path, "--epochs", "2", "--save_ckpt_freq", "1"))
+    before = rows(tmp_path)
+    tp.main(cli(tmp_path, "--epochs", "1", "--no-auto_resume", "--lr", "1e-2"))
+    aside = list(tmp_path.glob("replaced-*"))
+    assert len(aside) == 1 and "the 4 file(s) of the run there before" in capsys.readouterr().out
+    assert sorted(p.name for p in aside[0].iterdir()) == ["checkpoint-0.pth", "checkpoint-1.pth", "checkpoint-last.pth",
+                                                          "log.txt"]
+    assert [r["epoch"] for r in rows(tmp_path)] == [0] and rows(aside[0]) == before
+    assert not (tmp_path / "checkpoint-1.pth").exists()
