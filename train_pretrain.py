@@ -39,8 +39,8 @@ def pretrain_step_loss(model: torch.nn.Module, cfg: vmae.VideoMAEConfig, video: 
                        masks: masking.MaskConfig, normalize_target: bool = True) -> torch.Tensor:
     """Masks, forward, target and loss for one batch of ImageNet-normalised clips (B, 3, T, H, W)."""
     enc, dec, num_visible, num_queries = masks.draw(video.shape[0], cfg.grid, video.device)
-    pred = model(video, enc, dec, num_visible=num_visible, num_queries=num_queries)  # (B, N_q, 3·t·p²)
     queries = vmae.query_indices(enc, dec, num_queries)  # (B, N_q): the target only where the decoder predicts
+    pred = model(video, enc, dec, num_visible=num_visible, queries=queries)  # (B, N_q, 3·t·p²)
     target = vmae.reconstruction_target(video, cfg.patch_size, cfg.tubelet_size, normalize_target, queries)
     return vmae.pretrain_loss(pred, target, enc, dec, queries)
 

@@ -222,8 +222,8 @@ def cube_loss(model: vmae.PretrainVideoMAE, video: torch.Tensor, masks: masking.
     cfg = model.cfg
     enc, dec, num_visible, num_queries = masks.draw(draws, cfg.grid, generator=torch.Generator().manual_seed(seed))
     clips = video[None].expand(draws, -1, -1, -1, -1)  # (draws, 3, T, H, W): one clip under many masks
-    pred = model.eval()(clips, enc, dec, num_visible=num_visible, num_queries=num_queries).float()  # (draws, N_q, F)
     queries = vmae.query_indices(enc, dec, num_queries)  # (draws, N_q)
+    pred = model.eval()(clips, enc, dec, num_visible=num_visible, queries=queries).float()  # (draws, N_q, F)
     target = vmae.reconstruction_target(clips, cfg.patch_size, cfg.tubelet_size, normalize_target, queries)
     counted = enc.gather(1, queries).float()  # (draws, N_q): hidden from the encoder
     error = (pred - target).pow(2).mean(-1) * counted  # (draws, N_q)

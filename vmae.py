@@ -351,7 +351,8 @@ class PretrainVideoMAE(nn.Module):
         nn.init.trunc_normal_(self.mask_token, std=0.02, a=-0.02, b=0.02)
 
     def forward(self, video: Tensor, encoder_mask: Tensor, decoder_mask: Tensor | None = None, *,
-                num_visible: int | None = None, num_queries: int | None = None) -> Tensor:
+                num_visible: int | None = None, num_queries: int | None = None,
+                queries: Tensor | None = None) -> Tensor:
         """Predict the pixels of the cubes the decoder is asked for.
 
         video: (B, 3, T, H, W), ImageNet-normalised. encoder_mask: (B, N) bool, True = hidden from the
@@ -363,9 +364,12 @@ class PretrainVideoMAE(nn.Module):
         num_visible / num_queries: tokens per clip the encoder keeps / the decoder predicts. They follow
         from the masks, but reading them off a mask is a host sync and a graph break under
         torch.compile, so the training loop passes them (masking.num_hidden gives them up front).
+        queries: query_indices(encoder_mask, decoder_mask), if the caller needs them too (for the target and
+        the loss): the masks are then sorted once per step.
         """
-        visible = mask_indices(encoder_mask, num_visible)[0]  # (B, N_vis)
-        queries = query_indices(encoder_mask, decoder_mask, num_queries)  # (B, N_q)
+        visible, hidden = mask_indices(encoder_mask, num_visible)  # (B, N_vis), (B, N - N_vis)
+        if queries is None:
+            queries = hidden if decoder_mask is None else query_indices(encoder_mask, decoder_mask, num_queries)
 
         x = self.encoder(video, visible)  # (B, N_vis, D)
         x = self.encoder_to_decoder(x)  # (B, N_vis, Dd)

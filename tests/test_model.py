@@ -229,6 +229,18 @@ def test_loss_equals_a_per_sample_loop(dual):
     assert vmae.pretrain_loss(pred, target, enc, dec, queries).item() == pytest.approx(total / cubes, rel=1e-5)
 
 
+def test_forward_with_the_callers_query_positions_is_the_same_forward():
+    """The training step sorts the masks once and hands the model its query positions; the model's own sort
+    (dual masking and V1) must pick the same positions in the same order."""
+    model = vmae.PretrainVideoMAE(tiny()).eval()
+    video, enc, dec = step_inputs(model.cfg)
+    for d in (dec, None):
+        own = model(video, enc, d)
+        given = model(video, enc, d, queries=vmae.query_indices(enc, d))
+        assert own.shape[1] == int((~dec[0]).sum() if d is not None else enc[0].sum())
+        assert torch.equal(own, given)
+
+
 def test_drop_path_drops_whole_samples():
     x = torch.ones(64, 5, 3)
     y = vmae.drop_path(x, 0.5, training=True)
