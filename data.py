@@ -47,6 +47,7 @@ Public API
   held_out_clip, one_clip: a single (3, T, H, W) clip to look at (built-in, or from a file or folder)
   labelled_clips: a labelled list (or built-in videos) as validation clips, for a probe
   dataset.bad_videos(): with skip_bad_videos, the unreadable files skipped so far (all workers)
+  Share(rank, world, gather): the builders' share=, to split checking the listed files over processes
   SyntheticVideos: the built-in set; .export(root, split) writes it as .mp4 files plus a list file
   read_video, read_frames: decoding; read_pretrain_list, read_finetune_split: the list formats
   pretrain_indices, dense_indices, dense_test_indices, segment_indices, segment_test_indices: sampling
@@ -79,7 +80,6 @@ from typing import Callable, Iterator, NamedTuple, Sequence
 import cv2
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch import Tensor
 from torch.utils.data import Dataset
 
@@ -822,6 +822,15 @@ def _item_rng() -> np.random.Generator:
     return np.random.default_rng(int(torch.randint(2 ** 62, ())))
 
 
+class Share(NamedTuple):
+    """A check split over processes: this one takes items rank, rank + world, ..., and gather(found) returns
+    every process's findings, one list per process (a collective, so every process must call the check;
+    engine.file_share builds it from the process group). The default is one process checking everything."""
+    rank: int = 0
+    world: int = 1
+    gather: Callable[[list], list[list]] | None = None
+
+
 class _Clips(Dataset):
     """Loading for both datasets, with the bad-video policy: raise, or skip (logged, counted, limited)."""
 
@@ -838,19 +847,17 @@ class _Clips(Dataset):
             return []
         return [self.source.name(int(i)) for i in np.flatnonzero(np.frombuffer(self._bad, np.int8))]
 
-    def check_files(self, open_videos: bool = False) -> None:
+    def check_files(self, open_videos: bool = False, share: Share = Share()) -> None:
         """Before training: every listed video checked (VideoList.problem: a stat, and with open_videos an
         open), all problems at once. Without skip_bad_videos any problem is a VideoError listing them all;
-        with it they are skipped from the start (logged, counted, limited by max_bad_fraction). In a run of
-        several processes each checks its share and they exchange what they found (so must all call this)."""
+        with it they are skipped from the start (logged, counted, limited by max_bad_fraction). With a
+        `share` of several processes each checks its part and they exchange what they found."""
         if not isinstance(self.source, VideoList):
             return
-        rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-        bad = [(i, why) for i in range(rank, len(self.source), world) if (why := self.source.problem(i, open_videos))]
-        if world > 1:
-            shares = [None] * world
-            dist.all_gather_object(shares, bad)
-            bad = sorted(sum(shares, []))
+        bad = [(i, why) for i in range(share.rank, len(self.source), share.world)
+               if (why := self.source.problem(i, open_videos))]
+        if share.world > 1:
+            bad = sorted(sum(share.gather(bad), []))
         if not self.skip_bad_videos:
             _raise_problems([why for _, why in bad], VideoError)
         for i, why in bad:
@@ -990,7 +997,7 @@ def build_pretrain_dataset(data_path: str | None = None, data_root: str = "", *,
                            sampling_rate: int = 4, input_size: int = 224, num_sample: int = 1,
                            fname_tmpl: str = "img_{:05}.jpg", skip_bad_videos: bool = False,
                            max_bad_fraction: float = 0.01, synthetic_videos: int = 1024,
-                           uint8: bool = False) -> PretrainDataset:
+                           uint8: bool = False, share: Share = Share()) -> PretrainDataset:
     """The pretraining dataset for data_path (a list file or a folder of videos), or the synthetic set; every
     listed file is stat-checked first. uint8: items are uint8 pixels, to be normalised on the device with
     `normalize`."""
@@ -1000,7 +1007,7 @@ def build_pretrain_dataset(data_path: str | None = None, data_root: str = "", *,
         source = _synthetic(synthetic_videos, 8, num_frames, sampling_rate, input_size, first_index=0)
     dataset = PretrainDataset(source, num_frames, sampling_rate, input_size, num_sample, skip_bad_videos,
                               max_bad_fraction, uint8)
-    dataset.check_files()
+    dataset.check_files(share=share)
     return dataset
 
 
@@ -1010,7 +1017,8 @@ def build_finetune_dataset(mode: str, data_path: str | None = None, data_root: s
                            test_num_crop: int = 3, sparse_sample: bool = False, flip: bool = True,
                            aa: str = "rand-m7-n4-mstd0.5-inc1", reprob: float = 0.25,
                            fname_tmpl: str = "img_{:05}.jpg", start_idx: int = 1, skip_bad_videos: bool = False,
-                           max_bad_fraction: float = 0.01, synthetic_videos: int = 1024) -> FinetuneDataset:
+                           max_bad_fraction: float = 0.01, synthetic_videos: int = 1024,
+                           share: Share = Share()) -> FinetuneDataset:
     """The fine-tuning dataset of one split, mode 'train', 'validation' or 'test', for data_path, or the
     synthetic set (synthetic_videos training videos; validation and test share synthetic_videos // 4 others).
     Its files are checked first: a stat for training, an open of every video for validation and test."""
@@ -1024,7 +1032,7 @@ def build_finetune_dataset(mode: str, data_path: str | None = None, data_root: s
     dataset = FinetuneDataset(source, mode, num_frames, sampling_rate, input_size, short_side_size, num_sample,
                               test_num_segment, test_num_crop, sparse_sample, flip, aa, reprob, skip_bad_videos,
                               max_bad_fraction)
-    dataset.check_files(open_videos=mode != "train")
+    dataset.check_files(open_videos=mode != "train", share=share)
     return dataset
 
 
@@ -1040,14 +1048,14 @@ def held_out_clip(num_frames: int, input_size: int, sampling_rate: int, syntheti
 
 def labelled_clips(list_file: str | None, data_root: str = "", *, num_frames: int, sampling_rate: int,
                    input_size: int, fname_tmpl: str = "img_{:05}.jpg", synthetic_videos: int = 512,
-                   first_index: int = 0) -> FinetuneDataset:
+                   first_index: int = 0, share: Share = Share()) -> FinetuneDataset:
     """A labelled set read as validation clips (centre window, centre crop), e.g. for a probe: the lines of
     list_file (`path label` or `frame_dir total_frames label`), or synthetic_videos built-in videos from
     first_index on. Every listed video is opened first, as for validation."""
     source = (VideoList(read_finetune_list(list_file, data_root), fname_tmpl) if list_file else
               _synthetic(synthetic_videos, 8, num_frames, sampling_rate, input_size, first_index))
     dataset = FinetuneDataset(source, "validation", num_frames, sampling_rate, input_size, short_side_size=input_size)
-    dataset.check_files(open_videos=True)
+    dataset.check_files(open_videos=True, share=share)
     return dataset
 
 

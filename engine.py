@@ -196,6 +196,16 @@ def wrap_model(model: torch.nn.Module, d: Dist, fsdp: bool, precision: str) -> t
     return model
 
 
+def file_share(d: Dist) -> data.Share:
+    """The processes split the checks of listed video files (data.Share): each checks every world_size-th
+    file, then they exchange what they found, so every process knows every bad file."""
+    def gather(found: list) -> list[list]:
+        shares = [None] * d.world_size
+        dist.all_gather_object(shares, found)
+        return shares
+    return data.Share(d.rank, d.world_size, gather if d.world_size > 1 else None)
+
+
 def grad_sync(model: torch.nn.Module, enabled: bool) -> None:
     """Skip the gradient all-reduce on accumulation micro-steps (only the last one syncs)."""
     if isinstance(model, DDP):

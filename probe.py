@@ -148,12 +148,14 @@ class Probe:
 
 def build_probe(list_file: str | None, data_root: str = "", *, num_frames: int, sampling_rate: int,
                 input_size: int, tubelet_size: int = 2, fname_tmpl: str = "img_{:05}.jpg", synthetic_videos: int = 512,
-                first_index: int = 0, batch_size: int = 64, pooling: str = "slots", num_workers: int = 0) -> Probe:
+                first_index: int = 0, batch_size: int = 64, pooling: str = "slots", num_workers: int = 0,
+                share: data.Share = data.Share()) -> Probe:
     """The probe on list_file's labelled clips (`path label` or `frame_dir total_frames label` lines), or on
-    synthetic_videos built-in videos from first_index on. Raises ListError for a set it cannot score."""
+    synthetic_videos built-in videos from first_index on (share: the processes that split checking the
+    files). Raises ListError for a set it cannot score."""
     dataset = data.labelled_clips(list_file, data_root, num_frames=num_frames, sampling_rate=sampling_rate,
                                   input_size=input_size, fname_tmpl=fname_tmpl, synthetic_videos=synthetic_videos,
-                                  first_index=first_index)
+                                  first_index=first_index, share=share)
     labels = [dataset.source.label(i) for i in range(len(dataset.source))]
     where = list_file or "the built-in probe set"
     if min(labels) < 0:

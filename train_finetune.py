@@ -188,7 +188,7 @@ def build_model(args, d: engine.Dist) -> vmae.VideoClassifier:
     return model
 
 
-def build_dataset(mode: str, args) -> data.FinetuneDataset:
+def build_dataset(mode: str, args, d: engine.Dist) -> data.FinetuneDataset:
     """The 'train', 'validation' or 'test' split (--sparse_sample and --flip as --data_set set them)."""
     return data.build_finetune_dataset(
         mode, args.data_path, args.data_root, nb_classes=args.nb_classes, num_frames=args.num_frames,
@@ -196,7 +196,7 @@ def build_dataset(mode: str, args) -> data.FinetuneDataset:
         num_sample=args.num_sample, test_num_segment=args.test_num_segment, test_num_crop=args.test_num_crop,
         sparse_sample=args.sparse_sample, flip=args.flip, aa=args.aa, reprob=args.reprob,
         fname_tmpl=args.fname_tmpl, skip_bad_videos=args.skip_bad_videos, max_bad_fraction=args.max_bad_fraction,
-        synthetic_videos=args.synthetic_size)
+        synthetic_videos=args.synthetic_size, share=engine.file_share(d))
 
 
 class Shard(torch.utils.data.Dataset):
@@ -341,7 +341,7 @@ def finetune(args, d: engine.Dist) -> None:
     held-out ones opened) before the first step, so a bad validation video cannot cost an epoch."""
     cfg = args.cfg
     precision = engine.resolve_precision(args.precision, d.device)
-    sets = [build_dataset(mode, args) for mode in (["test"] if args.eval else ["train", "validation", "test"])]
+    sets = [build_dataset(mode, args, d) for mode in (["test"] if args.eval else ["train", "validation", "test"])]
     engine.seed_everything(args.seed)  # the same initial weights on every process
 
     model = build_model(args, d).to(d.device)

@@ -128,14 +128,14 @@ def mask_config(args: argparse.Namespace) -> masking.MaskConfig:
     return masking.MaskConfig(args.mask_type, args.mask_ratio, args.decoder_mask_type, args.decoder_mask_ratio)
 
 
-def probe_of(args: argparse.Namespace) -> probe.Probe:
+def probe_of(args: argparse.Namespace, d: engine.Dist) -> probe.Probe:
     """--probe_every's labelled set: --probe_data, or --probe_size built-in clips after the pretraining videos."""
     return probe.build_probe(args.probe_data, args.data_root, num_frames=args.num_frames,
                              sampling_rate=args.sampling_rate, input_size=args.input_size,
                              tubelet_size=args.tubelet_size, fname_tmpl=args.fname_tmpl,
                              synthetic_videos=args.probe_size, first_index=args.synthetic_size,
                              batch_size=args.batch_size * args.num_sample, pooling=args.probe_pooling,
-                             num_workers=args.num_workers)
+                             num_workers=args.num_workers, share=engine.file_share(d))
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -181,8 +181,8 @@ def pretrain(args: argparse.Namespace, d: engine.Dist) -> None:
         args.data_path, args.data_root, num_frames=args.num_frames, sampling_rate=args.sampling_rate,
         input_size=args.input_size, num_sample=args.num_sample, fname_tmpl=args.fname_tmpl,
         skip_bad_videos=args.skip_bad_videos, max_bad_fraction=args.max_bad_fraction,
-        synthetic_videos=args.synthetic_size, uint8=args.normalize_on_device)
-    probe_set = probe_of(args) if args.probe_every else None  # reads and checks --probe_data's list
+        synthetic_videos=args.synthetic_size, uint8=args.normalize_on_device, share=engine.file_share(d))
+    probe_set = probe_of(args, d) if args.probe_every else None  # reads and checks --probe_data's list
     model = vmae.PretrainVideoMAE(cfg).to(d.device)
     if args._init:
         d.print(vmae.load_weights(model, args._init))

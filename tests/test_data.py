@@ -217,6 +217,20 @@ def test_files_are_checked_before_training_all_problems_at_once(files, tmp_path)
     assert ds.bad_videos() == [f"{tmp_path}/gone.mp4", str(empty), short]  # skipped from the start, counted
     with pytest.raises(data.VideoError, match="3 of 5 videos are unreadable, more than max_bad_fraction=0.5"):
         data.build_pretrain_dataset(str(lst), num_frames=4, input_size=32, skip_bad_videos=True, max_bad_fraction=0.5)
+    # split over two processes, their exchange stood in by functions: each checks every other file, and the
+    # second, given the first's findings, reports exactly what the single process did
+    single, found = str(error.value), {}
+    checked = []
+    problem = data.VideoList.problem
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(data.VideoList, "problem", lambda self, i, o: checked.append(i) or problem(self, i, o))
+        with pytest.raises(data.VideoError):
+            data.build_pretrain_dataset(str(lst), num_frames=4, sampling_rate=1, input_size=32,
+                                        share=data.Share(0, 2, lambda mine: [found.setdefault(0, mine), []]))
+        with pytest.raises(data.VideoError) as error:
+            data.build_pretrain_dataset(str(lst), num_frames=4, sampling_rate=1, input_size=32,
+                                        share=data.Share(1, 2, lambda mine: [found[0], mine]))
+    assert checked == [0, 2, 4, 1, 3] and str(error.value) == single
 
 
 def test_digest_follows_the_videos_not_their_folder(files, tmp_path):

@@ -20,6 +20,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
+import data
 import engine
 import train_pretrain as tp
 import vmae
@@ -287,3 +288,23 @@ def test_starting_afresh_sets_the_previous_run_aside(micro, tmp_path, capsys):
                                                           "log.txt"]
     assert [r["epoch"] for r in rows(tmp_path)] == [0] and rows(aside[0]) == before
     assert not (tmp_path / "checkpoint-1.pth").exists()
+
+
+def checked_list(rank: int, world: int, port: int, list_file: str, report: str):
+    torchrun_env(rank, world, port)
+    d = engine.setup_distributed("cpu")
+    try:
+        data.build_pretrain_dataset(list_file, num_frames=4, input_size=32, share=engine.file_share(d))
+    except data.VideoError as e:
+        Path(report.format(rank)).write_text(str(e))
+    dist.destroy_process_group()
+
+
+def test_two_processes_split_the_file_checks_and_both_know_every_bad_file(tmp_path):
+    """Each process stats every other listed file; after the exchange both refuse with the full list."""
+    missing = [str(tmp_path / f"gone{i}.mp4") for i in range(5)]
+    (tmp_path / "list.csv").write_text("".join(f"{m} 0 -1\n" for m in missing))
+    run_processes(checked_list, 2, str(tmp_path / "list.csv"), str(tmp_path / "rank{}.txt"), timeout=120)
+    reports = [(tmp_path / f"rank{rank}.txt").read_text() for rank in (0, 1)]
+    assert reports[0] == reports[1] and reports[0].startswith("5 problems")
+    assert all(m in reports[0] for m in missing)

@@ -93,7 +93,7 @@ def test_multi_view_test_equals_a_plain_recomputation(trained, tmp_path, segment
         args = tf.parse_args(argv)
     model = vmae.VideoClassifier(args.cfg, 8).eval()
     model.load_state_dict(torch.load(checkpoint, weights_only=True)["model"])
-    test_set = tf.build_dataset("test", args)
+    test_set = tf.build_dataset("test", args, engine.Dist(0, 1, 0, torch.device("cpu")))
     probs, labels, clip_hits = torch.zeros(8, 8), torch.zeros(8, dtype=torch.long), 0
     with torch.no_grad():
         for i in range(len(test_set)):
