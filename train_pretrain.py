@@ -235,7 +235,9 @@ def pretrain(args: argparse.Namespace, d: engine.Dist) -> None:
                 f"({len(probe_set.dataset)} clips, {result['probe_time_s']} s)")
         return result
     # before training: the random encoder's score, the level pretraining has to beat (in epoch 0's log line)
-    at_start = {f"probe_init_{k[6:]}": v for k, v in probed().items()} if probe_set and not start_epoch else {}
+    at_start = {}
+    if probe_set and not start_epoch:  # logged as probe_init_acc1, probe_init_knn_acc1, probe_init_time_s
+        at_start = {k.replace("probe_", "probe_init_", 1): v for k, v in probed().items()}
     for epoch in range(start_epoch, args.epochs):
         loss, steps, seconds = engine.train_epoch(t, batches, loss_of, epoch, lr_schedule, wd_schedule)
         stats = dict(epoch=epoch, train_loss=loss, train_lr=float(lr_schedule[steps - 1]),
