@@ -1,6 +1,6 @@
 """Tests for data.py: real files written here (mp4v .mp4, MJPG .avi, JPEG frame folders, broken files, bad
-lists), decoded and sampled, with every expected index recomputed from the reference's formulas (spec.md
-§7.2-7.3), never copied from a run of data.py.
+lists), decoded and sampled, with every expected index recomputed from the reference's formulas (its loaders'
+frame sampling, written out again below), never copied from a run of data.py.
 
 Frames carry their own index as a flat colour (red = 16 + 28·(i // 16), green = 16 + 14·(i % 16), blue = 128):
 it survives lossy codecs, crops and resizes, and a red/blue swap would read back wrong.

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 import masking
 import vmae
 
-# spec.md §1.8, millions of parameters: encoder (with final norm), decoder (depth 4, with head),
+# The reference models' parameter counts, in millions: encoder (with final norm), decoder (depth 4, with head),
 # mask_token + encoder_to_decoder, pretraining total, classifier with 400 and 710 classes.
 PARAMS_M = {
     "small": (21.88, 2.08, 0.07, 24.03, 22.03, 22.15),
