@@ -17,8 +17,8 @@ timm importable).
     python bench.py --gpu_suite gpu_out           # every GPU figure of docs/gpu.md, in gpu_out/summary.md
 
 FLOPs are counted by running the step once on the `meta` device under PyTorch's FLOP counter (2 FLOPs
-per multiply-add; exact shapes, no arithmetic typed in by hand; train_pretrain.step_flops). The paper's "FLOPs" are multiply-adds
-of the forward pass, i.e. half of the forward figure here.
+per multiply-add; exact shapes, no arithmetic typed in by hand; train_pretrain.step_flops). The paper's "FLOPs" are
+multiply-adds of the forward pass, i.e. half of the forward figure here.
 """
 import argparse
 import statistics
@@ -39,7 +39,8 @@ import vmae
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", nargs="+", default=["small", "base"], choices=list(vmae.SIZES))
     p.add_argument("--batch_size", type=engine.within("[1, inf)", int), default=2)
     p.add_argument("--num_frames", type=engine.within("[1, 1024]", int), default=16)
@@ -56,10 +57,14 @@ def parse_args(argv=None):
     p.add_argument("--flops", action="store_true", help="print the per-clip token and FLOP table and exit")
     p.add_argument("--data", action="store_true", help="time one data worker on videos the bench writes, and exit")
     p.add_argument("--memory", action="store_true", help="compute the training-memory table for every size, and exit")
-    p.add_argument("--ops", action="store_true", help="count the ATen ops of one train step per size and precision, and exit")
-    p.add_argument("--gpu_suite", metavar="DIR", help="run every GPU measurement of docs/gpu.md, tables to DIR/summary.md")
-    p.add_argument("--parts", nargs="+", default=list(SUITE_DEFAULT), choices=list(SUITE), help="--gpu_suite: which parts")
-    p.add_argument("--budget_s", type=engine.within("(0, inf)"), default=560, help="--gpu_suite: seconds for all parts together")
+    p.add_argument("--ops", action="store_true", help="count the ATen ops of one train step per size and precision, "
+                   "and exit")
+    p.add_argument("--gpu_suite", metavar="DIR", help="run every GPU measurement of docs/gpu.md, tables to "
+                   "DIR/summary.md")
+    p.add_argument("--parts", nargs="+", default=list(SUITE_DEFAULT), choices=list(SUITE),
+                   help="--gpu_suite: which parts")
+    p.add_argument("--budget_s", type=engine.within("(0, inf)"), default=560, help="--gpu_suite: seconds for all parts "
+                   "together")
     p.add_argument("--smoke", action="store_true", help="--gpu_suite: tiny sizes on the CPU, to check it runs")
     p.add_argument("--part", help=argparse.SUPPRESS)  # one part, in the process the suite starts for it
     p.add_argument("--part_limit", type=engine.within("(0, inf)"), default=600, help=argparse.SUPPRESS)
@@ -320,7 +325,8 @@ def memory_table(args) -> None:
         states = 16 * n / gib
         print(f"| {size} | {n / 1e6:.0f}M | {states:.1f} | {per_clip['fp32'] / gib:.3f} | {per_clip['bf16'] / gib:.3f} "
               f"| {per_clip['ckpt'] / gib:.3f} | {states + 32 * per_clip['bf16'] / gib:.1f} "
-              f"| {states + 32 * per_clip['ckpt'] / gib:.1f} | {states / 64 + 32 * per_clip['ckpt'] / gib:.1f} |", flush=True)
+              f"| {states + 32 * per_clip['ckpt'] / gib:.1f} | {states / 64 + 32 * per_clip['ckpt'] / gib:.1f} |",
+              flush=True)
 
 
 # -----------------------------------------------------------------------------------------------------
@@ -367,9 +373,9 @@ def count_ops(step) -> Counter:
 
 def ops_table(args) -> None:
     """ATen ops per dual-masking train step (masks, forward, target, loss, backward, AdamW). The count does
-    not depend on the resolution, nor on the batch size from 2 clips on (with 1, a reshape needs no copy). bf16 autocast on the CPU inserts the same weight casts as on a
-    GPU; a GPU's autocast also runs LayerNorm in fp32, which adds 4 casts per LayerNorm that the CPU count
-    does not show."""
+    not depend on the resolution, nor on the batch size from 2 clips on (with 1, a reshape needs no copy). bf16
+    autocast on the CPU inserts the same weight casts as on a GPU; a GPU's autocast also runs LayerNorm in fp32,
+    which adds 4 casts per LayerNorm that the CPU count does not show."""
     device = torch.device("cpu")
     print(f"# ATen ops per train step, dual masking, counted on the CPU (torch {torch.__version__}); "
           f"batch {args.batch_size}, {args.num_frames}x{args.input_size}")
@@ -483,8 +489,8 @@ def step_row(size: str, batch: int, with_checkpoint: bool, mode: str, s: Setting
     peak = datasheet_peak(device)
     mfu = f"{100 * flops / seconds / peak:.1f}" if peak else "-"
     compile_s = f"{first - seconds:.0f}" if mode not in ("eager", "fsdp") else ""
-    return row + (f"{seconds * 1e3:.0f} | {batch / seconds:.1f} | {flops / batch / 1e9:.1f} | {flops / seconds / 1e12:.1f} "
-                  f"| {mfu} | {memory} | {compile_s} |")
+    return row + (f"{seconds * 1e3:.0f} | {batch / seconds:.1f} | {flops / batch / 1e9:.1f} "
+                  f"| {flops / seconds / 1e12:.1f} | {mfu} | {memory} | {compile_s} |")
 
 
 def suite_steps(part: str, rows: list, s: Setting, device: torch.device, write) -> None:
@@ -531,13 +537,16 @@ def suite_profile(s: Setting, device: torch.device, out: Path, write) -> None:
         sync(device)
     wall = (time.perf_counter() - start) / 3
     if cuda:  # the kernels, copies and fills the GPU ran
-        kernels, time_of = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA], "device_time_total"
+        kernels, time_of = ([e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA],
+                            "device_time_total")
     else:  # a CPU runs each top-level op itself: those stand in, so that --smoke runs every line
-        kernels, time_of = [e for e in prof.events() if e.name.startswith("aten::") and e.cpu_parent is None], "cpu_time_total"
+        kernels, time_of = ([e for e in prof.events() if e.name.startswith("aten::") and e.cpu_parent is None],
+                            "cpu_time_total")
     busy = sum(getattr(e, time_of) for e in kernels) / 3e3  # ms per step
     write(f"\n## Profile: {size}, {batch} clips, eager bf16, 3 steps after 3 (times under the profiler)\n\n"
           f"wall {wall * 1e3:.0f} ms/step; {len(kernels) / 3:.0f} kernels and copies/step; GPU busy {busy:.0f} ms/step "
-          f"({100 * busy / (wall * 1e3):.0f} % of the wall time)\n\n| kernel class | kernels/step | ms/step | share of GPU time |\n"
+          f"({100 * busy / (wall * 1e3):.0f} % of the wall time)\n\n"
+          "| kernel class | kernels/step | ms/step | share of GPU time |\n"
           "|---|---|---|---|\n")
     classes = {}
     for e in kernels:
@@ -566,7 +575,8 @@ def suite_tests(out: Path, limit: float, write) -> None:
         bad = next((c for c in case if c.tag in ("failure", "error", "skipped")), None)
         kind = "passed" if bad is None else bad.tag
         why = (bad.get("message") or "").split("\n")[0][:200] if kind in ("failure", "error") else ""
-        outcome.setdefault(kind, []).append(f"{case.get('classname')}::{case.get('name')}" + (f": {why}" if why else ""))
+        outcome.setdefault(kind, []).append(f"{case.get('classname')}::{case.get('name')}"
+                                            + (f": {why}" if why else ""))
     write("\n## tests/test_gpu.py\n\n" + ", ".join(f"{len(v)} {k}" for k, v in outcome.items()) + "\n\n"
           + "".join(f"- {kind}: {name}\n" for kind in ("failure", "error") for name in outcome.get(kind, [])))
 
@@ -610,7 +620,8 @@ def suite_data(s: Setting, device: torch.device, write) -> None:
         Path(list_file).write_text(f"{folder}/240p.mp4 0 -1\n" * 8 * (2 * workers + 4))
         for uint8 in (False, True):
             rate = loader_rate(list_file, workers, uint8, s, device)
-            write(f"| {'uint8, normalised on the device' if uint8 else 'float32, normalised by the workers'} | {rate:.0f} |\n")
+            how = "uint8, normalised on the device" if uint8 else "float32, normalised by the workers"
+            write(f"| {how} | {rate:.0f} |\n")
 
 
 def suite_command(cmd: list, limit: float, write, then: list | None = None) -> None:
@@ -665,17 +676,18 @@ def suite_part(part: str, out: Path, smoke: bool, limit: float) -> None:
     elif part == "showcase":  # a ViT-S pretrained on the built-in clips at 224 px: the README's reconstruction
         scratch = Path(tempfile.mkdtemp())
         flags = ["--model", "demo", "--epochs", "1", "--synthetic_size", "8", "--batch_size", "2"] if smoke else \
-                ["--model", "small", "--epochs", "100", "--warmup_epochs", "5", "--batch_size", "32", "--num_workers", "12"]
+                ["--model", "small", "--epochs", "100", "--warmup_epochs", "5", "--batch_size", "32",
+                 "--num_workers", "12"]
         suite_command(["train_pretrain.py", *flags, "--input_size", str(s.px), "--num_frames", str(s.frames),
                        "--output_dir", str(scratch)], limit, write,
-                      then=["visualize.py", "recon", "--checkpoint", str(scratch / "checkpoint-last.pth"), "--slots", "4",
-                            "--out", str(scratch / "showcase.png")])
+                      then=["visualize.py", "recon", "--checkpoint", str(scratch / "checkpoint-last.pth"),
+                            "--slots", "4", "--out", str(scratch / "showcase.png")])
         if (scratch / "showcase.png").exists():  # the PNG only: the GIF beside it would not come back
             shutil.copy(scratch / "showcase.png", out / "recon.png")
     elif part == "study":  # the study's GPU setting; its tables and figure next to the suite's
         scratch = Path(tempfile.mkdtemp())
-        suite_command(["study.py", "--out", str(scratch)] + (["--quick", "--seeds", "0", "--arms", "v1"] if smoke else []),
-                      limit, write)
+        suite_command(["study.py", "--out", str(scratch)]
+                      + (["--quick", "--seeds", "0", "--arms", "v1"] if smoke else []), limit, write)
         for name in ("study.md", "study.png"):
             if (scratch / name).exists():
                 shutil.copy(scratch / name, out / name)
@@ -755,7 +767,8 @@ def main(argv=None):
           f"tube {args.mask_ratio}, running cell {args.decoder_mask_ratio}; median of {args.steps} steps")
     peaks = {p: matmul_peak(device, torch.float32 if p == "fp32" else torch.bfloat16) for p in args.precision}
     print("# measured matmul peak: " + ", ".join(f"{p} {v / 1e12:.2f} TFLOP/s" for p, v in peaks.items()))
-    print("| model | step | masking | precision | ms | clips/s | GFLOP | TFLOP/s | % of peak | peak mem GiB | vs HF | vs reference |")
+    print("| model | step | masking | precision | ms | clips/s | GFLOP | TFLOP/s | % of peak | peak mem GiB "
+          "| vs HF | vs reference |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
 
     def rows(size, step, kind, precision, contenders, flops):
@@ -782,13 +795,16 @@ def main(argv=None):
                 ours_loss = lambda m, v: train_pretrain.pretrain_step_loss(m, cfg, v, recipe(args, dual))  # noqa: E731
                 contenders = {"ours": train_step_fn(ours, ours_loss, video, device, precision)}
                 if args.compile:
-                    contenders["ours compiled"] = train_step_fn(ours, torch.compile(ours_loss), video, device, precision)
+                    contenders["ours compiled"] = train_step_fn(ours, torch.compile(ours_loss), video, device,
+                                                                precision)
                 if hf is not None and not dual:  # Hugging Face has no decoder masking
-                    contenders["HF"] = train_step_fn(hf[0], lambda m, v: hf_loss(m, v, args, cfg.grid), video, device, precision)
+                    contenders["HF"] = train_step_fn(hf[0], lambda m, v: hf_loss(m, v, args, cfg.grid), video, device,
+                                                     precision)
                 if ref is not None:
                     contenders["reference"] = train_step_fn(ref[0], lambda m, v: reference_loss(m, v, args, dual, cfg),
                                                             video, device, precision)
-                rows(size, "train", "dual" if dual else "V1", precision, contenders, train_pretrain.step_flops(cfg, B, recipe(args, dual))[1])
+                rows(size, "train", "dual" if dual else "V1", precision, contenders,
+                     train_pretrain.step_flops(cfg, B, recipe(args, dual))[1])
 
             def infer(model, **kw):
                 def run():

@@ -708,7 +708,8 @@ def add_shared_flags(p: argparse.ArgumentParser) -> None:
     a("--num_workers", type=within("[0, inf)", int), default=10)
     a("--seed", type=within("[0, 4294967295]", int), default=0)
     a("--device", type=device_name, default="cuda" if torch.cuda.is_available() else "cpu")
-    a("--precision", default=None, choices=["bf16", "fp16", "fp32"], help="default: bf16 on GPUs that have it, else fp32")
+    a("--precision", default=None, choices=["bf16", "fp16", "fp32"], help="default: bf16 on GPUs that have it, "
+      "else fp32")
     a("--compile", action="store_true", help="torch.compile the model")
     a("--with_checkpoint", action="store_true", help="activation checkpointing per block (less memory, ~30%% slower)")
     a("--fsdp", action="store_true", help="shard parameters, gradients and optimizer state (launch with torchrun)")

@@ -179,7 +179,8 @@ def main(argv=None):
     samples = list({s.path: s for s in data.read_pretrain_list(args.data_path, args.data_root)}.values())
     base = args.data_path if os.path.isdir(args.data_path) else args.data_root
     names = [feature_name(s.path, base) for s in samples]
-    done = lambda i: (out / f"{names[i]}.npy").is_file() and (not args.tokens or (out / f"{names[i]}.tokens.npy").is_file())
+    done = lambda i: ((out / f"{names[i]}.npy").is_file()
+                      and (not args.tokens or (out / f"{names[i]}.tokens.npy").is_file()))
     todo = [i for i in range(len(samples)) if not done(i)]
     # Whole videos per process (a video's views are averaged in one place), split before looking at what is
     # done: another process may already be writing its share, and every process must see the same split.

@@ -277,12 +277,14 @@ def run_study(setting: Setting, out: Path, seeds: list[int], arms: list[Arm], de
         raise engine.RunError(f"--out {out}: holds results of another setting; use another --out or delete "
                               f"{results_file}")
     records = {(r["arm"], r["seed"]): r for r in saved.get("runs", [])}
-    costs = {arm.name: pretrain_cost(model_config(setting), mask_recipe(setting, arm)) for arm in arms if arm.pretrained}
+    costs = {arm.name: pretrain_cost(model_config(setting), mask_recipe(setting, arm))
+             for arm in arms if arm.pretrained}
     todo = [(arm, seed) for seed in seeds for arm in arms if (arm.name, seed) not in records]
     print(f"{len(seeds) * len(arms) - len(todo)} runs done before, {len(todo)} to go, {jobs} at a time", flush=True)
     start = time.time()
     with ThreadPoolExecutor(jobs) as pool:  # threads only wait: the work is in the processes they start
-        running = {pool.submit(run_arm, setting, arm, seed, out, device, threads, num_workers): arm for arm, seed in todo}
+        running = {pool.submit(run_arm, setting, arm, seed, out, device, threads, num_workers): arm
+                   for arm, seed in todo}
         for done in as_completed(running):
             arm, record = running[done], done.result()
             record.update(costs.get(arm.name, {}))
@@ -442,7 +444,8 @@ def table(records: list[dict]) -> str:
             values = [r[key] for r in rows if key in r]
             return with_interval(values, digits) if values else "-"
         if arm.pretrained:
-            mask = "none (V1)" if arm.decoder_mask_ratio == 0 else f"{arm.decoder_mask_type} {arm.decoder_mask_ratio:.0%}"
+            mask = ("none (V1)" if arm.decoder_mask_ratio == 0
+                    else f"{arm.decoder_mask_type} {arm.decoder_mask_ratio:.0%}")
             tokens = f"{runs[0]['encoder_tokens']} / {runs[0]['decoder_tokens']}"
             probes = [stat("probe_acc1", 1), stat("probe_knn_acc1", 1)]
             cells = [mask, tokens, f"{runs[0]['gflops_per_clip']:.3f}", stat("pretrain_time_s", 1),
@@ -527,19 +530,21 @@ def write_report(records: list[dict], setting: Setting, out: Path) -> None:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="the laptop setting (2 CPU cores, < 45 min) instead of the GPU one")
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="the laptop setting (2 CPU cores, < 45 min) instead of the "
+                   "GPU one")
     p.add_argument("--out", default="output/study", help="folder for results.json, study.md, study.png and the runs")
     p.add_argument("--seeds", type=engine.within("[0, 4294967295]", int), nargs="+", default=[0, 1, 2, 3, 4],
                    help="one run of every arm per seed")
     p.add_argument("--arms", nargs="+", default=ARM_NAMES, help=f"which arms, of {' '.join(ARM_NAMES)}")
     p.add_argument("--device", type=engine.device_name, default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--threads", type=engine.within("[1, inf)", int), default=1, help="torch CPU threads in each run (1 keeps CPU timings "
-                   "steady on a shared or 2-core machine; GPU runs need no more)")
-    p.add_argument("--jobs", type=engine.within("[1, inf)", int), default=None, help="runs at a time (default: 2 on a CPU, each on its own "
-                   "core with --threads 1; 1 on a GPU)")
-    p.add_argument("--num_workers", type=engine.within("[0, inf)", int), default=None, help="data-loading processes per run (default: 0 on "
-                   "a CPU, where drawing the clips is cheap next to the model; 4 on a GPU)")
+    p.add_argument("--threads", type=engine.within("[1, inf)", int), default=1, help="torch CPU threads in each run "
+                   "(1 keeps CPU timings steady on a shared or 2-core machine; GPU runs need no more)")
+    p.add_argument("--jobs", type=engine.within("[1, inf)", int), default=None, help="runs at a time (default: 2 on a "
+                   "CPU, each on its own core with --threads 1; 1 on a GPU)")
+    p.add_argument("--num_workers", type=engine.within("[0, inf)", int), default=None, help="data-loading processes "
+                   "per run (default: 0 on a CPU, where drawing the clips is cheap next to the model; 4 on a GPU)")
     args = p.parse_args(argv)
     unknown = [name for name in args.arms if name not in ARM_NAMES]
     if unknown:

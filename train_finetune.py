@@ -306,10 +306,10 @@ def multi_view_test(model, test_set: data.FinetuneDataset, args, d: engine.Dist,
                  test_clips=result["clips"], **stats)
     if d.is_main:
         table = per_class_table(confusion)
-        print(f"test ({views}: frames x windows x crops): clip-level (each view alone) top-1 {stats['test_clip_acc1']:.2f}% "
-              f"top-5 {stats['test_clip_acc5']:.2f}% over {stats['test_clips']} clips; video-level (softmax averaged "
-              f"over its views) top-1 {stats['test_video_acc1']:.2f}% top-5 {stats['test_video_acc5']:.2f}% over "
-              f"{stats['test_videos']} videos")
+        print(f"test ({views}: frames x windows x crops): clip-level (each view alone) "
+              f"top-1 {stats['test_clip_acc1']:.2f}% top-5 {stats['test_clip_acc5']:.2f}% over {stats['test_clips']} "
+              f"clips; video-level (softmax averaged over its views) top-1 {stats['test_video_acc1']:.2f}% "
+              f"top-5 {stats['test_video_acc5']:.2f}% over {stats['test_videos']} videos")
         if args.nb_classes <= 20:
             print(table)
         out.mkdir(parents=True, exist_ok=True)

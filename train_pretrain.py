@@ -72,7 +72,8 @@ DEMO = dict(**engine.DEMO_CLIPS, mask_ratio=0.75, batch_size=16, epochs=20, warm
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="VideoMAE V2 pretraining", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description="VideoMAE V2 pretraining",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a, R = p.add_argument, engine.within  # R: each number's valid range, checked as it is parsed
     a("--model", default="base", help="small, base, large, huge, giant, demo (the laptop size), or a reference name "
       "(pretrain_videomae_base_patch16_224, ...); with --finetune the file's own size (given, it must match)")

@@ -182,7 +182,8 @@ def recon_figure(model: vmae.PretrainVideoMAE, video: torch.Tensor, encoder_mask
     panels = recon_panels(model, video, encoder_mask, decoder_mask, normalize_target)
     how = ("predicted cubes drawn with the TRUE cube mean and std\n(the model predicts per-cube normalised pixels)"
            if normalize_target else "predicted pixels drawn as they are (a raw-pixel model)")
-    note = "\nchecks: hidden from the encoder and not predicted (dropped by the decoder)" if decoder_mask is not None else ""
+    note = ("\nchecks: hidden from the encoder and not predicted (dropped by the decoder)"
+            if decoder_mask is not None else "")
     return grid_figure(panels, f"visible cubes pasted back; {how}{note}", cmap_last="magma", slots=slots)
 
 
@@ -290,7 +291,8 @@ def read_log(path: str | Path) -> list[dict]:
 
 def probe_points(rows: list[dict], key: str) -> list[tuple[int, float]]:
     """(epochs trained, value) of a probe key: the score before training (probe_init_*) at 0, if logged."""
-    start = [(0, rows[0][key.replace("probe_", "probe_init_")])] if rows and key.replace("probe_", "probe_init_") in rows[0] else []
+    init_key = key.replace("probe_", "probe_init_")
+    start = [(0, rows[0][init_key])] if rows and init_key in rows[0] else []
     return start + [(r["epoch"] + 1, r[key]) for r in rows if key in r]
 
 
@@ -305,8 +307,8 @@ def curves_figure(paths: list) -> plt.Figure:
     for ax, key in zip(axes[0], keys):
         for i, (name, rows) in enumerate(logs.items()):
             lines = ([(probe_points(rows, key), "-", f"{name} linear"), (probe_points(rows, "probe_knn_acc1"), "--",
-                      f"{name} k-NN")] if key == "probe_acc1" else [([(r["epoch"] + 1, r[key]) for r in rows if key in r],
-                                                                    "-", name)])
+                      f"{name} k-NN")] if key == "probe_acc1"
+                     else [([(r["epoch"] + 1, r[key]) for r in rows if key in r], "-", name)])
             for points, style, label in lines:
                 if points:
                     ax.plot(*zip(*points), style, marker=".", color=f"C{i}", label=label)
@@ -336,7 +338,8 @@ def confusion_figure(confusion) -> plt.Figure:
         ax.set_yticks(range(k))
         for (i, j), n in np.ndenumerate(counts):
             if n:
-                ax.text(j, i, int(n), ha="center", va="center", fontsize=7, color="white" if shares[i, j] > 0.5 else "black")
+                ax.text(j, i, int(n), ha="center", va="center", fontsize=7,
+                        color="white" if shares[i, j] > 0.5 else "black")
     ax.set_xlabel("predicted class")
     ax.set_ylabel("true class")
     ax.set_title(f"video-level confusion ({int(counts.sum())} videos)", fontsize=10)
@@ -395,7 +398,8 @@ CHECKPOINT_NAME = re.compile(r"checkpoint-(\d+)\.pth")  # checkpoint-<epoch>.pth
 def checkpoint_files(paths: list[str]) -> list[Path]:
     """--checkpoints: the files as given, or for one folder its checkpoint-<epoch>.pth files by epoch."""
     if len(paths) == 1 and Path(paths[0]).is_dir():
-        found = sorted((int(m.group(1)), p) for p in Path(paths[0]).iterdir() if (m := CHECKPOINT_NAME.fullmatch(p.name)))
+        found = sorted((int(m.group(1)), p) for p in Path(paths[0]).iterdir()
+                       if (m := CHECKPOINT_NAME.fullmatch(p.name)))
         if not found:
             raise FileNotFoundError(f"--checkpoints {paths[0]}: no checkpoint-<epoch>.pth files in the folder")
         return [p for _, p in found]
@@ -478,7 +482,8 @@ def main(argv=None):
         print(f"wrote {out}")
         return
     models, trained_with = {}, {}
-    for path in checkpoint_files(args.checkpoints) if args.checkpoints else [args.checkpoint] if args.checkpoint else []:
+    paths = checkpoint_files(args.checkpoints) if args.checkpoints else [args.checkpoint] if args.checkpoint else []
+    for path in paths:
         models[checkpoint_label(Path(path))], trained_with = load_model(path, args.model)
     model = next(iter(models.values()), None)
     if model is not None:
@@ -502,7 +507,8 @@ def main(argv=None):
         panels = training_panels(models, video, enc, dec, normalize)
         fig = training_figure(models, video, enc, dec, normalize, args.slots)
         rows = [side_by_side(panels[name][:args.slots]) for name in panels]
-        panels = {"input, masked input, reconstruction": np.stack([np.concatenate([*rows[:2], row]) for row in rows[2:]])}
+        panels = {"input, masked input, reconstruction":
+                  np.stack([np.concatenate([*rows[:2], row]) for row in rows[2:]])}
         gif["titles"] = list(models)
     elif args.figure == "recon":
         fig = recon_figure(model, video, enc, dec, normalize, args.slots)

@@ -711,7 +711,8 @@ def sizes_of(weights: dict) -> dict:
     if "blocks.0.mlp.fc1.weight" in enc:
         sizes["mlp_ratio"] = mlp_ratio_for(enc["blocks.0.mlp.fc1.weight"].shape[0], dim)
     if has_decoder(weights):
-        sizes.update(decoder_embed_dim=weights["mask_token"].shape[-1], decoder_depth=blocks_in(weights, "decoder.blocks."))
+        sizes.update(decoder_embed_dim=weights["mask_token"].shape[-1],
+                     decoder_depth=blocks_in(weights, "decoder.blocks."))
     return sizes
 
 
@@ -762,7 +763,8 @@ def differences(cfg: VideoMAEConfig, sizes: dict) -> list[tuple[str, int, int]]:
         if field in sizes:
             ours, theirs = getattr(cfg, field), sizes[field]
             if field == "mlp_ratio":  # compared as MLP widths, which is what the weights have
-                field, ours, theirs = "MLP width", int(cfg.embed_dim * ours), int(sizes.get("embed_dim", cfg.embed_dim) * theirs)
+                field, ours, theirs = ("MLP width", int(cfg.embed_dim * ours),
+                                       int(sizes.get("embed_dim", cfg.embed_dim) * theirs))
             if ours != theirs:
                 out.append((field, ours, theirs))
     return out
