@@ -39,6 +39,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import data
+import masking
 import vmae
 
 
@@ -784,14 +785,19 @@ def model_config(parser: argparse.ArgumentParser, args, checkpoint: vmae.Checkpo
     except vmae.CheckpointError as e:
         parser.error(str(e))
     except ValueError as e:
-        message = str(e)
-        for field, flag in FLAGS.items():
-            message = message.replace(field, flag)
-        parser.error(message)
+        parser.error(as_flags(str(e)))
+
+
+def as_flags(message: str) -> str:
+    """A config error's message with the config fields named by the flags that set them."""
+    for field, flag in FLAGS.items():
+        message = message.replace(field, flag)
+    return message
 
 
 # Exceptions that mean the user gave something that does not work: a message, not a traceback.
-USER_ERRORS = (RunError, vmae.CheckpointError, data.ListError, data.VideoError, FileNotFoundError)
+USER_ERRORS = (RunError, vmae.CheckpointError, vmae.ConfigError, masking.MaskError, data.ListError, data.VideoError,
+               FileNotFoundError)
 
 
 def run(main: Callable, argv=None) -> None:
@@ -800,7 +806,7 @@ def run(main: Callable, argv=None) -> None:
     try:
         main(argv)
     except USER_ERRORS as e:
-        message = str(e)
+        message = as_flags(str(e)) if isinstance(e, vmae.ConfigError) else str(e)
         if "\nOriginal Traceback" in message:  # raised in a DataLoader worker: keep the worker's own message
             message = message.rstrip().rsplit(f"{type(e).__name__}: ", 1)[-1]
         print(f"error: {message}", file=sys.stderr)

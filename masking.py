@@ -28,9 +28,13 @@ from torch import Tensor
 Grid = tuple[int, int, int]  # (T', H', W')
 
 
-def _check_ratio(ratio: float, name: str) -> None:
+class MaskError(ValueError):
+    """A mask the makers cannot draw: an unknown kind, a ratio outside its range, a grid that does not fit."""
+
+
+def _check_ratio(ratio: float) -> None:
     if not 0.0 <= ratio < 1.0:
-        raise ValueError(f"{name} must be in [0, 1), got {ratio}")
+        raise MaskError(f"the ratio must be in [0, 1), got {ratio}")
 
 
 def _random_hidden(batch_size: int, n: int, num_hidden: int, device, generator) -> Tensor:
@@ -42,7 +46,7 @@ def _random_hidden(batch_size: int, n: int, num_hidden: int, device, generator) 
 
 def tube_mask(batch_size: int, grid: Grid, ratio: float, device=None, generator=None) -> Tensor:
     """Encoder mask: int(ratio·H'·W') hidden positions per frame, the same positions in every slot."""
-    _check_ratio(ratio, "mask_ratio")
+    _check_ratio(ratio)
     t, h, w = grid
     num_hidden = int(ratio * h * w)  # the reference's count: 0.9 of 14x14 -> 176 hidden, 20 visible
     frame = _random_hidden(batch_size, h * w, num_hidden, device, generator)  # (B, H'·W')
@@ -51,7 +55,7 @@ def tube_mask(batch_size: int, grid: Grid, ratio: float, device=None, generator=
 
 def random_mask(batch_size: int, grid: Grid, ratio: float, device=None, generator=None) -> Tensor:
     """int(ratio·N) hidden positions anywhere in the clip, drawn independently per clip."""
-    _check_ratio(ratio, "mask_ratio")
+    _check_ratio(ratio)
     n = grid[0] * grid[1] * grid[2]
     return _random_hidden(batch_size, n, int(ratio * n), device, generator)
 
@@ -68,10 +72,9 @@ def running_cell_phases(grid: Grid, ratio: float, device=None) -> Tensor:
     t, h, w = grid
     k = 4 * ratio
     if not (round(k) == k and 1 <= k <= 3):
-        raise ValueError(f"decoder_mask_ratio {ratio} cannot be made by a 2x2 running cell: "
-                         "use 0.25, 0.5 or 0.75")
+        raise MaskError(f"a 2x2 running cell cannot hide a share of {ratio}: use 0.25, 0.5 or 0.75")
     if h % 2 or w % 2:
-        raise ValueError(f"running-cell masking tiles 2x2 cells, so the token grid must be even; "
+        raise MaskError(f"running-cell masking tiles 2x2 cells, so the token grid must be even; "
                          f"got H'={h}, W'={w} (input_size / patch_size)")
     cell = (torch.arange(h, device=device) % 2)[:, None] * 2 + torch.arange(w, device=device) % 2  # (H', W')
     phase = torch.arange(4, device=device)[:, None, None, None]  # (4, 1, 1, 1)
@@ -96,7 +99,7 @@ def num_hidden(kind: str, grid: Grid, ratio: float) -> int:
     """How many tokens per clip a mask of this kind hides, known before the training loop draws any: every
     clip of every batch hides the same number, so one clip drawn on the CPU tells."""
     if kind not in MASKS:
-        raise ValueError(f"unknown mask kind {kind!r}; expected one of {', '.join(MASKS)}")
+        raise MaskError(f"unknown mask kind {kind!r}; expected one of {', '.join(MASKS)}")
     key = (kind, tuple(grid), ratio)
     if key not in _counted:  # drawn once per setting: every training step asks
         _counted[key] = int(MASKS[kind](1, grid, ratio, device="cpu").sum())
@@ -126,9 +129,22 @@ class MaskConfig:
     def dual(self) -> bool:
         return self.decoder_mask_ratio > 0
 
+    def check(self, grid: Grid, prefix: str = "") -> None:
+        """Raise MaskError, naming the side's fields (each after `prefix`, e.g. "--" for flags), if either mask
+        cannot be drawn on this grid: a run checks its settings before it starts."""
+        sides = [("mask", self.mask_type, self.mask_ratio)]
+        if self.dual:
+            sides.append(("decoder_mask", self.decoder_mask_type, self.decoder_mask_ratio))
+        for side, kind, ratio in sides:
+            try:
+                num_hidden(kind, grid, ratio)
+            except MaskError as e:
+                raise MaskError(f"{prefix}{side}_type {kind} with {prefix}{side}_ratio {ratio} on a {grid} token "
+                                f"grid: {e}") from None
+
     def counts(self, grid: Grid) -> tuple[int, int]:
-        """(tokens the encoder sees, tokens the decoder predicts) per clip. Raises ValueError for a kind,
-        ratio or grid the masks cannot make, so a run can check its settings before it starts."""
+        """(tokens the encoder sees, tokens the decoder predicts) per clip. Raises MaskError for a kind,
+        ratio or grid the masks cannot make (check() says which side)."""
         n = grid[0] * grid[1] * grid[2]
         num_visible = n - num_hidden(self.mask_type, grid, self.mask_ratio)
         if not self.dual:

@@ -148,9 +148,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.cfg = engine.model_config(parser, args, init, engine.flag_given(parser, argv, "model"),
                                    decoder_depth=args.decoder_depth)
     try:
-        mask_config(args).counts(args.cfg.grid)
-    except ValueError as e:
-        parser.error(f"--decoder_mask_ratio/--input_size: {e}")
+        mask_config(args).check(args.cfg.grid, prefix="--")
+    except masking.MaskError as e:
+        parser.error(str(e))
     engine.check_shared_flags(parser, args)
     if args.probe_every and args.data_path is not None and args.probe_data is None:
         parser.error("--probe_every with --data_path needs --probe_data, a list of labelled clips (`path label` lines)")

@@ -496,6 +496,7 @@ def main(argv=None):
         normalize = trained_with.get("normalize_target", trained_with.get("normlize_target", True))
     masks = masking.MaskConfig(*(getattr(args, k) if getattr(args, k) is not None else trained_with.get(k, default)
                                  for k, default in MASK_FLAGS.items()))
+    masks.check(cfg.grid, prefix="--")  # before any decoding
     video = load_clip(args)
     torch.manual_seed(args.seed)
     enc, dec, _, _ = masks.draw(1, cfg.grid)

@@ -42,6 +42,10 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 # Config and the size table
 
 
+class ConfigError(ValueError):
+    """A model configuration that cannot be built (an unknown size name or field, a size that does not divide)."""
+
+
 @dataclass
 class VideoMAEConfig:
     img_size: int = 224
@@ -63,14 +67,14 @@ class VideoMAEConfig:
                      "num_heads", "decoder_embed_dim", "decoder_depth", "decoder_num_heads"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
-                raise ValueError(f"config field {name} must be a positive integer, got {value!r}")
+                raise ConfigError(f"config field {name} must be a positive integer, got {value!r}")
         for whole, part in (("img_size", "patch_size"), ("num_frames", "tubelet_size"),
                             ("embed_dim", "num_heads"), ("decoder_embed_dim", "decoder_num_heads")):
             if getattr(self, whole) % getattr(self, part):
-                raise ValueError(f"config: {whole}={getattr(self, whole)} must be divisible by "
+                raise ConfigError(f"config: {whole}={getattr(self, whole)} must be divisible by "
                                  f"{part}={getattr(self, part)}")
         if not 0.0 <= self.drop_path_rate < 1.0:
-            raise ValueError(f"config field drop_path_rate must be in [0, 1), got {self.drop_path_rate}")
+            raise ConfigError(f"config field drop_path_rate must be in [0, 1), got {self.drop_path_rate}")
 
     @property
     def grid(self) -> tuple[int, int, int]:  # (T', H', W')
@@ -111,12 +115,12 @@ def config(name: str = "base", **overrides) -> VideoMAEConfig:
     """A size preset ('small' ... 'giant', 'demo', or a reference model name) with `overrides` applied."""
     size = ALIASES.get(name, name)
     if size not in SIZES:
-        raise ValueError(f"unknown model {name!r}: expected one of {', '.join(SIZES)} "
+        raise ConfigError(f"unknown model {name!r}: expected one of {', '.join(SIZES)} "
                          f"or a reference name such as pretrain_videomae_base_patch16_224")
     known = {f.name for f in fields(VideoMAEConfig)}
     unknown = sorted(set(overrides) - known)
     if unknown:
-        raise ValueError(f"unknown config field(s) {', '.join(unknown)}; valid fields: {', '.join(sorted(known))}")
+        raise ConfigError(f"unknown config field(s) {', '.join(unknown)}; valid fields: {', '.join(sorted(known))}")
     return VideoMAEConfig(**{**SIZES[size], **overrides})
 
 

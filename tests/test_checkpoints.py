@@ -280,6 +280,16 @@ def exported(tmp_path, model, *flags):
     return tmp_path / "hf"
 
 
+def test_export_names_a_size_that_does_not_fit_by_its_flag(tmp_path, monkeypatch, capsys):
+    """A user's --input_size that the patch does not divide: a message and exit code 2, no traceback, no folder."""
+    monkeypatch.setitem(vmae.SIZES, "micro", dict(MICRO))
+    with pytest.raises(SystemExit) as stop:
+        engine.run(lambda argv: exported(tmp_path, vmae.PretrainVideoMAE(micro(decoder_depth=2)), *argv),
+                   ["--input_size", "20"])
+    assert stop.value.code == 2 and "--input_size=20 must be divisible by patch_size" in capsys.readouterr().err
+    assert not (tmp_path / "hf").exists()
+
+
 def test_an_exported_folder_loads_back_here_too(tmp_path, monkeypatch):
     """Export, then our own loader on the folder: Hugging Face V1 names, the size from its config.json."""
     monkeypatch.setitem(vmae.SIZES, "micro", dict(MICRO))

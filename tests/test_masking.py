@@ -134,8 +134,19 @@ def test_running_cell_rejects_odd_grid():
 @pytest.mark.parametrize("ratio", [1.0, -0.1, 1.5])
 def test_tube_and_random_reject_bad_ratio(ratio):
     for fn in (masking.tube_mask, masking.random_mask):
-        with pytest.raises(ValueError, match="mask_ratio"):
+        with pytest.raises(masking.MaskError, match=r"the ratio must be in \[0, 1\)"):
             fn(2, BASE_GRID, ratio)
+
+
+def test_a_mask_setting_that_cannot_be_drawn_is_named_by_its_side():
+    """The same running cell at 0.3 is wrong on either side; the error names the side whose fields set it."""
+    with pytest.raises(masking.MaskError, match=r"^mask_type run_cell with mask_ratio 0.3 on a \(8, 14, 14\)"):
+        masking.MaskConfig("run_cell", 0.3, "run_cell", 0.5).check(BASE_GRID)
+    with pytest.raises(masking.MaskError, match=r"^decoder_mask_type run_cell with decoder_mask_ratio 0.3 .*0.25, 0.5"):
+        masking.MaskConfig("tube", 0.9, "run_cell", 0.3).check(BASE_GRID)
+    masking.MaskConfig("tube", 0.9, "run_cell", 0.3 * 0).check(BASE_GRID)  # V1: no decoder mask to draw
+    with pytest.raises(masking.MaskError, match="unknown mask kind 'cube'"):
+        masking.MaskConfig("cube", 0.9).check(BASE_GRID)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")

@@ -288,7 +288,9 @@ PRETRAIN_REFUSALS = [
     (["--synthetic_size", "0"], "argument --synthetic_size: must be in [1, inf), got 0"),
     (["--mask_ratio", "1.2"], "argument --mask_ratio: must be in (0, 1), got 1.2"),
     (["--decoder_mask_ratio", "1"], "argument --decoder_mask_ratio: must be in [0, 1), got 1"),
-    (["--decoder_mask_ratio", "0.6"], "--decoder_mask_ratio/--input_size"),
+    (["--decoder_mask_ratio", "0.6"], "--decoder_mask_type run_cell with --decoder_mask_ratio 0.6 on a (2, 2, 2) "
+                                      "token grid: a 2x2 running cell cannot hide a share of 0.6"),
+    (["--mask_type", "run_cell", "--mask_ratio", "0.3"], "--mask_type run_cell with --mask_ratio 0.3"),
     (["--decoder_depth", "0"], "argument --decoder_depth: must be in [1, inf), got 0"),
     (["--drop_path", "1"], "argument --drop_path: must be in [0, 1), got 1"),
     (["--max_bad_fraction", "1.5"], "argument --max_bad_fraction: must be in [0, 1], got 1.5"),

@@ -103,6 +103,18 @@ def test_recon_refuses_a_classifier_checkpoint(tmp_path, capsys):
     assert "holds a fine-tuned classifier (head.*, fc_norm.*) and no decoder" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["masks", "--model", "foo"], "unknown model 'foo'"),
+    (["masks", "--num_frames", "3"], "--num_frames=3 must be divisible by --tubelet_size=2"),
+    (["masks", "--mask_type", "run_cell", "--mask_ratio", "0.3"],
+     "--mask_type run_cell with --mask_ratio 0.3 on a (8, 14, 14) token grid: a 2x2 running cell cannot hide"),
+])
+def test_figures_refuse_settings_that_cannot_be_drawn_by_name(tmp_path, capsys, flags, message):
+    with pytest.raises(SystemExit) as stop:
+        engine.run(visualize.main, [*flags, "--out", str(tmp_path / "m.png")])
+    assert stop.value.code == 2 and message in capsys.readouterr().err and not (tmp_path / "m.png").exists()
+
+
 def test_curves_put_runs_on_an_epoch_axis(tmp_path):
     for name, epochs in (("a", 3), ("b", 5)):
         (tmp_path / name).mkdir()
