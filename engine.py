@@ -407,7 +407,7 @@ def take_folder(out: Path) -> int:
         print(f"note: {out / LOCK}: taking over from a run that ended without releasing it ({holder})")
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{me}\n".encode(), 0)
-    stale = list(out.glob(".*.tmp"))  # half-written files of a killed run: never under a real name
+    stale = list(out.glob(".*.tmp*"))  # half-written files of a killed run: never under a real name
     for path in stale:
         path.unlink()
     if stale:
@@ -439,7 +439,7 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     """write(tmp) to a temporary file in the same folder, then rename it to `path`: a crash or a full disk
     mid-write leaves the previous file whole, never a truncated one under the real name (and another process
     never reads one)."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")  # same suffix: writers that go by it
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         write(tmp)

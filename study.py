@@ -185,7 +185,8 @@ def child(recipe: str, argv: list[str], size: dict, threads: int, log_file: str,
     start = time.time()
     main(argv)
     memory = torch.cuda.max_memory_allocated() / 2 ** 20 if cuda else peak_rss_mb() - before
-    Path(result_file).write_text(json.dumps(dict(peak_memory_mb=memory, process_s=time.time() - start)))
+    result = json.dumps(dict(peak_memory_mb=memory, process_s=time.time() - start))
+    engine.atomic_write(Path(result_file), lambda tmp: tmp.write_text(result))
 
 
 def run_recipe(recipe: str, argv: list[str], out: Path, size: dict, threads: int) -> dict:
@@ -272,7 +273,11 @@ def run_study(setting: Setting, out: Path, seeds: list[int], arms: list[Arm], de
     saved to results.json at once and skipped when the study is run again."""
     out.mkdir(parents=True, exist_ok=True)
     results_file = out / "results.json"
-    saved = json.loads(results_file.read_text()) if results_file.exists() else {}
+    try:
+        saved = json.loads(results_file.read_text()) if results_file.exists() else {}
+    except (OSError, ValueError) as e:
+        raise engine.RunError(f"{results_file}: cannot be read as the study's results ({e}); move it away to "
+                              "start the study afresh") from e
     if saved and saved.get("setting") != json.loads(json.dumps(asdict(setting))):
         raise engine.RunError(f"--out {out}: holds results of another setting; use another --out or delete "
                               f"{results_file}")
@@ -294,7 +299,8 @@ def run_study(setting: Setting, out: Path, seeds: list[int], arms: list[Arm], de
                      f" pretraining {record['pretrain_time_s']:.0f} s," if arm.pretrained else "")
                   + (f" fine-tuned top-1 {record['top1']:.1f} %," if "top1" in record else "")
                   + f" ({time.time() - start:.0f} s so far)", flush=True)
-            results_file.write_text(json.dumps(dict(setting=asdict(setting), runs=list(records.values())), indent=1))
+            results = json.dumps(dict(setting=asdict(setting), runs=list(records.values())), indent=1)
+            engine.atomic_write(results_file, lambda tmp: tmp.write_text(results))  # the study's resume file
     return [records[(arm.name, seed)] for seed in seeds for arm in arms]
 
 
@@ -520,7 +526,7 @@ def figure(records: list[dict], nb_classes: int):
 
 def write_report(records: list[dict], setting: Setting, out: Path) -> None:
     text = table(records) + "\n" + claims_table(records, 100 / setting.nb_classes)
-    (out / "study.md").write_text(text)
+    engine.atomic_write(out / "study.md", lambda tmp: tmp.write_text(text))
     visualize.save(figure(records, setting.nb_classes), out / "study.png", dpi=80)
     print(f"wrote {out / 'results.json'}, {out / 'study.md'}, {out / 'study.png'}\n\n{text}")
 

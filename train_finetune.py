@@ -313,7 +313,7 @@ def multi_view_test(model, test_set: data.FinetuneDataset, args, d: engine.Dist,
         if args.nb_classes <= 20:
             print(table)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "per_class_accuracy.txt").write_text(table + "\n")
+        engine.atomic_write(out / "per_class_accuracy.txt", lambda tmp: tmp.write_text(table + "\n"))
         visualize.save(visualize.confusion_figure(confusion), out / "confusion.png")
         engine.append_log(out, stats)
         print(f"wrote {out / 'per_class_accuracy.txt'}, {out / 'confusion.png'}")

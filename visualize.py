@@ -353,8 +353,9 @@ def confusion_figure(confusion) -> plt.Figure:
 
 
 def save(fig: plt.Figure, path, dpi: int = 100) -> None:
-    """Write a figure and free it (pyplot keeps every figure it made until closed)."""
-    fig.savefig(path, dpi=dpi)
+    """Write a figure (atomically: never half an image under its name) and free it (pyplot keeps every
+    figure it made until closed)."""
+    engine.atomic_write(Path(path), lambda tmp: fig.savefig(tmp, dpi=dpi))
     plt.close(fig)
 
 
@@ -378,7 +379,8 @@ def save_gif(panels: dict[str, np.ndarray], path: Path, cmap_last: str | None = 
             image.set_data(panels[name][i])
         title.set_text(titles[i] if titles else "")
         return images
-    FuncAnimation(fig, show, frames=len(panels[names[0]])).save(path, writer=PillowWriter(fps=2))
+    animation = FuncAnimation(fig, show, frames=len(panels[names[0]]))
+    engine.atomic_write(Path(path), lambda tmp: animation.save(tmp, writer=PillowWriter(fps=2)))
     plt.close(fig)
 
 

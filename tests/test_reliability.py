@@ -126,14 +126,14 @@ def test_a_sigkill_between_an_epochs_writes_loses_nothing(tmp_path):
     out = tmp_path / "killed"
     assert run_killable(out, kill_at=5) == -signal.SIGKILL
     assert torch.load(out / "checkpoint-last.pth", weights_only=True)["epoch"] == 0 and len(rows(out)) == 1
-    assert list(out.glob(".*.tmp"))  # what the kill left
+    assert list(out.glob(".*.tmp*"))  # what the kill left
     assert run_killable(out, kill_at=6) == -signal.SIGKILL  # renames: 1 checkpoint-1, 2 log, 3 last; 4, 5, 6 epoch 2
     assert torch.load(out / "checkpoint-last.pth", weights_only=True)["epoch"] == 1 and len(rows(out)) == 3
     assert run_killable(out) == 0
 
     timeless = lambda rs: [{k: v for k, v in r.items() if not k.endswith(("time_s", "per_s"))} for r in rs]  # noqa: E731
     assert timeless(rows(out)) == timeless(rows(tmp_path / "straight"))
-    assert not list(out.glob(".*.tmp")) and (out / ".lock").read_text() == ""
+    assert not list(out.glob(".*.tmp*")) and (out / ".lock").read_text() == ""
     for name in ("checkpoint-0.pth", "checkpoint-1.pth", "checkpoint-2.pth", "checkpoint-last.pth"):
         a, b = (torch.load(run / name, weights_only=True) for run in (tmp_path / "straight", out))
         assert (a["epoch"], a["step"]) == (b["epoch"], b["step"])
@@ -185,7 +185,7 @@ def test_a_full_disk_is_named_and_replaces_nothing(micro, tmp_path, capsys, monk
     err = refused(tp.main, cli(tmp_path, "--epochs", "2", "--allow_resume_changes"), capsys, monkeypatch,
                   before_first_step=False)
     assert f"cannot write {tmp_path / 'checkpoint-1.pth'}: no space left on the device" in err
-    assert "enforce fail" not in err and not list(tmp_path.glob(".*.tmp"))
+    assert "enforce fail" not in err and not list(tmp_path.glob(".*.tmp*"))
     assert (tmp_path / "checkpoint-last.pth").read_bytes() == before
     assert [r["epoch"] for r in rows(tmp_path) if "epoch" in r] == [0]
 

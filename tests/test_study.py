@@ -55,6 +55,9 @@ def test_every_arm_runs_and_the_study_resumes(tmp_path, capsys):
     assert again == records and "5 runs done before, 0 to go" in capsys.readouterr().out
     with pytest.raises(engine.RunError, match="another setting"):
         study.run_study(replace(TINY, finetune_epochs=3), tmp_path, [0], study.ARMS, "cpu", 1, 0, 1)
+    (tmp_path / "results.json").write_text('{"setting": {"nb_cl')  # cut short by hand, say
+    with pytest.raises(engine.RunError, match="results.json: cannot be read as the study's results"):
+        study.run_study(TINY, tmp_path, [0], study.ARMS, "cpu", 1, 0, 1)
 
 
 def test_a_failing_run_names_its_folder_and_shows_its_log(tmp_path):

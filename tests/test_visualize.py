@@ -1,6 +1,7 @@
 """Figures, checked pixel by pixel: hidden-cube counts in the masks panels, exact visible cubes and an exact
 de-normalisation in the reconstruction, for non-default grids."""
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -113,6 +114,21 @@ def test_figures_refuse_settings_that_cannot_be_drawn_by_name(tmp_path, capsys, 
     with pytest.raises(SystemExit) as stop:
         engine.run(visualize.main, [*flags, "--out", str(tmp_path / "m.png")])
     assert stop.value.code == 2 and message in capsys.readouterr().err and not (tmp_path / "m.png").exists()
+
+
+def test_a_figure_is_written_whole_or_not_at_all(tmp_path, monkeypatch):
+    """A write that fails halfway (a full disk) leaves the previous image under the name, and no temporary file."""
+    path = tmp_path / "fig.png"
+    visualize.save(visualize.plt.figure(), path)
+    before = path.read_bytes()
+
+    def half_written(self, tmp, **kwargs):
+        Path(tmp).write_bytes(b"\x89PNG half")
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(visualize.plt.Figure, "savefig", half_written)
+    with pytest.raises(engine.RunError, match="no space left"):
+        visualize.save(visualize.plt.figure(), path)
+    assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["fig.png"]
 
 
 def test_curves_put_runs_on_an_epoch_axis(tmp_path):
