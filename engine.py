@@ -350,13 +350,14 @@ LOCK = ".lock"  # in the output folder: "pid <pid> on <host>" while a run writes
 
 
 def on_main(d: Dist, fn: Callable, *args):
-    """fn(*args) on rank 0 alone (the files are its job); a RunError there is raised on every process, so
-    none is left waiting for rank 0 in a collective. Returns fn's result on rank 0, None elsewhere."""
+    """fn(*args) on rank 0 alone (the files are its job); a RunError or OSError there is raised on every
+    process as a RunError, so none is left waiting for rank 0 in a collective. Returns fn's result on rank 0,
+    None elsewhere."""
     result, error = None, None
     if d.is_main:
         try:
             result = fn(*args)
-        except RunError as e:
+        except (RunError, OSError) as e:
             error = str(e)
     if dist.is_initialized():
         box = [error]
@@ -365,6 +366,20 @@ def on_main(d: Dist, fn: Callable, *args):
     if error:
         raise RunError(error)
     return result
+
+
+def same_everywhere(d: Dist, value, what: str, hint: str) -> None:
+    """Raise a RunError on every process unless each sees the same `value` (a small picklable summary of
+    `what`): processes that disagree about, say, the file they resume from would train different steps and
+    then wait for each other forever."""
+    if d.world_size == 1:
+        return
+    values = [None] * d.world_size
+    dist.all_gather_object(values, value)
+    odd = [rank for rank, v in enumerate(values) if v != values[0]]
+    if odd:
+        raise RunError(f"the processes do not see the same {what}: rank 0 {values[0]}, "
+                       + ", ".join(f"rank {rank} {values[rank]}" for rank in odd) + f"; {hint}")
 
 
 @contextmanager
@@ -543,6 +558,9 @@ def resume_training(t: Trainer, resume: str | None, auto_resume: bool, args: dic
     Returns the checkpoint, or None when the run starts fresh. log.txt keeps the lines of finished epochs."""
     last = t.out / "checkpoint-last.pth"
     path = resume or (last if auto_resume and last.exists() else None)
+    seen = None if path is None else Path(path).stat().st_size if Path(path).is_file() else "no such file"
+    same_everywhere(t.d, (str(path), seen), "checkpoint to resume from",
+                    "--output_dir (and --resume) must be on a filesystem every process sees")
     if path is None:  # a fresh start
         if auto_resume:
             on_main(t.d, trim_log, t.out, 0)  # lines a killed first epoch left

@@ -308,3 +308,25 @@ def test_two_processes_split_the_file_checks_and_both_know_every_bad_file(tmp_pa
     reports = [(tmp_path / f"rank{rank}.txt").read_text() for rank in (0, 1)]
     assert reports[0] == reports[1] and reports[0].startswith("5 problems")
     assert all(m in reports[0] for m in missing)
+
+
+def sees(rank: int, world: int, port: int, report: str):
+    torchrun_env(rank, world, port)
+    d = engine.setup_distributed("cpu")
+    try:
+        engine.same_everywhere(d, ("out/checkpoint-last.pth", 1234 if rank == 0 else "no such file"),
+                               "checkpoint to resume from", "a shared folder")
+        Path(report.format(rank)).write_text("went on")
+    except engine.RunError as e:
+        Path(report.format(rank)).write_text(str(e))
+    dist.destroy_process_group()
+
+
+def test_processes_that_see_different_checkpoints_all_stop_instead_of_training_apart(tmp_path):
+    """An output folder that is not shared (rank 0 finds checkpoint-last.pth, rank 1 does not): every
+    process stops with a message naming what each saw, none resumes alone and waits forever."""
+    run_processes(sees, 2, str(tmp_path / "rank{}.txt"), timeout=120)
+    for rank in (0, 1):
+        assert (tmp_path / f"rank{rank}.txt").read_text() == (
+            "the processes do not see the same checkpoint to resume from: rank 0 ('out/checkpoint-last.pth', 1234), "
+            "rank 1 ('out/checkpoint-last.pth', 'no such file'); a shared folder")
