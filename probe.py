@@ -117,13 +117,23 @@ class Probe:
         self._cache = None  # [(clips, labels)] once read, if small enough
 
     def batches(self):
+        """(clips, labels) batches of the set: decoded once and kept while they fit in CACHE_BYTES, else
+        streamed from the loader at every probe (never more than one batch held beyond the cache)."""
         if self._cache is not None:
-            return self._cache
+            yield from self._cache
+            return
         loader = torch.utils.data.DataLoader(self.dataset, batch_size=self.batch_size, num_workers=self.num_workers)
-        items = [(clips, torch.as_tensor(labels)) for clips, labels in loader]
-        if sum(clips.nbytes for clips, _ in items) <= CACHE_BYTES:
-            self._cache = items
-        return items
+        kept, size = [], 0
+        for clips, labels in loader:
+            batch = (clips, torch.as_tensor(labels))
+            size += clips.nbytes
+            if size <= CACHE_BYTES:
+                kept.append(batch)
+            else:
+                kept.clear()  # too large to keep: this probe streams, and so will the next
+            yield batch
+        if size <= CACHE_BYTES:
+            self._cache = kept
 
     @torch.no_grad()
     def features(self, model: torch.nn.Module, device: torch.device, precision: str = "fp32"):

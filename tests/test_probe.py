@@ -91,6 +91,30 @@ def test_probe_scores_a_model_and_caches_its_clips():
     assert set(result) == {"probe_acc1", "probe_knn_acc1", "probe_time_s"} and 0 <= result["probe_acc1"] <= 100
 
 
+def test_a_set_too_large_to_keep_is_streamed_with_the_same_features(monkeypatch):
+    """Past CACHE_BYTES the probe keeps nothing (a large --probe_data set must not sit in memory) and reads
+    the clips again at each probe: the same features as the cached set."""
+    cfg = vmae.config("small", embed_dim=32, depth=1, num_heads=2, decoder_embed_dim=16, decoder_depth=1,
+                      decoder_num_heads=2, img_size=32, patch_size=16, num_frames=4)
+    model = vmae.PretrainVideoMAE(cfg)
+    kept = probe.build_probe(None, num_frames=4, sampling_rate=2, input_size=32, synthetic_videos=16, batch_size=5)
+    x, y = kept.features(model, torch.device("cpu"))
+    one_batch = 5 * 3 * 4 * 32 * 32 * 4  # bytes of 5 float clips
+    monkeypatch.setattr(probe, "CACHE_BYTES", 2 * one_batch)
+    streamed = probe.build_probe(None, num_frames=4, sampling_rate=2, input_size=32, synthetic_videos=16, batch_size=5)
+    read, seen_by_encoder = [], []
+    get = type(streamed.dataset).__getitem__
+    monkeypatch.setattr(type(streamed.dataset), "__getitem__", lambda self, i: read.append(i) or get(self, i))
+    encoder = probe.encoder_of
+    monkeypatch.setattr(probe, "encoder_of", lambda m: lambda clips: seen_by_encoder.append(len(read)) or
+                        encoder(m)(clips))
+    for _ in range(2):
+        read.clear(), seen_by_encoder.clear()
+        xs, ys = streamed.features(model, torch.device("cpu"))
+        assert streamed._cache is None and torch.equal(xs, x) and torch.equal(ys, y)
+        assert seen_by_encoder == [5, 10, 15, 16]  # each batch encoded as it is read, not the set read first
+
+
 def test_probe_data_reads_a_labelled_list_and_refuses_unlabelled_or_single_class_ones(tmp_path):
     root = tmp_path / "videos"
     list_file = data.SyntheticVideos(8, num_classes=2, length=12, height=32, width=40).export(str(root))
