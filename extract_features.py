@@ -41,7 +41,7 @@ import data
 import engine
 import vmae
 
-# What a rerun must share with the run that wrote the files it skips.
+# What a rerun must share with the run that wrote the files it skips (and the precision it computes in).
 SETTINGS = ("checkpoint", "num_frames", "sampling_rate", "input_size", "short_side_size", "test_num_segment",
             "test_num_crop", "sparse_sample")
 
@@ -113,7 +113,11 @@ def check_settings(out: Path, settings: dict, write: bool) -> None:
     """extraction.json: the settings the files in `out` were made with; a rerun must use the same."""
     path = out / "extraction.json"
     if path.is_file():
-        before = json.loads(path.read_text())
+        try:
+            before = json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            raise engine.RunError(f"{path}: cannot be read ({e}); it records how the features in {out} were "
+                                  "made: restore it, or use another --output_dir") from e
         changed = [f"{k}: {before.get(k)!r} then, {v!r} now" for k, v in settings.items() if before.get(k) != v]
         if changed:
             raise engine.RunError(f"{out} holds features made with other settings ({'; '.join(changed)}): use "
@@ -173,7 +177,8 @@ def main(argv=None):
     d = engine.setup_distributed(args.device)
     precision = engine.resolve_precision(args.precision, d.device)
     out = Path(args.output_dir)
-    settings = {k: getattr(args, k) for k in SETTINGS} | {"checkpoint": os.path.abspath(args.checkpoint)}
+    settings = ({k: getattr(args, k) for k in SETTINGS}
+                | {"checkpoint": os.path.abspath(args.checkpoint), "precision": precision})
     check_settings(out, settings, write=d.is_main)
 
     samples = list({s.path: s for s in data.read_pretrain_list(args.data_path, args.data_root)}.values())

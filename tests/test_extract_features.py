@@ -85,6 +85,8 @@ def test_a_rerun_writes_nothing_new(setup, tmp_path):
     assert "3 already done; 0 to go" in printed and not any(".tmp" in p.name for p in out.iterdir())
     with pytest.raises(engine.RunError, match="other settings .*test_num_crop: 1 then, 3 now"):
         run(setup, out, "--data_path", str(setup["folder"]), "--test_num_crop", "3")
+    with pytest.raises(engine.RunError, match="other settings .*precision: 'fp32' then, 'bf16' now"):
+        run(setup, out, "--data_path", str(setup["folder"]), "--precision", "bf16")
 
 
 def test_a_corrupt_video_is_named_or_skipped_and_listed(setup, tmp_path, capsys):
