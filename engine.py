@@ -197,6 +197,18 @@ def wrap_model(model: torch.nn.Module, d: Dist, fsdp: bool, precision: str) -> t
     return model
 
 
+def skipped_videos(d: Dist, dataset) -> int:
+    """How many videos any process has skipped as unreadable so far (for the epoch's log line), with the
+    max_bad_fraction limit checked on that count: each process alone sees only its share of the videos."""
+    bad = dataset.bad_videos()
+    if d.world_size > 1:
+        every = [None] * d.world_size
+        dist.all_gather_object(every, bad)
+        bad = sorted(set().union(*every))
+    dataset.check_bad_fraction(bad)
+    return len(bad)
+
+
 def file_share(d: Dist) -> data.Share:
     """The processes split the checks of listed video files (data.Share): each checks every world_size-th
     file, then they exchange what they found, so every process knows every bad file."""

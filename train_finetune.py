@@ -395,7 +395,7 @@ def train(t: engine.Trainer, args, train_set: data.FinetuneDataset, val_set: dat
                        "validation")
         stats = dict(epoch=epoch, train_loss=loss, train_lr=float(lr_schedule[steps - 1]), val_loss=val["loss"],
                      val_acc1=val["acc1"], val_acc5=val["acc5"], steps=steps, epoch_time_s=round(seconds, 1),
-                     skipped_videos=len(train_set.bad_videos()))
+                     skipped_videos=engine.skipped_videos(d, train_set))
         improved = val["acc1"] > best
         best = max(best, val["acc1"])
         engine.end_of_epoch(t, stats, run_args, keep=False, best=improved, best_acc1=best)

@@ -244,7 +244,7 @@ def pretrain(args: argparse.Namespace, d: engine.Dist) -> None:
         stats = dict(epoch=epoch, train_loss=loss, train_lr=float(lr_schedule[steps - 1]),
                      train_wd=float(wd_schedule[steps - 1]), steps=steps, epoch_time_s=round(seconds, 1),
                      clips_per_s=round(batches.steps_per_epoch * batches.clips_per_step / seconds, 2),
-                     skipped_videos=len(dataset.bad_videos()), **(at_start if epoch == 0 else {}))
+                     skipped_videos=engine.skipped_videos(d, dataset), **(at_start if epoch == 0 else {}))
         d.print(f"epoch {epoch}: loss {loss:.4f}, {stats['clips_per_s']} clips/s, {seconds:.0f} s")
         if probe_set and ((epoch + 1) % args.probe_every == 0 or epoch + 1 == args.epochs):
             stats.update(probed())

@@ -330,3 +330,29 @@ def test_processes_that_see_different_checkpoints_all_stop_instead_of_training_a
         assert (tmp_path / f"rank{rank}.txt").read_text() == (
             "the processes do not see the same checkpoint to resume from: rank 0 ('out/checkpoint-last.pth', 1234), "
             "rank 1 ('out/checkpoint-last.pth', 'no such file'); a shared folder")
+
+
+def skipping(rank: int, world: int, port: int, folder: str, report: str):
+    torchrun_env(rank, world, port)
+    d = engine.setup_distributed("cpu")
+    samples = [data.Sample(f"{folder}/v{i}.mp4", 0, -1, -1) for i in range(10)]
+    dataset = data.PretrainDataset(data.VideoList(samples), skip_bad_videos=True, max_bad_fraction=0.25)
+    lines = []
+    for skipped_here in ([0], [0, 1 + rank]):  # epoch 1: both skipped v0; epoch 2: one more each, v1 and v2
+        for i in skipped_here:
+            dataset._bad[i] = 1
+        try:
+            lines.append(str(engine.skipped_videos(d, dataset)))
+        except data.VideoError as e:
+            lines.append(str(e))
+    Path(report.format(rank)).write_text("\n".join(lines))
+    dist.destroy_process_group()
+
+
+def test_skipped_videos_are_counted_over_every_process_and_limited_there(tmp_path):
+    """Each process skips what it met; the log counts the videos any process skipped (once each), and
+    max_bad_fraction holds for them together: 3 of 10 is past 0.25, though each process skipped only 2."""
+    run_processes(skipping, 2, str(tmp_path), str(tmp_path / "rank{}.txt"), timeout=120)
+    for rank in (0, 1):
+        first, second = (tmp_path / f"rank{rank}.txt").read_text().split("\n")
+        assert first == "1" and second.startswith("3 of 10 videos are unreadable, more than max_bad_fraction=0.25")
