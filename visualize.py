@@ -4,11 +4,15 @@ the loss, and what a pretrained model paints back.
     python visualize.py masks --synthetic 0 --out masks.png                     # and masks.gif
     python visualize.py recon --checkpoint output/pretrain/checkpoint-last.pth --synthetic 3 --out recon.png
     python visualize.py recon --checkpoint C --video clip.mp4                   # or --frames a_frame_folder/
+    python visualize.py recon --checkpoints output/pretrain/                   # across training (every checkpoint-N)
+    python visualize.py heatmap --checkpoint C     # each cube's loss when hidden, over the clip: where it fails
+    python visualize.py pca --checkpoint C         # the encoder's tokens as colours: what its features separate
     python visualize.py curves output/pretrain/log.txt other_run/log.txt --out curves.png
 
-Each figure has a row per temporal slot (one tubelet: a pair of frames; the row shows its first frame).
-The same figures come from masks_figure, recon_figure and curves_figure, which return a matplotlib Figure
-for the training scripts and notebooks.
+Each figure has a row per temporal slot (one tubelet: a pair of frames; the row shows its first frame), and
+all but curves come with a GIF over the slots (recon --checkpoints: over the checkpoints). The same figures
+come from masks_figure, recon_figure, training_figure, heatmap_figure, pca_figure and curves_figure, which
+return a matplotlib Figure for the training scripts and notebooks.
 
 A model trained on normalised targets predicts each cube's pixels up to its own mean and spread; the only
 way to draw them is to put back the true cube's mean and standard deviation, which makes the pictures
@@ -127,8 +131,9 @@ def grid_figure(panels: dict[str, np.ndarray], title: str, cmap_last: str | None
 
 
 def masks_figure(video: torch.Tensor, encoder_mask: torch.Tensor, decoder_mask: torch.Tensor | None,
-                 cfg: vmae.VideoMAEConfig, slots: int | None = None) -> plt.Figure:
-    panels = mask_panels(video, encoder_mask, decoder_mask, cfg)
+                 cfg: vmae.VideoMAEConfig, slots: int | None = None, panels: dict | None = None) -> plt.Figure:
+    """The mask panels as a figure (`panels`: mask_panels' result, if the caller has it already)."""
+    panels = panels or mask_panels(video, encoder_mask, decoder_mask, cfg)
     decoder = "no decoder mask (V1)" if decoder_mask is None else "running-cell decoder mask"
     fig = grid_figure(panels, f"one clip: {cfg.num_tokens} cubes of {cfg.tubelet_size}x{cfg.patch_size}x"
                               f"{cfg.patch_size} px\ntube encoder mask, {decoder}", slots=slots)
@@ -178,8 +183,10 @@ def recon_panels(model: vmae.PretrainVideoMAE, video: torch.Tensor, encoder_mask
 
 
 def recon_figure(model: vmae.PretrainVideoMAE, video: torch.Tensor, encoder_mask: torch.Tensor,
-                 decoder_mask: torch.Tensor | None, normalize_target: bool, slots: int | None = None) -> plt.Figure:
-    panels = recon_panels(model, video, encoder_mask, decoder_mask, normalize_target)
+                 decoder_mask: torch.Tensor | None, normalize_target: bool, slots: int | None = None,
+                 panels: dict | None = None) -> plt.Figure:
+    """The reconstruction panels as a figure (`panels`: recon_panels' result, if the caller has it already)."""
+    panels = panels or recon_panels(model, video, encoder_mask, decoder_mask, normalize_target)
     how = ("predicted cubes drawn with the TRUE cube mean and std\n(the model predicts per-cube normalised pixels)"
            if normalize_target else "predicted pixels drawn as they are (a raw-pixel model)")
     note = ("\nchecks: hidden from the encoder and not predicted (dropped by the decoder)"
@@ -204,8 +211,10 @@ def training_panels(models: dict[str, vmae.PretrainVideoMAE], video: torch.Tenso
 
 
 def training_figure(models: dict[str, vmae.PretrainVideoMAE], video: torch.Tensor, encoder_mask: torch.Tensor,
-                    decoder_mask: torch.Tensor | None, normalize_target: bool, slots: int | None = None) -> plt.Figure:
-    panels = training_panels(models, video, encoder_mask, decoder_mask, normalize_target)
+                    decoder_mask: torch.Tensor | None, normalize_target: bool, slots: int | None = None,
+                    panels: dict | None = None) -> plt.Figure:
+    """Reconstructions across training as a figure (`panels`: training_panels' result, if already made)."""
+    panels = panels or training_panels(models, video, encoder_mask, decoder_mask, normalize_target)
     how = "true cube mean and std put back" if normalize_target else "raw-pixel predictions as they are"
     return grid_figure(panels, f"one held-out clip under the same masks, reconstructed by checkpoints of one run\n"
                                f"({how})", slots=slots)
@@ -246,9 +255,11 @@ def heatmap_panels(model: vmae.PretrainVideoMAE, video: torch.Tensor, masks: mas
 
 
 def heatmap_figure(model: vmae.PretrainVideoMAE, video: torch.Tensor, masks: masking.MaskConfig,
-                   normalize_target: bool, draws: int = 32, slots: int | None = None) -> plt.Figure:
-    """Where the model fails: each cube's loss when it is hidden, over the clip."""
-    panels, top = heatmap_panels(model, video, masks, normalize_target, draws)
+                   normalize_target: bool, draws: int = 32, slots: int | None = None,
+                   made: tuple[dict, float] | None = None) -> plt.Figure:
+    """Where the model fails: each cube's loss when it is hidden, over the clip (`made`: heatmap_panels'
+    result, if the caller has it already)."""
+    panels, top = made or heatmap_panels(model, video, masks, normalize_target, draws)
     target = "per-cube normalised" if normalize_target else "raw-pixel"
     return grid_figure(panels, f"{target} squared error of each cube when hidden,\nmean over {draws} random masks "
                                f"(black 0, white {top:.3g})", cmap_last="magma", slots=slots, vmax_last=top)
@@ -274,10 +285,12 @@ def pca_panels(model: vmae.PretrainVideoMAE, video: torch.Tensor) -> dict[str, n
     return {"input": frames, "encoder tokens as colours": image, "blended": 0.5 * frames + 0.5 * image}
 
 
-def pca_figure(model: vmae.PretrainVideoMAE, video: torch.Tensor, slots: int | None = None) -> plt.Figure:
-    """What the features separate: cubes the encoder represents alike share a colour."""
-    return grid_figure(pca_panels(model, video), "the encoder's tokens of one clip (no mask):\nthe first three "
-                                                 "principal components as red, green, blue", slots=slots)
+def pca_figure(model: vmae.PretrainVideoMAE, video: torch.Tensor, slots: int | None = None,
+               panels: dict | None = None) -> plt.Figure:
+    """What the features separate: cubes the encoder represents alike share a colour (`panels`: pca_panels'
+    result, if the caller has it already)."""
+    title = "the encoder's tokens of one clip (no mask):\nthe first three principal components as red, green, blue"
+    return grid_figure(panels or pca_panels(model, video), title, slots=slots)
 
 
 # -----------------------------------------------------------------------------------------------------
@@ -504,24 +517,27 @@ def main(argv=None):
     enc, dec, _, _ = masks.draw(1, cfg.grid)
     enc, dec = enc[0], dec[0] if dec is not None else None
     gif = dict(path=out.with_suffix(".gif"))
+    # each figure's panels are made once, for the PNG and the GIF
     if args.figure == "masks":
-        fig, panels = masks_figure(video, enc, dec, cfg, args.slots), mask_panels(video, enc, dec, cfg)
+        panels = mask_panels(video, enc, dec, cfg)
+        fig = masks_figure(video, enc, dec, cfg, args.slots, panels)
     elif args.figure == "recon" and args.checkpoints:  # the GIF: one frame per checkpoint, the slots in a row
         panels = training_panels(models, video, enc, dec, normalize)
-        fig = training_figure(models, video, enc, dec, normalize, args.slots)
+        fig = training_figure(models, video, enc, dec, normalize, args.slots, panels)
         rows = [side_by_side(panels[name][:args.slots]) for name in panels]
         panels = {"input, masked input, reconstruction":
                   np.stack([np.concatenate([*rows[:2], row]) for row in rows[2:]])}
         gif["titles"] = list(models)
     elif args.figure == "recon":
-        fig = recon_figure(model, video, enc, dec, normalize, args.slots)
         panels, gif["cmap_last"] = recon_panels(model, video, enc, dec, normalize), "magma"
+        fig = recon_figure(model, video, enc, dec, normalize, args.slots, panels)
     elif args.figure == "heatmap":
-        fig = heatmap_figure(model, video, masks, normalize, args.draws, args.slots)
         panels, gif["vmax_last"] = heatmap_panels(model, video, masks, normalize, args.draws)
+        fig = heatmap_figure(model, video, masks, normalize, args.draws, args.slots, (panels, gif["vmax_last"]))
         gif["cmap_last"] = "magma"
     else:
-        fig, panels = pca_figure(model, video, args.slots), pca_panels(model, video)
+        panels = pca_panels(model, video)
+        fig = pca_figure(model, video, args.slots, panels)
     save(fig, out, dpi=60)
     save_gif(panels, **gif)
     print(f"wrote {out} and {gif['path']}")
