@@ -553,12 +553,13 @@ def training_state(t: Trainer, epoch: int, step: int, run_args: dict, **extra) -
                 scaler=t.scaler.state_dict(), epoch=epoch, step=step, args=run_args, **extra)
 
 
-def run_args(args: argparse.Namespace, d: Dist, *datasets) -> dict:
-    """What a checkpoint stores under `args`: the flags as plain values (the parsed config and anything loaded
-    along the way left out, so the file loads with weights_only), the number of processes, and a
-    fingerprint of the videos (so a resume notices other data under the same flags)."""
-    flags = {k: v for k, v in vars(args).items() if not k.startswith("_") and k != "cfg"}
-    return dict(flags, processes=d.world_size, data=" | ".join(ds.digest() for ds in datasets))
+def run_args(flags: dict, d: Dist, *datasets) -> dict:
+    """What a checkpoint stores under `args`: the command line's flags (vars of the parsed arguments) as plain
+    values (the parsed config and anything loaded along the way left out, so the file loads with
+    weights_only), the number of processes, and a fingerprint of the videos (so a resume notices other data
+    under the same flags)."""
+    plain = {k: v for k, v in flags.items() if not k.startswith("_") and k != "cfg"}
+    return dict(plain, processes=d.world_size, data=" | ".join(ds.digest() for ds in datasets))
 
 
 def resume_training(t: Trainer, resume: str | None, auto_resume: bool, args: dict,

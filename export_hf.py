@@ -43,7 +43,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def export(checkpoint: vmae.Checkpoint, cfg: vmae.VideoMAEConfig, encoder_only: bool = False):
     """(transformers class name, config.json, weights under transformers' names, the loader's report) for a
     checkpoint. Loaded through our model first, so a file that would leave any weight untrained stops here."""
-    keys = {k.removeprefix("backbone.").removeprefix("encoder.") for k in checkpoint.weights}
+    keys = vmae.encoder_names(checkpoint.weights)
     decoder, fc_norm = vmae.has_decoder(checkpoint.weights), "fc_norm.weight" in keys
     head = next((v for k, v in checkpoint.weights.items() if k.removeprefix("backbone.") == "head.weight"), None)
     if decoder:
@@ -52,7 +52,7 @@ def export(checkpoint: vmae.Checkpoint, cfg: vmae.VideoMAEConfig, encoder_only: 
         model = vmae.VideoClassifier(cfg, len(head) if head is not None and fc_norm and not encoder_only else 0)
     loaded = vmae.load_weights(model, checkpoint)
     weights = vmae.to_hugging_face(model.state_dict())
-    norm_pix_loss = bool(checkpoint.args.get("normalize_target", checkpoint.args.get("normlize_target", True)))
+    norm_pix_loss = vmae.trained_on_normalized_targets(checkpoint.args)
     if encoder_only or not (decoder or fc_norm):
         name = "VideoMAEModel"
         weights = {k.removeprefix("videomae."): v for k, v in weights.items() if k.startswith("videomae.")}

@@ -369,7 +369,7 @@ def train(t: engine.Trainer, args, train_set: data.FinetuneDataset, val_set: dat
     videos_per_step = args.batch_size * args.accum_iter * d.world_size
     lr_schedule = engine.cosine_schedule(args.lr * videos_per_step / 256, args.min_lr * videos_per_step / 256,
                                          args.epochs, batches.steps_per_epoch, args.warmup_epochs)
-    run_args = engine.run_args(args, d, train_set, val_set)
+    run_args = engine.run_args(vars(args), d, train_set, val_set)
     state = engine.resume_training(t, args.resume, args.auto_resume, run_args, args.allow_resume_changes)
     start_epoch, best = (0, -1.0) if state is None else (state["epoch"] + 1, state.get("best_acc1", 0.0))
     mixing = args.mixup > 0 or args.cutmix > 0

@@ -202,7 +202,7 @@ def pretrain(args: argparse.Namespace, d: engine.Dist) -> None:
                                          args.warmup_epochs, warmup_steps=args.warmup_steps)
     wd_end = args.weight_decay if args.weight_decay_end is None else args.weight_decay_end
     wd_schedule = engine.cosine_schedule(args.weight_decay, wd_end, args.epochs, batches.steps_per_epoch)
-    run_args = engine.run_args(args, d, dataset)
+    run_args = engine.run_args(vars(args), d, dataset)
     state = engine.resume_training(t, args.resume, args.auto_resume, run_args, args.allow_resume_changes)
     start_epoch = 0 if state is None else state["epoch"] + 1
 

@@ -508,7 +508,7 @@ def main(argv=None):
         cfg = vmae.config(args.model or "base", img_size=args.input_size, num_frames=args.num_frames)
     normalize = args.normalize_target
     if normalize is None:  # what the checkpoint was trained on (the reference's spelling too)
-        normalize = trained_with.get("normalize_target", trained_with.get("normlize_target", True))
+        normalize = vmae.trained_on_normalized_targets(trained_with)
     masks = masking.MaskConfig(*(getattr(args, k) if getattr(args, k) is not None else trained_with.get(k, default)
                                  for k, default in MASK_FLAGS.items()))
     masks.check(cfg.grid, prefix="--")  # before any decoding

@@ -534,6 +534,18 @@ def saved_args(checkpoint: dict) -> dict:
     return args if isinstance(args, dict) else {}
 
 
+def trained_on_normalized_targets(args: dict) -> bool:
+    """Whether a run with these saved arguments predicted per-cube normalised pixels (the reference spells
+    the flag normlize_target); True, the recipe's default, when they do not say."""
+    return bool(args.get("normalize_target", args.get("normlize_target", True)))
+
+
+def encoder_names(weights: dict) -> dict:
+    """The weights with an mmaction2 `backbone.` or a pretraining model's `encoder.` prefix taken off, so the
+    encoder's keys read as the fine-tune model's (patch_embed.*, blocks.*)."""
+    return {k.removeprefix("backbone.").removeprefix("encoder."): v for k, v in weights.items()}
+
+
 # Hugging Face VideoMAE names -> the reference's, replaced in this order in every key. Older transformers
 # releases store q_bias / v_bias, newer ones query.bias / value.bias; the key has no bias.
 HF_NAMES = [("videomae.embeddings.patch_embeddings.projection.", "encoder.patch_embed.proj."),
@@ -706,7 +718,7 @@ def blocks_in(weights: dict, prefix: str) -> int:
 def sizes_of(weights: dict) -> dict:
     """The config fields a state dict's shapes give away: widths, depths, cube size, MLP ratio. (Head counts
     do not show in any shape; positions are not stored, so input size and frame count do not either.)"""
-    enc = {k.removeprefix("backbone.").removeprefix("encoder."): v for k, v in weights.items()}
+    enc = encoder_names(weights)
     embed = enc.get("patch_embed.proj.weight")  # (D, 3, t, p, p)
     if embed is None or embed.dim() != 5:
         return {}
@@ -902,7 +914,7 @@ def load_weights(model: nn.Module, source: "str | Path | Checkpoint", label_map:
     path, where = ckpt.path, f"{ckpt.path} (read as {ckpt.layout})"
     weights, classifier, lines = dict(ckpt.weights), isinstance(model, VideoClassifier), []
     if classifier:
-        weights = {k.removeprefix("backbone.").removeprefix("encoder."): v for k, v in weights.items()}
+        weights = encoder_names(weights)
     else:
         require_decoder(ckpt)
     own = model.state_dict()
