@@ -904,7 +904,7 @@ class _Clips(Dataset):
     def check_bad_fraction(self, bad: list[str]) -> None:
         """VideoError when the unreadable videos `bad` (this process's, or at an epoch's end every process's
         together) are more than max_bad_fraction of the dataset, or all of it."""
-        if len(bad) > self.max_bad_fraction * len(self.source) or len(bad) == len(self.source):
+        if bad and (len(bad) > self.max_bad_fraction * len(self.source) or len(bad) == len(self.source)):
             raise VideoError(f"{len(bad)} of {len(self.source)} videos are unreadable, more than "
                              f"max_bad_fraction={self.max_bad_fraction}: " + ", ".join(bad))
 
