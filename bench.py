@@ -42,15 +42,15 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", nargs="+", default=["small", "base"], choices=list(vmae.SIZES))
-    p.add_argument("--batch_size", type=engine.within("[1, inf)", int), default=2)
-    p.add_argument("--num_frames", type=engine.within("[1, 1024]", int), default=16)
-    p.add_argument("--input_size", type=engine.within("[1, 4096]", int), default=224)
-    p.add_argument("--mask_ratio", type=engine.within("(0, 1)"), default=0.9)
-    p.add_argument("--decoder_mask_ratio", type=engine.within("[0, 1)"), default=0.5)
+    p.add_argument("--batch_size", type=engine.Range(int, 1), default=2)
+    p.add_argument("--num_frames", type=engine.Range(int, 1, 1024), default=16)
+    p.add_argument("--input_size", type=engine.Range(int, 1, 4096), default=224)
+    p.add_argument("--mask_ratio", type=engine.Range(float, 0, 1, open_low=True, open_high=True), default=0.9)
+    p.add_argument("--decoder_mask_ratio", type=engine.Range(float, 0, 1, open_high=True), default=0.5)
     p.add_argument("--precision", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
-    p.add_argument("--steps", type=engine.within("[1, inf)", int), default=5, help="timed steps (the median is "
+    p.add_argument("--steps", type=engine.Range(int, 1), default=5, help="timed steps (the median is "
                    "reported)")
-    p.add_argument("--warmup", type=engine.within("[0, inf)", int), default=2)
+    p.add_argument("--warmup", type=engine.Range(int, 0), default=2)
     p.add_argument("--device", type=engine.device_name, default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--compile", action="store_true", help="also time our step under torch.compile")
     p.add_argument("--reference", metavar="DIR", help="a checkout of OpenGVLab/VideoMAEv2 to time side by side")
@@ -63,11 +63,11 @@ def parse_args(argv=None):
                    "DIR/summary.md")
     p.add_argument("--parts", nargs="+", default=list(SUITE_DEFAULT), choices=list(SUITE),
                    help="--gpu_suite: which parts")
-    p.add_argument("--budget_s", type=engine.within("(0, inf)"), default=560, help="--gpu_suite: seconds for all parts "
+    p.add_argument("--budget_s", type=engine.Range(float, 0, open_low=True), default=560, help="--gpu_suite: seconds for all parts "
                    "together")
     p.add_argument("--smoke", action="store_true", help="--gpu_suite: tiny sizes on the CPU, to check it runs")
     p.add_argument("--part", help=argparse.SUPPRESS)  # one part, in the process the suite starts for it
-    p.add_argument("--part_limit", type=engine.within("(0, inf)"), default=600, help=argparse.SUPPRESS)
+    p.add_argument("--part_limit", type=engine.Range(float, 0, open_low=True), default=600, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
@@ -121,9 +121,9 @@ def matmul_peak(device: torch.device, dtype: torch.dtype) -> float:
     return 2 * n ** 3 / best
 
 
-def recipe(args, dual: bool) -> masking.MaskConfig:
+def recipe(args, grid, dual: bool) -> masking.MaskConfig:
     """The masks of the timed step: tube and running cell (dual masking) or tube alone (V1)."""
-    return masking.MaskConfig("tube", args.mask_ratio, "run_cell", args.decoder_mask_ratio if dual else 0.0)
+    return masking.MaskConfig(grid, "tube", args.mask_ratio, "run_cell", args.decoder_mask_ratio if dual else 0.0)
 
 
 def train_step_fn(model, loss_fn, video, device, precision):
@@ -199,11 +199,11 @@ def reference_target(video, patch_size: int):
 
 def reference_loss(model, video, args, dual, cfg):
     """The reference model's forward (masks True = hidden / dropped, as ours), its target, the same loss."""
-    enc, dec, _, _ = recipe(args, dual).draw(video.shape[0], cfg.grid, video.device)
-    pred = model(video, enc, dec)
+    drawn = recipe(args, cfg.grid, dual).draw(video.shape[0], video.device)
+    pred = model(video, drawn.encoder, drawn.decoder)
     with torch.no_grad():
-        target = reference_target(video, cfg.patch_size)
-    return vmae.pretrain_loss(pred, target, enc, dec)
+        target = vmae.gather_tokens(reference_target(video, cfg.patch_size), drawn.queries)
+    return vmae.pretrain_loss(pred, target, drawn.in_loss)
 
 
 # -----------------------------------------------------------------------------------------------------
@@ -286,7 +286,7 @@ def saved_for_backward(cfg, args, batch: int, precision: str) -> tuple[int, int,
         block.register_forward_hook(lambda *_: current.__setitem__(0, None))
     video = torch.randn(batch, 3, cfg.num_frames, cfg.img_size, cfg.img_size)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), engine.autocast(torch.device("cpu"), precision):
-        train_pretrain.pretrain_step_loss(model, cfg, video, recipe(args, dual=True))
+        train_pretrain.pretrain_step_loss(model, cfg, video, recipe(args, cfg.grid, dual=True))
     return sum(saved.values()), sum(per_block.values()), max(per_block.values()), inputs[0]
 
 
@@ -386,7 +386,7 @@ def ops_table(args) -> None:
         torch.manual_seed(0)
         model = vmae.PretrainVideoMAE(cfg)
         video = torch.randn(args.batch_size, 3, cfg.num_frames, cfg.img_size, cfg.img_size)
-        loss = lambda m, v: train_pretrain.pretrain_step_loss(m, cfg, v, recipe(args, dual=True))  # noqa: E731
+        loss = lambda m, v: train_pretrain.pretrain_step_loss(m, cfg, v, recipe(args, cfg.grid, dual=True))  # noqa: E731
         for precision in args.precision:
             c = count_ops(train_step_fn(model, loss, video, device, precision))
             total = c["compute"] + c["cast"] + c["view"] + c["allocation"]
@@ -457,7 +457,7 @@ def step_row(size: str, batch: int, with_checkpoint: bool, mode: str, s: Setting
     import gc
     from dataclasses import replace
     cfg = vmae.config(size, num_frames=s.frames, img_size=s.px, with_checkpoint=with_checkpoint)
-    masks = masking.MaskConfig("tube", 0.9, "run_cell", 0.5)
+    masks = masking.MaskConfig(cfg.grid, "tube", 0.9, "run_cell", 0.5)
     flops = train_pretrain.step_flops(replace(cfg, with_checkpoint=False), batch, masks)[1]  # no recompute: model FLOPs
     row = f"| {size} | {batch} | {MODES[mode]}{', checkpointing' if with_checkpoint else ''} | "
     try:
@@ -520,7 +520,7 @@ def suite_profile(s: Setting, device: torch.device, out: Path, write) -> None:
     from torch.profiler import ProfilerActivity, profile
     size, batch = s.profile
     cfg = vmae.config(size, num_frames=s.frames, img_size=s.px)
-    masks = masking.MaskConfig("tube", 0.9, "run_cell", 0.5)
+    masks = masking.MaskConfig(cfg.grid, "tube", 0.9, "run_cell", 0.5)
     torch.manual_seed(0)
     with torch.device(device):
         model = vmae.PretrainVideoMAE(cfg)
@@ -735,11 +735,11 @@ def flops_table(args) -> None:
     print("|---|---|---|---|---|---|---|---|---|---|")
     for size in vmae.PAPER_SIZES:
         cfg = vmae.config(size, num_frames=args.num_frames, img_size=args.input_size)
-        enc, dec, num_visible, num_queries = recipe(args, True).draw(1, cfg.grid)
-        loss_tokens = int((enc & ~dec).sum())
+        masks = recipe(args, cfg.grid, True)
+        num_visible, num_queries, loss_tokens = masks.num_visible, masks.num_queries, int(masks.draw(1).in_loss.sum())
         v1 = cfg.num_tokens
-        f1, t1 = train_pretrain.step_flops(cfg, 1, recipe(args, dual=False))
-        f2, t2 = train_pretrain.step_flops(cfg, 1, recipe(args, dual=True))
+        f1, t1 = train_pretrain.step_flops(cfg, 1, recipe(args, cfg.grid, dual=False))
+        f2, t2 = train_pretrain.step_flops(cfg, 1, recipe(args, cfg.grid, dual=True))
         print(f"| {size} | {num_visible} | {v1} | {num_visible + num_queries} | {loss_tokens} | {f1 / 2e9:.2f} "
               f"| {f2 / 2e9:.2f} | {t1 / 1e9:.1f} | {t2 / 1e9:.1f} | {infer_flops(cfg, 1) / 2e9:.1f} |")
 
@@ -792,7 +792,7 @@ def main(argv=None):
         ref = [m.to(device) for m in reference_models(args.reference, size, cfg)] if args.reference else None
         for precision in args.precision:
             for dual in (True, False):
-                ours_loss = lambda m, v: train_pretrain.pretrain_step_loss(m, cfg, v, recipe(args, dual))  # noqa: E731
+                ours_loss = lambda m, v: train_pretrain.pretrain_step_loss(m, cfg, v, recipe(args, cfg.grid, dual))  # noqa: E731
                 contenders = {"ours": train_step_fn(ours, ours_loss, video, device, precision)}
                 if args.compile:
                     contenders["ours compiled"] = train_step_fn(ours, torch.compile(ours_loss), video, device,
@@ -804,7 +804,7 @@ def main(argv=None):
                     contenders["reference"] = train_step_fn(ref[0], lambda m, v: reference_loss(m, v, args, dual, cfg),
                                                             video, device, precision)
                 rows(size, "train", "dual" if dual else "V1", precision, contenders,
-                     train_pretrain.step_flops(cfg, B, recipe(args, dual))[1])
+                     train_pretrain.step_flops(cfg, B, recipe(args, cfg.grid, dual))[1])
 
             def infer(model, **kw):
                 def run():

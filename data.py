@@ -83,12 +83,9 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
+import vmae
+
 log = logging.getLogger(__name__)
-# Clips come out normalised with ImageNet's mean and std per channel, the model's input convention (its
-# target undoes this with vmae.IMAGENET_MEAN / _STD; a test keeps the two copies equal, so that data.py
-# does not import the model).
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 cv2.setNumThreads(1)  # see the module docstring: a DataLoader worker forked after a parallel OpenCV call hangs
 
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mkv", ".webm", ".mov", ".m4v", ".mpg", ".mpeg", ".flv", ".wmv")
@@ -627,9 +624,9 @@ def spatial_crop(frames: np.ndarray, size: int, view: int = 0, num_views: int = 
     return frames[:, top:top + size, left:left + size]
 
 
-# uint8 value -> normalised float, per channel: (3, 256)
-_NORMALISE = ((np.arange(256, dtype=np.float32)[None] / 255 - np.float32(IMAGENET_MEAN)[:, None])
-              / np.float32(IMAGENET_STD)[:, None]).astype(np.float32)
+# uint8 value -> normalised float, per channel (3, 256): the model's input (vmae.IMAGENET_MEAN and _STD)
+_NORMALISE = ((np.arange(256, dtype=np.float32)[None] / 255 - np.float32(vmae.IMAGENET_MEAN)[:, None])
+              / np.float32(vmae.IMAGENET_STD)[:, None]).astype(np.float32)
 
 
 def to_tensor(frames: np.ndarray, out: Tensor | None = None) -> Tensor:
@@ -651,12 +648,10 @@ def normalize(clips: Tensor) -> Tensor:
     """uint8 clips (..., 3, T, H, W), e.g. from a pretraining dataset built with uint8=True, on the device
     that trains -> float32, equal to what to_tensor makes on the CPU (the same float32 steps as its table:
     x / 255, minus the mean, over the std). A uint8 clip is a quarter of the bytes through the loader's
-    shared memory, pinning and the host-to-device copy. The constants are filled in on the device: a
-    tensor built from a list would be a host-to-device copy, which waits for the queued kernels."""
-    stats = clips.new_empty((3, 3, 1, 1, 1), dtype=torch.float32)  # (255 / mean / std, channel, 1, 1, 1)
-    for c in range(3):
-        stats[0, c], stats[1, c], stats[2, c] = 255, IMAGENET_MEAN[c], IMAGENET_STD[c]
-    return clips.float().div_(stats[0]).sub_(stats[1]).div_(stats[2])
+    shared memory, pinning and the host-to-device copy."""
+    clips = clips.float().div_(255)
+    mean, std = vmae.imagenet_stats(clips)  # (3,) each
+    return clips.sub_(mean[:, None, None, None]).div_(std[:, None, None, None])
 
 
 def random_erase(clip: Tensor, rng: np.random.Generator, prob: float = 0.25,

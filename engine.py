@@ -3,14 +3,15 @@ and a loss; the rest of running them is here, once: AdamW with the reference's p
 warmup + cosine schedules; one process per GPU under torchrun (DDP, or FSDP2 with --fsdp) and bf16 autocast;
 the loop (`train_epoch`: micro-batches accumulated per step, gradients clipped if asked, the loss read only
 every --log_every steps, since each read waits for the GPU); checkpoints in the reference's layout with plain
-key names and log.txt (`end_of_epoch`); the shared flags; and `run`, the one place that turns a user's
+key names and log.txt (`end_of_epoch`); the command line (the shared flags, each number's `Range`, and
+`resolve`, the one order in which a flag takes its value); and `run`, the one place that turns a user's
 mistake (a bad flag, file, list, checkpoint or state) into `error: ...` and exit code 2.
 
-Nothing silent, nothing lost: every numeric flag has a valid range checked as it is parsed (`within`); the
-output folder has one writer (a lock file), is checked writable and roomy enough before the first step,
-and an epoch's files are each written to a temporary file and renamed, checkpoint-last.pth last, so a
-kill at any moment leaves the previous epoch or the new one. A resume continues the same run or stops:
-changed flags, other data, a checkpoint of another model or non-finite weights are named, not absorbed.
+Nothing silent, nothing lost: the output folder has one writer (a lock file), is checked writable and
+roomy enough before the first step, and an epoch's files are each written to a temporary file and
+renamed, checkpoint-last.pth last, so a kill at any moment leaves the previous epoch or the new one. A
+resume continues the same run or stops: changed flags, other data, a checkpoint of another model or
+non-finite weights are named, not absorbed.
 """
 import argparse
 import errno
@@ -19,7 +20,6 @@ import json
 import math
 import os
 import random
-import re
 import shutil
 import socket
 import sys
@@ -31,13 +31,14 @@ from typing import Callable, NamedTuple
 
 import numpy as np
 import torch
-import torch.distributed as dist
+from torch import distributed
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                      get_optimizer_state_dict, set_model_state_dict,
                                                      set_optimizer_state_dict)
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
+import checkpoints
 import data
 import masking
 import vmae
@@ -142,7 +143,7 @@ class Dist:
 
 def setup_distributed(device: str) -> Dist:
     """Read torchrun's RANK / WORLD_SIZE / LOCAL_RANK; one process per GPU (NCCL) or per CPU job (gloo)."""
-    world, rank, local = (int(os.environ.get(k, d)) for k, d in (("WORLD_SIZE", 1), ("RANK", 0), ("LOCAL_RANK", 0)))
+    world, rank, local = (int(os.environ.get(k, default)) for k, default in (("WORLD_SIZE", 1), ("RANK", 0), ("LOCAL_RANK", 0)))
     dev = torch.device(device)
     if dev.type == "cuda":
         if not torch.cuda.is_available():
@@ -150,16 +151,16 @@ def setup_distributed(device: str) -> Dist:
         dev = torch.device("cuda", local)
         torch.cuda.set_device(dev)
     if "WORLD_SIZE" in os.environ:  # launched by torchrun (even with one process, FSDP needs the group)
-        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+        distributed.init_process_group("nccl" if dev.type == "cuda" else "gloo")
     return Dist(rank, world, local, dev)
 
 
 def leave_process_group() -> None:
     """End of a run: wait until every process is done (rank 0 may still be writing figures), then take
     the process group down, so no process exits while a peer still talks to it."""
-    if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
+    if distributed.is_initialized():
+        distributed.barrier()
+        distributed.destroy_process_group()
 
 
 def resolve_precision(precision: str | None, device: torch.device) -> str:
@@ -183,7 +184,7 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def wrap_model(model: torch.nn.Module, d: Dist, fsdp: bool, precision: str) -> torch.nn.Module:
+def wrap_model(model: torch.nn.Module, dist: Dist, fsdp: bool, precision: str) -> torch.nn.Module:
     """DDP across processes, or FSDP2 (each transformer block sharded on its own) with --fsdp."""
     if fsdp:
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -192,31 +193,31 @@ def wrap_model(model: torch.nn.Module, d: Dist, fsdp: bool, precision: str) -> t
         for block in [m for m in model.modules() if isinstance(m, vmae.Block)]:
             fully_shard(block, mp_policy=policy)
         return fully_shard(model, mp_policy=policy)
-    if d.world_size > 1:
-        return DDP(model, device_ids=[d.local_rank] if d.device.type == "cuda" else None)
+    if dist.world_size > 1:
+        return DDP(model, device_ids=[dist.local_rank] if dist.device.type == "cuda" else None)
     return model
 
 
-def skipped_videos(d: Dist, dataset) -> int:
+def skipped_videos(dist: Dist, dataset) -> int:
     """How many videos any process has skipped as unreadable so far (for the epoch's log line), with the
     max_bad_fraction limit checked on that count: each process alone sees only its share of the videos."""
     bad = dataset.bad_videos()
-    if d.world_size > 1:
-        every = [None] * d.world_size
-        dist.all_gather_object(every, bad)
+    if dist.world_size > 1:
+        every = [None] * dist.world_size
+        distributed.all_gather_object(every, bad)
         bad = sorted(set().union(*every))
     dataset.check_bad_fraction(bad)
     return len(bad)
 
 
-def file_share(d: Dist) -> data.Share:
+def file_share(dist: Dist) -> data.Share:
     """The processes split the checks of listed video files (data.Share): each checks every world_size-th
     file, then they exchange what they found, so every process knows every bad file."""
     def gather(found: list) -> list[list]:
-        shares = [None] * d.world_size
-        dist.all_gather_object(shares, found)
+        shares = [None] * dist.world_size
+        distributed.all_gather_object(shares, found)
         return shares
-    return data.Share(d.rank, d.world_size, gather if d.world_size > 1 else None)
+    return data.Share(dist.rank, dist.world_size, gather if dist.world_size > 1 else None)
 
 
 def grad_sync(model: torch.nn.Module, enabled: bool) -> None:
@@ -236,7 +237,7 @@ class Trainer:
     model: torch.nn.Module  # wrapped for the processes (DDP / FSDP) and compiled if asked
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler  # active only with fp16
-    d: Dist
+    dist: Dist
     precision: str
     out: Path  # the run's output folder
     seed: int = 0
@@ -246,20 +247,20 @@ class Trainer:
     last_good: str = "none: no epoch has finished yet"  # the newest checkpoint of this run, for error messages
 
 
-def build_trainer(model: torch.nn.Module, d: Dist, precision: str, out: Path, *, weight_decay: float, betas,
+def build_trainer(model: torch.nn.Module, dist: Dist, precision: str, out: Path, *, weight_decay: float, betas,
                   eps: float, layer_decay: float | None = None, fsdp: bool = False, compile: bool = False,
                   **loop) -> Trainer:
     """Wrap the model for the processes (DDP, or FSDP with --fsdp), compile it if asked, and build AdamW and
     the fp16 loss scaler. The optimizer comes last: FSDP replaces the parameters with sharded ones, and
     those are the ones it must hold. `loop`: Trainer's seed, accum_iter, clip_grad, log_every."""
-    model = wrap_model(model, d, fsdp, precision)
+    model = wrap_model(model, dist, fsdp, precision)
     raw_model = model.module if isinstance(model, DDP) else model
     if compile:
         raw_model.compile()
     groups = param_groups(raw_model, weight_decay, layer_decay=layer_decay)
-    optimizer = make_optimizer(groups, 0.0, betas, eps, d.device)  # the schedule sets lr every step
-    scaler = torch.amp.GradScaler(d.device.type, enabled=precision == "fp16")
-    return Trainer(model, optimizer, scaler, d, precision, Path(out), **loop)
+    optimizer = make_optimizer(groups, 0.0, betas, eps, dist.device)  # the schedule sets lr every step
+    scaler = torch.amp.GradScaler(dist.device.type, enabled=precision == "fp16")
+    return Trainer(model, optimizer, scaler, dist, precision, Path(out), **loop)
 
 
 class Batches(NamedTuple):
@@ -269,18 +270,18 @@ class Batches(NamedTuple):
     clips_per_step: int  # over all processes and micro-batches, num_sample repeats included
 
 
-def train_loader(dataset, batch_size: int, t: Trainer, num_workers: int) -> Batches:
+def train_loader(dataset, batch_size: int, trainer: Trainer, num_workers: int) -> Batches:
     """Each process takes its own shuffled share of the dataset, whole batches only."""
-    d = t.d
-    sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=d.world_size, rank=d.rank, shuffle=True,
-                                                  seed=t.seed, drop_last=True)
+    dist = trainer.dist
+    sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=dist.world_size, rank=dist.rank, shuffle=True,
+                                                  seed=trainer.seed, drop_last=True)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=True,
-                                         num_workers=num_workers, pin_memory=d.device.type == "cuda")
-    steps_per_epoch = len(loader) // t.accum_iter
+                                         num_workers=num_workers, pin_memory=dist.device.type == "cuda")
+    steps_per_epoch = len(loader) // trainer.accum_iter
     if steps_per_epoch == 0:
-        raise RunError(f"--batch_size {batch_size} x --accum_iter {t.accum_iter} x {d.world_size} processes is more "
+        raise RunError(f"--batch_size {batch_size} x --accum_iter {trainer.accum_iter} x {dist.world_size} processes is more "
                        f"than the {len(dataset)} videos of the dataset: not one step per epoch")
-    clips = batch_size * t.accum_iter * d.world_size * dataset.num_sample
+    clips = batch_size * trainer.accum_iter * dist.world_size * dataset.num_sample
     return Batches(sampler, loader, steps_per_epoch, clips)
 
 
@@ -294,64 +295,64 @@ class Epoch(NamedTuple):
     seconds: float
 
 
-def train_epoch(t: Trainer, batches: Batches, loss_of: Callable, epoch: int, lr_schedule: np.ndarray,
+def train_epoch(trainer: Trainer, batches: Batches, loss_of: Callable, epoch: int, lr_schedule: np.ndarray,
                 wd_schedule: np.ndarray) -> Epoch:
     """One epoch of optimizer steps, the same in both recipes. loss_of(batch) is the recipe: the loss of one
-    micro-batch from the loader, computed here under autocast. Each step accumulates t.accum_iter
+    micro-batch from the loader, computed here under autocast. Each step accumulates trainer.accum_iter
     micro-batches (DDP syncs gradients on the last only), unscales and clips gradients if asked, and steps
     AdamW at that step's learning rate and weight decay."""
-    d, model, optimizer, scaler = t.d, t.model, t.optimizer, t.scaler
-    seed_everything(t.seed + (epoch + 1) * d.world_size + d.rank)  # augmentations and masks, per epoch
+    dist, model, optimizer, scaler = trainer.dist, trainer.model, trainer.optimizer, trainer.scaler
+    seed_everything(trainer.seed + (epoch + 1) * dist.world_size + dist.rank)  # augmentations and masks, per epoch
     batches.sampler.set_epoch(epoch)
     model.train()
-    loss_sum = torch.zeros((), device=d.device)
-    first_bad = torch.full((), -1, device=d.device, dtype=torch.long)  # first step with a non-finite loss
+    loss_sum = torch.zeros((), device=dist.device)
+    first_bad = torch.full((), -1, device=dist.device, dtype=torch.long)  # first step with a non-finite loss
     start = time.time()
-    bar = tqdm(total=batches.steps_per_epoch, desc=f"epoch {epoch}", disable=not d.is_main, dynamic_ncols=True)
+    bar = tqdm(total=batches.steps_per_epoch, desc=f"epoch {epoch}", disable=not dist.is_main, dynamic_ncols=True)
     micro_batches = iter(batches.loader)
     for i in range(batches.steps_per_epoch):
         step = epoch * batches.steps_per_epoch + i
         set_schedules(optimizer, lr_schedule[step], wd_schedule[step])
-        for micro in range(t.accum_iter):
+        for micro in range(trainer.accum_iter):
             batch = next(micro_batches)
-            grad_sync(model, micro == t.accum_iter - 1)
-            with autocast(d.device, t.precision):
+            grad_sync(model, micro == trainer.accum_iter - 1)
+            with autocast(dist.device, trainer.precision):
                 loss = loss_of(batch)
-            scaler.scale(loss / t.accum_iter).backward()
+            scaler.scale(loss / trainer.accum_iter).backward()
             loss = loss.detach()
             loss_sum += loss
             first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), step, first_bad)
-        if t.clip_grad is not None:
+        if trainer.clip_grad is not None:
             scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), t.clip_grad)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), trainer.clip_grad)
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
-        if (i + 1) % t.log_every == 0 or i + 1 == batches.steps_per_epoch:
-            check_finite(first_bad, lr_schedule, t)
-            bar.set_postfix(loss=f"{loss_sum.item() / ((i + 1) * t.accum_iter):.4f}", lr=f"{lr_schedule[step]:.2e}",
+        if (i + 1) % trainer.log_every == 0 or i + 1 == batches.steps_per_epoch:
+            check_finite(first_bad, lr_schedule, trainer)
+            bar.set_postfix(loss=f"{loss_sum.item() / ((i + 1) * trainer.accum_iter):.4f}", lr=f"{lr_schedule[step]:.2e}",
                             clips_s=f"{(i + 1) * batches.clips_per_step / (time.time() - start):.1f}")
         bar.update(1)
     bar.close()
     del micro_batches  # let this epoch's workers exit
     seconds = time.time() - start
-    if d.world_size > 1:
-        dist.all_reduce(loss_sum)
-    return Epoch(loss_sum.item() / (batches.steps_per_epoch * t.accum_iter * d.world_size), step + 1, seconds)
+    if dist.world_size > 1:
+        distributed.all_reduce(loss_sum)
+    return Epoch(loss_sum.item() / (batches.steps_per_epoch * trainer.accum_iter * dist.world_size), step + 1, seconds)
 
 
-def check_finite(first_bad: torch.Tensor, lr_schedule, t: Trainer) -> None:
+def check_finite(first_bad: torch.Tensor, lr_schedule, trainer: Trainer) -> None:
     """Stop at the first optimizer step whose loss was not finite on any process (all stop together: one that
     stopped alone would leave the others waiting in their next gradient all-reduce)."""
-    if t.d.world_size > 1:
+    if trainer.dist.world_size > 1:
         never = torch.iinfo(torch.long).max
         first_bad = torch.where(first_bad < 0, never, first_bad)
-        dist.all_reduce(first_bad, op=dist.ReduceOp.MIN)
+        distributed.all_reduce(first_bad, op=distributed.ReduceOp.MIN)
         first_bad = torch.where(first_bad == never, -1, first_bad)
     bad = int(first_bad)
     if bad >= 0:
         raise RunError(f"loss became non-finite at optimizer step {bad} (lr {lr_schedule[bad]:.3g}); stopping without "
-                       f"saving. The last good checkpoint is {t.last_good}. Try --precision bf16 or fp32, a lower "
+                       f"saving. The last good checkpoint is {trainer.last_good}. Try --precision bf16 or fp32, a lower "
                        "--lr, or --clip_grad.")
 
 
@@ -361,33 +362,33 @@ def check_finite(first_bad: torch.Tensor, lr_schedule, t: Trainer) -> None:
 LOCK = ".lock"  # in the output folder: "pid <pid> on <host>" while a run writes there, empty after it
 
 
-def on_main(d: Dist, fn: Callable, *args):
+def on_main(dist: Dist, fn: Callable, *args):
     """fn(*args) on rank 0 alone (the files are its job); a RunError or OSError there is raised on every
     process as a RunError, so none is left waiting for rank 0 in a collective. Returns fn's result on rank 0,
     None elsewhere."""
     result, error = None, None
-    if d.is_main:
+    if dist.is_main:
         try:
             result = fn(*args)
         except (RunError, OSError) as e:
             error = str(e)
-    if dist.is_initialized():
+    if distributed.is_initialized():
         box = [error]
-        dist.broadcast_object_list(box, src=0)
+        distributed.broadcast_object_list(box, src=0)
         error = box[0]
     if error:
         raise RunError(error)
     return result
 
 
-def same_everywhere(d: Dist, value, what: str, hint: str) -> None:
+def same_everywhere(dist: Dist, value, what: str, hint: str) -> None:
     """Raise a RunError on every process unless each sees the same `value` (a small picklable summary of
     `what`): processes that disagree about, say, the file they resume from would train different steps and
     then wait for each other forever."""
-    if d.world_size == 1:
+    if dist.world_size == 1:
         return
-    values = [None] * d.world_size
-    dist.all_gather_object(values, value)
+    values = [None] * dist.world_size
+    distributed.all_gather_object(values, value)
     odd = [rank for rank, v in enumerate(values) if v != values[0]]
     if odd:
         raise RunError(f"the processes do not see the same {what}: rank 0 {values[0]}, "
@@ -395,10 +396,10 @@ def same_everywhere(d: Dist, value, what: str, hint: str) -> None:
 
 
 @contextmanager
-def output_folder(out: Path, d: Dist):
+def output_folder(out: Path, dist: Dist):
     """Hold the output folder for this run: created if needed, checked writable, locked against a second
     run (which stops at once, naming the first), and cleared of temporary files a killed run left."""
-    lock = on_main(d, take_folder, Path(out))
+    lock = on_main(dist, take_folder, Path(out))
     try:
         yield
     finally:
@@ -450,16 +451,16 @@ def release_folder(fd: int) -> None:
         os.close(fd)
 
 
-def check_space(t: Trainer) -> None:
+def check_space(trainer: Trainer) -> None:
     """Before the first step: room in the output folder for one more checkpoint (the weights and AdamW's two
     moments, in fp32), since the new one is written beside the old before replacing it."""
     def check():
-        need = 3 * 4 * sum(p.numel() for p in t.model.parameters()) + (1 << 20)
-        free = shutil.disk_usage(t.out).free
+        need = 3 * 4 * sum(p.numel() for p in trainer.model.parameters()) + (1 << 20)
+        free = shutil.disk_usage(trainer.out).free
         if free < need:
-            raise RunError(f"--output_dir {t.out}: {free / 2 ** 30:.2f} GiB free, but a checkpoint of this model "
+            raise RunError(f"--output_dir {trainer.out}: {free / 2 ** 30:.2f} GiB free, but a checkpoint of this model "
                            f"needs about {need / 2 ** 30:.2f} GiB; free some space or pick another folder")
-    on_main(t.d, check)
+    on_main(trainer.dist, check)
 
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
@@ -524,7 +525,7 @@ def set_aside(out: Path) -> None:
     them into a sub-folder of their own, so the two runs neither mix nor overwrite each other's files."""
     old = [p for p in [out / "log.txt", *out.glob("checkpoint-*.pth")] if p.exists()]
     if old:
-        aside = out / f"replaced-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+        aside = out / f"replaced-{time.strftime('%Y%m%dist-%H%M%S')}-{os.getpid()}"
         aside.mkdir()
         for path in old:
             os.replace(path, aside / path.name)
@@ -544,53 +545,51 @@ RESUME_FREE = {"output_dir", "resume", "auto_resume", "allow_resume_changes", "f
                "probe_every", "probe_data", "probe_size", "probe_pooling"}  # the probe only reads the encoder
 
 
-def training_state(t: Trainer, epoch: int, step: int, run_args: dict, **extra) -> dict:
+def training_state(trainer: Trainer, epoch: int, step: int, run_args: dict, **extra) -> dict:
     """The reference's layout (model, optimizer, epoch, scaler, args) plus the optimizer step. Model and
     optimizer are gathered into plain, unsharded state dicts with clean names (no `module.` or
     `_orig_mod.` prefixes), so the file loads anywhere. Collective under FSDP: call on every rank."""
-    return dict(model=get_model_state_dict(t.model, options=FULL),
-                optimizer=get_optimizer_state_dict(t.model, t.optimizer, options=FULL),
-                scaler=t.scaler.state_dict(), epoch=epoch, step=step, args=run_args, **extra)
+    return dict(model=get_model_state_dict(trainer.model, options=FULL),
+                optimizer=get_optimizer_state_dict(trainer.model, trainer.optimizer, options=FULL),
+                scaler=trainer.scaler.state_dict(), epoch=epoch, step=step, args=run_args, **extra)
 
 
-def run_args(flags: dict, d: Dist, *datasets) -> dict:
-    """What a checkpoint stores under `args`: the command line's flags (vars of the parsed arguments) as plain
-    values (the parsed config and anything loaded along the way left out, so the file loads with
-    weights_only), the number of processes, and a fingerprint of the videos (so a resume notices other data
-    under the same flags)."""
-    plain = {k: v for k, v in flags.items() if not k.startswith("_") and k != "cfg"}
-    return dict(plain, processes=d.world_size, data=" | ".join(ds.digest() for ds in datasets))
+def run_args(args: argparse.Namespace, dist: Dist, *datasets) -> dict:
+    """What a checkpoint stores under `args`: the command line's flags as resolved (plain values, so the file
+    loads with weights_only), the number of processes, and a fingerprint of the videos (so a resume notices
+    other data under the same flags)."""
+    return dict(vars(args), processes=dist.world_size, data=" | ".join(ds.digest() for ds in datasets))
 
 
-def resume_training(t: Trainer, resume: str | None, auto_resume: bool, args: dict,
+def resume_training(trainer: Trainer, resume: str | None, auto_resume: bool, args: dict,
                     allow_changes: bool = False) -> dict | None:
     """Continue from `resume`, or else from the output folder's checkpoint-last.pth (with auto_resume):
     weights, optimizer and scaler restored, after checking that the file is a training checkpoint of this
     model (every tensor, every shape), with finite weights, of the same run (`args` against the stored
     ones: each difference outside RESUME_FREE is an error, or with allow_changes a note in the log).
     Returns the checkpoint, or None when the run starts fresh. log.txt keeps the lines of finished epochs."""
-    last = t.out / "checkpoint-last.pth"
+    last = trainer.out / "checkpoint-last.pth"
     path = resume or (last if auto_resume and last.exists() else None)
     seen = None if path is None else Path(path).stat().st_size if Path(path).is_file() else "no such file"
-    same_everywhere(t.d, (str(path), seen), "checkpoint to resume from",
+    same_everywhere(trainer.dist, (str(path), seen), "checkpoint to resume from",
                     "--output_dir (and --resume) must be on a filesystem every process sees")
     if path is None:  # a fresh start
         if auto_resume:
-            on_main(t.d, trim_log, t.out, 0)  # lines a killed first epoch left
+            on_main(trainer.dist, trim_log, trainer.out, 0)  # lines a killed first epoch left
         else:
-            on_main(t.d, set_aside, t.out)  # another run's files, by the user's choice to start afresh
+            on_main(trainer.dist, set_aside, trainer.out)  # another run's files, by the user's choice to start afresh
         return None
-    state = vmae.load_checkpoint(path)
+    state = checkpoints.load_checkpoint(path)
     parts = (("model", dict), ("optimizer", dict), ("epoch", int))
     absent = [k for k, kind in parts if not isinstance(state.get(k), kind)]
     if absent:
         raise RunError(f"cannot resume from {path}: not a training checkpoint (it has no {', '.join(absent)}); to "
                        "start from its weights, pass it as --finetune")
-    check_fits(state["model"], t.model, path)
-    saved = vmae.saved_args(state)
+    check_fits(state, trainer.model, path)
+    saved = checkpoints.saved_args(state)
     unknown = [k for k in args if k not in saved and k not in RESUME_FREE]
     if unknown:
-        t.d.print(f"note: {path} predates {', '.join(unknown)}; those are not compared")
+        trainer.dist.print(f"note: {path} predates {', '.join(unknown)}; those are not compared")
     changes = changed_args(saved, args)
     if changes and not allow_changes:
         raise RunError(f"{path} was trained with other settings, and resuming would mix two runs:\n  "
@@ -598,39 +597,41 @@ def resume_training(t: Trainer, resume: str | None, auto_resume: bool, args: dic
                        "--no-auto_resume) to start afresh, or --allow_resume_changes to continue anyway")
     try:
         options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=False)
-        set_model_state_dict(t.model, state["model"], options=options)
-        set_optimizer_state_dict(t.model, t.optimizer, state["optimizer"], options=options)
+        set_model_state_dict(trainer.model, state["model"], options=options)
+        set_optimizer_state_dict(trainer.model, trainer.optimizer, state["optimizer"], options=options)
         if "scaler" in state:
-            t.scaler.load_state_dict(state["scaler"])
+            trainer.scaler.load_state_dict(state["scaler"])
     except (KeyError, ValueError, RuntimeError) as e:
         raise RunError(f"cannot resume from {path}: its optimizer state does not fit this run ({type(e).__name__}: "
                        f"{e})") from e
-    t.last_good = f"{path} (epoch {state['epoch']})"
+    trainer.last_good = f"{path} (epoch {state['epoch']})"
     start = state["epoch"] + 1
-    t.d.print(f"resumed from {path}: epoch {state['epoch']} done, continuing at epoch {start}")
-    on_main(t.d, trim_log, t.out, start)
+    trainer.dist.print(f"resumed from {path}: epoch {state['epoch']} done, continuing at epoch {start}")
+    on_main(trainer.dist, trim_log, trainer.out, start)
     if changes:
-        t.d.print("--allow_resume_changes: continuing with\n  " + "\n  ".join(changes))
-        on_main(t.d, append_log, t.out, dict(resumed_from=str(path), at_epoch=start, changes=changes))
+        trainer.dist.print("--allow_resume_changes: continuing with\n  " + "\n  ".join(changes))
+        on_main(trainer.dist, append_log, trainer.out, dict(resumed_from=str(path), at_epoch=start, changes=changes))
     return state
 
 
-def check_fits(weights: dict, model: torch.nn.Module, path) -> None:
-    """A training checkpoint's weights must be this model's, tensor for tensor and shape for shape, and finite."""
+def check_fits(state: dict, model: torch.nn.Module, path) -> None:
+    """A training checkpoint must be this model's, tensor for tensor and shape for shape, with finite weights
+    and optimizer state."""
     raw = model.module if isinstance(model, DDP) else model
-    own = {k: tuple(v.shape) for k, v in raw.state_dict().items()}
-    weights = {k: v for k, v in weights.items() if isinstance(v, torch.Tensor)}
-    missing, unexpected = [k for k in own if k not in weights], [k for k in weights if k not in own]
-    wrong = [f"{k} {tuple(weights[k].shape)} vs {shape}" for k, shape in own.items()
-             if k in weights and tuple(weights[k].shape) != shape]
-    problems = [f"{what}: {vmae.listed(keys)}" for what, keys in (
-        ("missing", missing), ("not in this model", unexpected), ("other shapes (file vs model)", wrong)) if keys]
+    weights = {k: v for k, v in state["model"].items() if isinstance(v, torch.Tensor)}
+    missing, unexpected, wrong = checkpoints.compare(raw.state_dict(), weights)
+    problems = [f"{what}: {checkpoints.listed(keys)}" for what, keys in (
+        ("missing", missing), ("not in this model", unexpected), ("other shapes", wrong)) if keys]
     if problems:
         raise RunError(f"cannot resume from {path}: it does not fit this model (a checkpoint of another model, size "
                        "or recipe, or an incomplete file): " + "; ".join(problems))
-    bad = nonfinite(weights)
+    bad = checkpoints.nonfinite(weights)
     if bad:
-        raise RunError(f"cannot resume from {path}: non-finite weights in {vmae.listed(bad)}")
+        raise RunError(f"cannot resume from {path}: non-finite weights in {checkpoints.listed(bad)}")
+    bad = checkpoints.nonfinite(state["optimizer"].get("state", {}))
+    if bad:
+        raise RunError(f"cannot resume from {path}: non-finite optimizer state in {checkpoints.listed(bad)} (the run "
+                       "that wrote it diverged); resume from an earlier checkpoint-N.pth with --resume")
 
 
 def changed_args(saved: dict, now: dict) -> list[str]:
@@ -639,32 +640,28 @@ def changed_args(saved: dict, now: dict) -> list[str]:
             for k, v in now.items() if k in saved and k not in RESUME_FREE and saved[k] != v]
 
 
-def nonfinite(weights: dict) -> list[str]:
-    return [k for k, v in weights.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
-
-
-def end_of_epoch(t: Trainer, stats: dict, args: dict, *, keep: bool, best: bool = False, **extra) -> dict:
+def end_of_epoch(trainer: Trainer, stats: dict, args: dict, *, keep: bool, best: bool = False, **extra) -> dict:
     """An epoch's outputs: checkpoint-<epoch>.pth when `keep`, checkpoint-best.pth when `best`, the epoch's
     line of log.txt (stats as JSON), and last checkpoint-last.pth, which commits the epoch: a kill before it
     leaves the previous epoch's checkpoint-last, and the rerun does this epoch again and rewrites the rest.
     The weights are checked finite first. Collective (the state is gathered on every rank); rank 0 writes.
     Returns the state saved; `extra` goes into it (e.g. best_acc1)."""
-    state = training_state(t, stats["epoch"], stats["steps"], args, **extra)
+    state = training_state(trainer, stats["epoch"], stats["steps"], args, **extra)
 
     def write():
-        bad = nonfinite(state["model"])
+        bad = checkpoints.nonfinite(state["model"])
         if bad:
-            raise RunError(f"the weights became non-finite in epoch {stats['epoch']} ({vmae.listed(bad)}), though the "
-                           f"loss was finite; stopping without saving. The last good checkpoint is {t.last_good}. "
+            raise RunError(f"the weights became non-finite in epoch {stats['epoch']} ({checkpoints.listed(bad)}), though the "
+                           f"loss was finite; stopping without saving. The last good checkpoint is {trainer.last_good}. "
                            "Try a lower --lr or --clip_grad.")
         if keep:
-            save_checkpoint(t.out / f"checkpoint-{stats['epoch']}.pth", state)
+            save_checkpoint(trainer.out / f"checkpoint-{stats['epoch']}.pth", state)
         if best:
-            save_checkpoint(t.out / "checkpoint-best.pth", state)
-        append_log(t.out, stats)
-        save_checkpoint(t.out / "checkpoint-last.pth", state)
-    on_main(t.d, write)
-    t.last_good = f"{t.out / 'checkpoint-last.pth'} (epoch {stats['epoch']})"
+            save_checkpoint(trainer.out / "checkpoint-best.pth", state)
+        append_log(trainer.out, stats)
+        save_checkpoint(trainer.out / "checkpoint-last.pth", state)
+    on_main(trainer.dist, write)
+    trainer.last_good = f"{trainer.out / 'checkpoint-last.pth'} (epoch {stats['epoch']})"
     return state
 
 
@@ -672,27 +669,31 @@ def end_of_epoch(t: Trainer, stats: dict, args: dict, *, keep: bool, best: bool 
 # The command line, shared by both recipes and the other scripts
 
 
-def within(interval: str, kind: type = float) -> Callable[[str], float]:
-    """An argparse `type` for a numeric flag: a `kind` (float or int) in `interval`, written as in maths
-    ("[0, 1)", "(0, inf)", "[1, 100000]"); nan and infinities never pass. argparse reports a refusal as
-    `argument --flag: must be in [0, 1), got 2`, naming the flag, before anything runs. Every numeric flag of
-    every script takes one (tests/test_reliability.py checks), so its valid range is stated where it is made."""
-    match = re.fullmatch(r"([\[(])(\S+), (\S+)([\])])", interval)
-    low, high = float(match[2]), float(match[3])
+@dataclass(frozen=True)
+class Range:
+    """An argparse `type` for a number: a `kind` (int or float) from `low` to `high`, each end included unless
+    it is open (an infinite end always is); nan never passes. A value outside is refused at parse time as
+    `argument --flag: must be in [0, 1), got 2`. Every numeric flag of every script takes one."""
+    kind: type
+    low: float
+    high: float = math.inf
+    open_low: bool = False
+    open_high: bool = False
 
-    def parse(text: str):
+    def __str__(self) -> str:
+        return f"{'(' if self.open_low else '['}{self.low}, {self.high}{')' if self.open_high or self.high == math.inf else ']'}"
+
+    def __call__(self, text: str):
         try:
-            value = kind(text)
+            value = self.kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'} in {interval}, "
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if self.kind is int else 'a number'} in {self}, "
                                              f"got {text!r}") from None
-        above = low < value if match[1] == "(" else low <= value
-        below = value < high if match[4] == ")" else value <= high
-        if not (above and below and (kind is int or math.isfinite(value))):
-            raise argparse.ArgumentTypeError(f"must be in {interval}, got {text}")
+        above = self.low < value if self.open_low else self.low <= value
+        below = value < self.high if self.open_high else value <= self.high
+        if not (above and below and (self.kind is int or math.isfinite(value))):
+            raise argparse.ArgumentTypeError(f"must be in {self}, got {text}")
         return value
-    parse.__name__ = parse.interval = interval  # argparse names the type by __name__; tests read .interval
-    return parse
 
 
 def device_name(text: str) -> str:
@@ -720,25 +721,28 @@ def frame_names(text: str) -> str:
 
 
 def add_shared_flags(p: argparse.ArgumentParser) -> None:
-    """The flags both recipes take with the same meaning: the clip's shape, the data on disk, the run and
-    the machine. Each recipe adds its own (model, schedule, masks or classes, output_dir) around these."""
+    """The flags both recipes take with the same meaning: the model and the clip's shape, the data on disk,
+    the run and the machine. Each recipe adds its own (schedule, masks or classes, output_dir) around these."""
     a = p.add_argument
-    a("--num_frames", type=within("[1, 1024]", int), default=16)
-    a("--sampling_rate", type=within("[1, inf)", int), default=4, help="take every n-th frame")
-    a("--input_size", type=within("[1, 4096]", int), default=224)
-    a("--tubelet_size", type=within("[1, inf)", int), default=2)
+    a("--model", default="base", help="small, base, large, huge, giant, demo (the laptop size), or a reference name "
+      "(pretrain_videomae_base_patch16_224, vit_base_patch16_224, ...); with a checkpoint to start from, the "
+      "file's own size (given, it must match)")
+    a("--num_frames", type=Range(int, 1, 1024), default=16)
+    a("--sampling_rate", type=Range(int, 1), default=4, help="take every n-th frame")
+    a("--input_size", type=Range(int, 1, 4096), default=224)
+    a("--tubelet_size", type=Range(int, 1), default=2)
     a("--data_root", default="", help="prefix for relative paths in --data_path's lists")
     a("--fname_tmpl", type=frame_names, default="img_{:05}.jpg", help="file names of extracted frames")
     a("--skip_bad_videos", action="store_true", help="skip unreadable videos (logged and counted) instead of stopping")
-    a("--max_bad_fraction", type=within("[0, 1]"), default=0.01, help="with --skip_bad_videos, stop once more than "
-      "this share of the dataset was unreadable")
+    a("--max_bad_fraction", type=Range(float, 0, 1), default=0.01, help="with --skip_bad_videos, stop once more "
+      "than this share of the dataset was unreadable")
     a("--auto_resume", action=argparse.BooleanOptionalAction, default=True)
     a("--allow_resume_changes", action="store_true", help="resume even where flags, data or processes differ from "
       "the checkpoint's (each difference is printed and logged); without it such a resume stops")
-    a("--log_every", type=within("[1, inf)", int), default=20, help="optimizer steps between loss read-outs (each is "
-      "a host sync)")
-    a("--num_workers", type=within("[0, inf)", int), default=10)
-    a("--seed", type=within("[0, 4294967295]", int), default=0)
+    a("--log_every", type=Range(int, 1), default=20, help="optimizer steps between loss read-outs (each waits for "
+      "the GPU)")
+    a("--num_workers", type=Range(int, 0), default=10)
+    a("--seed", type=Range(int, 0, 2 ** 32 - 1), default=0)
     a("--device", type=device_name, default="cuda" if torch.cuda.is_available() else "cpu")
     a("--precision", default=None, choices=["bf16", "fp16", "fp32"], help="default: bf16 on GPUs that have it, "
       "else fp32")
@@ -747,88 +751,98 @@ def add_shared_flags(p: argparse.ArgumentParser) -> None:
     a("--fsdp", action="store_true", help="shard parameters, gradients and optimizer state (launch with torchrun)")
 
 
-def check_shared_flags(parser: argparse.ArgumentParser, args) -> None:
-    """What argparse's types cannot check alone (each flag's range they do)."""
+# Both recipes' demos (no --data_path): the laptop size on 8 frames of 32 x 32 built-in clips.
+DEMO_CLIPS = dict(model="demo", input_size=32, num_frames=8)
+# config field -> the flag that sets it, so that a bad value is reported under the name the user typed
+FLAGS = dict(img_size="--input_size", num_frames="--num_frames", tubelet_size="--tubelet_size",
+             decoder_depth="--decoder_depth", drop_path_rate="--drop_path")
+
+
+def resolve(parser: argparse.ArgumentParser, argv: list[str] | None, args: argparse.Namespace,
+            *layers: dict) -> set[str]:
+    """Give every flag its value in one order: the command line's, if argv names the flag; else the first of
+    `layers` (dicts such as what a checkpoint states, then the demo's values) that has it; else its default.
+    Returns the flags argv names. (Parsers take whole flag names, allow_abbrev=False, so a flag is named
+    only by its own spelling.)"""
+    argv = sys.argv[1:] if argv is None else argv
+    given = {action.dest for action in parser._actions for option in action.option_strings
+             if any(word == option or word.startswith(option + "=") for word in argv)}
+    for dest in vars(args).keys() - given:
+        layer = next((layer for layer in layers if dest in layer), None)
+        if layer is not None:
+            setattr(args, dest, layer[dest])
+    return given
+
+
+def read_start(parser: argparse.ArgumentParser, path: str | None) -> checkpoints.Checkpoint | None:
+    """The checkpoint a command starts from, read once (or a parser error naming it)."""
+    try:
+        return checkpoints.read_checkpoint(path) if path else None
+    except checkpoints.CheckpointError as e:
+        parser.error(str(e))
+
+
+def checkpoint_flags(start: checkpoints.Checkpoint | None) -> dict:
+    """What a checkpoint to start from states, as flag values: its model, input size, frames, tubelet and
+    decoder depth."""
+    if start is None:
+        return {}
+    flags = {flag[2:]: start.sizes[field] for field, flag in FLAGS.items() if field in start.sizes}
+    return dict(flags, model=start.preset or "custom")
+
+
+def config_from_flags(parser: argparse.ArgumentParser, args: argparse.Namespace, given: set[str],
+                      start: checkpoints.Checkpoint | None = None, **fields) -> vmae.VideoMAEConfig:
+    """The model the flags ask for: the --model preset with the size flags applied (each recipe passes its own
+    extra fields), or with a checkpoint to start from, the model it holds, which a --model given on the
+    command line must agree with. A config that cannot be built is a parser error naming the flags."""
+    model_given = "model" in given
+    if (model_given or start is None) and vmae.ALIASES.get(args.model, args.model) not in vmae.SIZES:
+        parser.error(f"--model {args.model}: expected one of {', '.join(vmae.SIZES)} or a reference name "
+                     "such as pretrain_videomae_base_patch16_224")
+    sizes = dict(img_size=args.input_size, num_frames=args.num_frames, tubelet_size=args.tubelet_size,
+                 drop_path_rate=args.drop_path, with_checkpoint=args.with_checkpoint, **fields)
+    try:
+        if start is None:
+            return vmae.config(args.model, **sizes)
+        return checkpoints.config_from_checkpoint(start, args.model if model_given else None, **sizes)
+    except checkpoints.CheckpointError as e:
+        parser.error(str(e))
+    except vmae.ConfigError as e:
+        parser.error(as_flags(str(e)))
+
+
+def as_flags(message: str) -> str:
+    """A config error's message with each `field=` named by the flag that sets it."""
+    for field, flag in FLAGS.items():
+        message = message.replace(f"{field}=", f"{flag}=")
+    return message
+
+
+def mask_config(parser: argparse.ArgumentParser, args: argparse.Namespace, grid: masking.Grid) -> masking.MaskConfig:
+    """--mask_type, --mask_ratio, --decoder_mask_type and --decoder_mask_ratio on the model's token grid, or a
+    parser error naming the side's flags."""
+    for side in ("mask", "decoder_mask"):
+        kind, ratio = getattr(args, f"{side}_type"), getattr(args, f"{side}_ratio")
+        if side == "mask" or ratio > 0:
+            try:
+                masking.num_hidden(kind, grid, ratio)
+            except masking.MaskError as e:
+                parser.error(f"--{side}_type {kind} with --{side}_ratio {ratio} on a {grid} token grid: {e}")
+    return masking.MaskConfig(grid, args.mask_type, args.mask_ratio, args.decoder_mask_type, args.decoder_mask_ratio)
+
+
+def check_shared_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """What a flag's type cannot check alone."""
     if args.data_path is not None and not Path(args.data_path).exists():
         parser.error(f"--data_path {args.data_path}: no such file or folder")
     if args.fsdp and "WORLD_SIZE" not in os.environ:
         parser.error("--fsdp needs a process group: launch with torchrun (e.g. torchrun --nproc_per_node=8 ...)")
 
 
-# Both recipes' demos (no --data_path): the laptop size on 8 frames of 32 x 32 built-in clips.
-DEMO_CLIPS = dict(model="demo", input_size=32, num_frames=8)
-
-
-def set_demo_defaults(parser: argparse.ArgumentParser, argv, demo: dict) -> argparse.Namespace:
-    """Without --data_path the demo's values replace the parser's defaults; flags given explicitly still win.
-    Returns a first parse of argv, for defaults that depend on other flags."""
-    known = parser.parse_known_args(argv)[0]
-    if known.data_path is None:
-        parser.set_defaults(**demo)
-    return known
-
-
-# config field -> the flag that sets it, so a bad value is reported under the name the user typed
-FLAGS = dict(img_size="--input_size", num_frames="--num_frames", tubelet_size="--tubelet_size",
-             decoder_depth="--decoder_depth", drop_path_rate="--drop_path")
-
-
-def flag_given(parser: argparse.ArgumentParser, argv, dest: str) -> bool:
-    """Whether the command line sets `dest` itself rather than leaving it at its default."""
-    default, unset = parser.get_default(dest), object()
-    parser.set_defaults(**{dest: unset})
-    try:
-        return getattr(parser.parse_known_args(argv)[0], dest) is not unset
-    finally:
-        parser.set_defaults(**{dest: default})
-
-
-def checkpoint_defaults(parser: argparse.ArgumentParser, argv, path: str) -> vmae.Checkpoint:
-    """Read the checkpoint a command starts from (or stop with an error naming it). The input it was trained
-    on and its tubelet (and decoder depth) become the defaults of the flags that set them; flags given
-    explicitly still win."""
-    try:
-        checkpoint = vmae.read_checkpoint(path)
-    except vmae.CheckpointError as e:
-        parser.error(str(e))
-    dests = vars(parser.parse_known_args(argv)[0])
-    parser.set_defaults(**{flag[2:]: checkpoint.sizes[field] for field, flag in FLAGS.items()
-                           if field in checkpoint.sizes and flag[2:] in dests})
-    return checkpoint
-
-
-def model_config(parser: argparse.ArgumentParser, args, checkpoint: vmae.Checkpoint | None = None,
-                 model_given: bool = True, **fields) -> vmae.VideoMAEConfig:
-    """The --model preset with the size flags applied (each recipe passes its own extra fields). With a
-    `checkpoint` to start from, the model it holds instead (args.model becomes its name), which a --model
-    given on the command line must agree with."""
-    if (model_given or checkpoint is None) and vmae.ALIASES.get(args.model, args.model) not in vmae.SIZES:
-        parser.error(f"--model {args.model}: expected one of {', '.join(vmae.SIZES)} or a reference name "
-                     "such as pretrain_videomae_base_patch16_224")
-    sizes = dict(img_size=args.input_size, num_frames=args.num_frames, tubelet_size=args.tubelet_size,
-                 drop_path_rate=args.drop_path, with_checkpoint=args.with_checkpoint, **fields)
-    try:
-        if checkpoint is None:
-            return vmae.config(args.model, **sizes)
-        cfg = vmae.config_from_checkpoint(checkpoint, args.model if model_given else None, **sizes)
-        args.model = args.model if model_given else checkpoint.preset or "custom"
-        return cfg
-    except vmae.CheckpointError as e:
-        parser.error(str(e))
-    except ValueError as e:
-        parser.error(as_flags(str(e)))
-
-
-def as_flags(message: str) -> str:
-    """A config error's message with the config fields named by the flags that set them."""
-    for field, flag in FLAGS.items():
-        message = message.replace(field, flag)
-    return message
-
-
 # Exceptions that mean the user gave something that does not work: a message, not a traceback.
-USER_ERRORS = (RunError, vmae.CheckpointError, vmae.ConfigError, masking.MaskError, data.ListError, data.VideoError,
-               FileNotFoundError)
+USER_ERRORS = (RunError, checkpoints.CheckpointError, vmae.ConfigError, masking.MaskError, data.ListError,
+               data.VideoError, FileNotFoundError)
 
 
 def run(main: Callable, argv=None) -> None:

@@ -32,11 +32,13 @@ import json
 import os
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
+import checkpoints
 import data
 import engine
 import vmae
@@ -46,30 +48,37 @@ SETTINGS = ("checkpoint", "num_frames", "sampling_rate", "input_size", "short_si
             "test_num_crop", "sparse_sample")
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description="VideoMAE features: one .npy per video",
+class Setup(NamedTuple):
+    """The flags, resolved; the model the checkpoint holds; the checkpoint, read once."""
+    args: argparse.Namespace
+    cfg: vmae.VideoMAEConfig
+    start: checkpoints.Checkpoint
+
+
+def parse_args(argv=None) -> Setup:
+    p = argparse.ArgumentParser(description="VideoMAE features: one .npy per video", allow_abbrev=False,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    a, R = p.add_argument, engine.within  # R: each number's valid range, checked as it is parsed
+    a, Range = p.add_argument, engine.Range  # Range: each number's valid interval, checked as it is parsed
     a("--checkpoint", required=True, help="any checkpoint the loader takes: a file or a Hugging Face folder")
     a("--data_path", required=True, help="a folder of videos (searched recursively) or a list file")
     a("--output_dir", required=True)
     a("--tokens", action="store_true", help="also write each video's tokens, (T', H', W', D), from one view")
     a("--model", default=None, help="only when the file cannot tell its size (it must match it)")
-    a("--batch_size", type=R("[1, inf)", int), default=16, help="clips per forward pass and process")
-    a("--test_num_segment", type=R("[1, inf)", int), default=1, help="windows per video")
-    a("--test_num_crop", type=R("[1, inf)", int), default=1, help="crops per window")
+    a("--batch_size", type=Range(int, 1), default=16, help="clips per forward pass and process")
+    a("--test_num_segment", type=Range(int, 1), default=1, help="windows per video")
+    a("--test_num_crop", type=Range(int, 1), default=1, help="crops per window")
     a("--sparse_sample", action="store_true", help="one frame from each of --num_frames segments (SSv2's sampling)")
-    a("--num_frames", type=R("[1, 1024]", int), default=None, help="default: the checkpoint's, else 16")
-    a("--input_size", type=R("[1, 4096]", int), default=None, help="default: the checkpoint's, else 224")
-    a("--short_side_size", type=R("[1, 8192]", int), default=None, help="resize the short side to this, then crop "
+    a("--num_frames", type=Range(int, 1, 1024), default=16, help="default: the checkpoint's, else this")
+    a("--input_size", type=Range(int, 1, 4096), default=224, help="default: the checkpoint's, else this")
+    a("--short_side_size", type=Range(int, 1, 8192), default=None, help="resize the short side to this, then crop "
       "(default: --input_size)")
-    a("--sampling_rate", type=R("[1, inf)", int), default=4, help="take every n-th frame")
+    a("--sampling_rate", type=Range(int, 1), default=4, help="take every n-th frame")
     a("--data_root", default="", help="prefix for relative paths in --data_path's list")
     a("--fname_tmpl", type=engine.frame_names, default="img_{:05}.jpg", help="file names of extracted frames")
     a("--skip_bad_videos", action="store_true", help="skip unreadable videos (listed and counted) instead of stopping")
-    a("--max_bad_fraction", type=R("[0, 1]"), default=0.01, help="with --skip_bad_videos, stop once more than this "
+    a("--max_bad_fraction", type=Range(float, 0, 1), default=0.01, help="with --skip_bad_videos, stop once more than this "
       "share of the videos was unreadable")
-    a("--num_workers", type=R("[0, inf)", int), default=4)
+    a("--num_workers", type=Range(int, 0), default=4)
     a("--device", type=engine.device_name, default="cuda" if torch.cuda.is_available() else "cpu")
     a("--precision", default=None, choices=["bf16", "fp16", "fp32"], help="default: bf16 on GPUs that have it, "
       "else fp32")
@@ -78,17 +87,17 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--tokens writes one view's token grid: use it with --test_num_segment 1 --test_num_crop 1")
     if not Path(args.data_path).exists():
         p.error(f"--data_path {args.data_path}: no such file or folder")
+    start = engine.read_start(p, args.checkpoint)
+    given = engine.resolve(p, argv, args, engine.checkpoint_flags(start))  # the file's input, unless given
     try:
-        args._checkpoint = vmae.read_checkpoint(args.checkpoint)
-        sizes = {k: v for k, v in (("img_size", args.input_size), ("num_frames", args.num_frames)) if v is not None}
-        args.cfg = vmae.config_from_checkpoint(args._checkpoint, args.model, **sizes)
-    except ValueError as e:  # CheckpointError included
-        p.error(str(e))
-    args.input_size, args.num_frames = args.cfg.img_size, args.cfg.num_frames
+        cfg = checkpoints.config_from_checkpoint(start, args.model if "model" in given else None,
+                                                 img_size=args.input_size, num_frames=args.num_frames)
+    except ValueError as e:  # CheckpointError, ConfigError
+        p.error(engine.as_flags(str(e)))
     args.short_side_size = args.short_side_size or args.input_size
     if args.short_side_size < args.input_size:
         p.error(f"--short_side_size {args.short_side_size} is smaller than --input_size {args.input_size}")
-    return args
+    return Setup(args, cfg, start)
 
 
 # -----------------------------------------------------------------------------------------------------
@@ -144,17 +153,17 @@ def write_index(out: Path, samples: list[data.Sample], names: list[str], views: 
 
 @torch.no_grad()
 def extract(model: vmae.VideoClassifier, dataset: data.FinetuneDataset, names: list[str], out: Path, args,
-            d: engine.Dist, precision: str) -> int:
+            dist: engine.Dist, precision: str) -> int:
     """Run every view of the dataset's videos through the model in order and write each video's files as
     soon as its last view is in. Returns how many videos were written."""
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, num_workers=args.num_workers,
-                                         pin_memory=d.device.type == "cuda")
+                                         pin_memory=dist.device.type == "cuda")
     views, grid, written = dataset.num_views, model.cfg.grid, 0
     pooled_sum, tokens, item = None, None, 0
-    bar = tqdm(total=len(dataset), unit="clip", desc="features", disable=not d.is_main, dynamic_ncols=True)
+    bar = tqdm(total=len(dataset), unit="clip", desc="features", disable=not dist.is_main, dynamic_ncols=True)
     for clips, *_ in loader:
-        with engine.autocast(d.device, precision):
-            token_batch, pooled = model.forward_features(clips.to(d.device, non_blocking=True))  # (B, N, D), (B, D)
+        with engine.autocast(dist.device, precision):
+            token_batch, pooled = model.forward_features(clips.to(dist.device, non_blocking=True))  # (B, N, D), (B, D)
         pooled, token_batch = pooled.float().cpu(), token_batch.float().cpu() if args.tokens else None
         for b in range(len(clips)):
             video, view = divmod(item, views)
@@ -173,13 +182,13 @@ def extract(model: vmae.VideoClassifier, dataset: data.FinetuneDataset, names: l
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    d = engine.setup_distributed(args.device)
-    precision = engine.resolve_precision(args.precision, d.device)
+    args, cfg, start = parse_args(argv)
+    dist = engine.setup_distributed(args.device)
+    precision = engine.resolve_precision(args.precision, dist.device)
     out = Path(args.output_dir)
     settings = ({k: getattr(args, k) for k in SETTINGS}
                 | {"checkpoint": os.path.abspath(args.checkpoint), "precision": precision})
-    check_settings(out, settings, write=d.is_main)
+    check_settings(out, settings, write=dist.is_main)
 
     samples = list({s.path: s for s in data.read_pretrain_list(args.data_path, args.data_root)}.values())
     base = args.data_path if os.path.isdir(args.data_path) else args.data_root
@@ -189,16 +198,16 @@ def main(argv=None):
     todo = [i for i in range(len(samples)) if not done(i)]
     # Whole videos per process (a video's views are averaged in one place), split before looking at what is
     # done: another process may already be writing its share, and every process must see the same split.
-    mine = [i for i in range(d.rank, len(samples), d.world_size) if not done(i)]
+    mine = [i for i in range(dist.rank, len(samples), dist.world_size) if not done(i)]
 
-    model = vmae.VideoClassifier(args.cfg, num_classes=0)
-    d.print(vmae.load_weights(model, args._checkpoint))
-    args._checkpoint = None
-    model.to(d.device).eval()
+    model = vmae.VideoClassifier(cfg, num_classes=0)
+    dist.print(checkpoints.load_weights(model, start))
+    del start  # loaded: the file's tensors need not stay in memory
+    model.to(dist.device).eval()
     views = args.test_num_segment * args.test_num_crop
-    d.print(f"{len(samples)} videos, {len(samples) - len(todo)} already done; {len(todo)} to go on {d.world_size} "
+    dist.print(f"{len(samples)} videos, {len(samples) - len(todo)} already done; {len(todo)} to go on {dist.world_size} "
             f"process(es) | {args.num_frames}x{args.input_size}, {views} view(s) each "
-            f"({args.test_num_segment} windows x {args.test_num_crop} crops) | {d.device}, {precision}")
+            f"({args.test_num_segment} windows x {args.test_num_crop} crops) | {dist.device}, {precision}")
     written, skipped, start = 0, [], time.time()
     if mine:
         dataset = data.FinetuneDataset(
@@ -207,16 +216,16 @@ def main(argv=None):
             test_num_segment=args.test_num_segment, test_num_crop=args.test_num_crop,
             sparse_sample=args.sparse_sample, skip_bad_videos=args.skip_bad_videos,
             max_bad_fraction=args.max_bad_fraction)
-        written = extract(model, dataset, [names[i] for i in mine], out, args, d, precision)
+        written = extract(model, dataset, [names[i] for i in mine], out, args, dist, precision)
         skipped = dataset.bad_videos()
         seconds = time.time() - start
-        print(f"{'' if d.world_size == 1 else f'process {d.rank}: '}{written} video(s) written, {len(dataset)} clips "
+        print(f"{'' if dist.world_size == 1 else f'process {dist.rank}: '}{written} video(s) written, {len(dataset)} clips "
               f"in {seconds:.1f} s ({len(dataset) / seconds:.2f} clips/s)")
     if skipped:  # every process lists its own
         print(f"skipped {len(skipped)} unreadable video(s) (--skip_bad_videos): " + ", ".join(skipped))
     del model
     engine.leave_process_group()  # all processes done: the index sees every file
-    if d.is_main:
+    if dist.is_main:
         listed = write_index(out, samples, names, views)
         print(f"{out / 'index.csv'} lists the {listed} of {len(samples)} videos with features")
 

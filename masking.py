@@ -11,13 +11,12 @@ A clip of T frames at H x W pixels is cut into cubes of tubelet x patch x patch 
   consecutive slots every position is dropped the same number of times. One of four phases per clip.
 - random_mask: int(ratio·N) positions chosen uniformly (the plain MAE mask, for either side).
 
-Every mask hides the same number of tokens in every clip of a batch. The model relies on that: it turns
-each mask into index tensors of a fixed length (vmae.mask_indices) instead of boolean indexing, which keeps
-shapes static, needs no host sync and lets `torch.compile` see one graph.
-
-All functions build the batch with tensor ops on the given device; no Python loop over samples. The
-recipes name the masks by `MASKS`, the one registry: a new kind of mask is a function with tube_mask's
-signature and a line there. `MaskConfig` holds a run's choice for both sides and draws them.
+The model does not take the masks themselves but the positions they leave: `visible` (B, N_vis), the cubes
+the encoder sees, and `queries` (B, N_q), the cubes the decoder predicts. Every mask of a setting hides the
+same number of tokens in every clip, so those are index tensors of a fixed length, sorted out of the masks
+on the device. `MaskConfig` holds a run's choice for both sides on one grid and draws a batch of `Masks`.
+The recipes name the masks by `MASKS`: a new kind of mask is a function with tube_mask's signature and a
+line there.
 """
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -47,10 +46,10 @@ def _random_hidden(batch_size: int, n: int, num_hidden: int, device, generator) 
 def tube_mask(batch_size: int, grid: Grid, ratio: float, device=None, generator=None) -> Tensor:
     """Encoder mask: int(ratio·H'·W') hidden positions per frame, the same positions in every slot."""
     _check_ratio(ratio)
-    t, h, w = grid
+    slots, h, w = grid
     num_hidden = int(ratio * h * w)  # the reference's count: 0.9 of 14x14 -> 176 hidden, 20 visible
     frame = _random_hidden(batch_size, h * w, num_hidden, device, generator)  # (B, H'·W')
-    return frame[:, None, :].expand(batch_size, t, h * w).reshape(batch_size, t * h * w)
+    return frame[:, None, :].expand(batch_size, slots, h * w).reshape(batch_size, slots * h * w)
 
 
 def random_mask(batch_size: int, grid: Grid, ratio: float, device=None, generator=None) -> Tensor:
@@ -69,22 +68,22 @@ def running_cell_phases(grid: Grid, ratio: float, device=None) -> Tensor:
     (The reference keeps a queue [1]*k + [0]*(4-k) and rotates it left by s + t + 1 before reading each
     slot; this is the same rule written as arithmetic.)
     """
-    t, h, w = grid
+    slots, h, w = grid
     k = 4 * ratio
     if not (round(k) == k and 1 <= k <= 3):
         raise MaskError(f"a 2x2 running cell cannot hide a share of {ratio}: use 0.25, 0.5 or 0.75")
     if h % 2 or w % 2:
         raise MaskError(f"running-cell masking tiles 2x2 cells, so the token grid must be even; "
-                         f"got H'={h}, W'={w} (input_size / patch_size)")
+                        f"got H'={h}, W'={w} (input_size / patch_size)")
     cell = (torch.arange(h, device=device) % 2)[:, None] * 2 + torch.arange(w, device=device) % 2  # (H', W')
     phase = torch.arange(4, device=device)[:, None, None, None]  # (4, 1, 1, 1)
-    slot = torch.arange(t, device=device)[None, :, None, None]  # (1, T', 1, 1)
+    slot = torch.arange(slots, device=device)[None, :, None, None]  # (1, T', 1, 1)
     dropped = (cell + phase + slot + 1) % 4 < int(k)  # (4, T', H', W')
-    return dropped.reshape(4, t * h * w)
+    return dropped.reshape(4, slots * h * w)
 
 
 def running_cell_mask(batch_size: int, grid: Grid, ratio: float, device=None, generator=None) -> Tensor:
-    """Decoder mask: each clip follows one of the four running-cell phases, chosen uniformly."""
+    """Decoder mask: each clip follows one of the four running-cell patterns, chosen uniformly."""
     phases = running_cell_phases(grid, ratio, device)  # (4, N)
     pick = torch.randint(0, 4, (batch_size,), device=device, generator=generator)  # (B,)
     return phases[pick]
@@ -94,67 +93,82 @@ def running_cell_mask(batch_size: int, grid: Grid, ratio: float, device=None, ge
 MASKS = {"tube": tube_mask, "run_cell": running_cell_mask, "random": random_mask}
 
 
-@torch.compiler.assume_constant_result  # under torch.compile: called once while tracing, a constant after
 def num_hidden(kind: str, grid: Grid, ratio: float) -> int:
-    """How many tokens per clip a mask of this kind hides, known before the training loop draws any: every
-    clip of every batch hides the same number, so one clip drawn on the CPU tells."""
+    """How many tokens per clip a mask of this kind hides: every clip of every batch hides the same number,
+    so one clip drawn on the CPU tells."""
     if kind not in MASKS:
         raise MaskError(f"unknown mask kind {kind!r}; expected one of {', '.join(MASKS)}")
-    key = (kind, tuple(grid), ratio)
-    if key not in _counted:  # drawn once per setting: every training step asks
-        _counted[key] = int(MASKS[kind](1, grid, ratio, device="cpu").sum())
-    return _counted[key]
+    return int(MASKS[kind](1, grid, ratio, device="cpu").sum())
 
 
-_counted: dict[tuple, int] = {}
+# -----------------------------------------------------------------------------------------------------
+# Both sides: the masks and the positions the model runs on
 
 
 class Masks(NamedTuple):
     encoder: Tensor  # (B, N) bool, True = hidden from the encoder
     decoder: Tensor | None  # (B, N) bool, True = dropped from the decoder; None = VideoMAE V1
-    num_visible: int  # tokens per clip the encoder sees
-    num_queries: int  # tokens per clip the decoder predicts
+    visible: Tensor  # (B, N_vis) positions the encoder sees, ascending
+    queries: Tensor  # (B, N_q) positions the decoder predicts, ascending
+    in_loss: Tensor  # (B, N_q) bool: the query was hidden from the encoder, so it counts in the loss
+
+
+def split(mask: Tensor, num_kept: int) -> tuple[Tensor, Tensor]:
+    """(B, N) bool with num_kept False per row -> (positions of False (B, num_kept), of True), each ascending."""
+    order = mask.to(torch.uint8).argsort(dim=1, stable=True)  # (B, N): the False positions first
+    return order[:, :num_kept], order[:, num_kept:]
+
+
+def with_positions(encoder: Tensor, decoder: Tensor | None, num_visible: int, num_queries: int) -> Masks:
+    """The masks and their positions: with a decoder mask the queries are every position it keeps (the
+    few the encoder saw included, as in the reference; in_loss leaves them out); without one (V1) they
+    are every position hidden from the encoder."""
+    visible, hidden = split(encoder, num_visible)
+    queries = hidden if decoder is None else split(decoder, num_queries)[0]
+    return Masks(encoder, decoder, visible, queries, encoder.gather(1, queries))
+
+
+def kept_per_row(mask: Tensor) -> int:
+    """How many positions each row of a mask keeps (False); rows that disagree are an error."""
+    kept = (~mask).sum(dim=1)
+    if not bool((kept == kept[0]).all()):
+        raise MaskError(f"every row of a mask must hide the same number of tokens; got per-row kept counts "
+                        f"{kept.tolist()}")
+    return int(kept[0])
+
+
+def from_masks(encoder: Tensor, decoder: Tensor | None = None) -> Masks:
+    """Masks made elsewhere (e.g. the reference's), with the counts read off them: a host sync, so not for
+    a training step."""
+    return with_positions(encoder, decoder, kept_per_row(encoder), 0 if decoder is None else kept_per_row(decoder))
 
 
 @dataclass(frozen=True)
 class MaskConfig:
-    """Which mask each side gets, and how much it hides. decoder_mask_ratio 0 turns decoder masking off
-    (VideoMAE V1: the decoder predicts every cube the encoder did not see)."""
+    """Which mask each side gets on a token grid, and how much it hides; checked when made (MaskError).
+    decoder_mask_ratio 0 turns decoder masking off (VideoMAE V1: the decoder predicts every cube the
+    encoder did not see)."""
+    grid: Grid
     mask_type: str = "tube"
     mask_ratio: float = 0.9
     decoder_mask_type: str = "run_cell"
     decoder_mask_ratio: float = 0.5
 
+    def __post_init__(self):  # the counts, known before any batch is drawn: plain numbers in the step
+        n = self.grid[0] * self.grid[1] * self.grid[2]
+        num_visible = n - num_hidden(self.mask_type, self.grid, self.mask_ratio)
+        num_queries = (n - num_hidden(self.decoder_mask_type, self.grid, self.decoder_mask_ratio) if self.dual
+                       else n - num_visible)
+        object.__setattr__(self, "num_visible", num_visible)  # tokens per clip the encoder sees
+        object.__setattr__(self, "num_queries", num_queries)  # tokens per clip the decoder predicts
+
     @property
     def dual(self) -> bool:
         return self.decoder_mask_ratio > 0
 
-    def check(self, grid: Grid, prefix: str = "") -> None:
-        """Raise MaskError, naming the side's fields (each after `prefix`, e.g. "--" for flags), if either mask
-        cannot be drawn on this grid: a run checks its settings before it starts."""
-        sides = [("mask", self.mask_type, self.mask_ratio)]
-        if self.dual:
-            sides.append(("decoder_mask", self.decoder_mask_type, self.decoder_mask_ratio))
-        for side, kind, ratio in sides:
-            try:
-                num_hidden(kind, grid, ratio)
-            except MaskError as e:
-                raise MaskError(f"{prefix}{side}_type {kind} with {prefix}{side}_ratio {ratio} on a {grid} token "
-                                f"grid: {e}") from None
-
-    def counts(self, grid: Grid) -> tuple[int, int]:
-        """(tokens the encoder sees, tokens the decoder predicts) per clip. Raises MaskError for a kind,
-        ratio or grid the masks cannot make (check() says which side)."""
-        n = grid[0] * grid[1] * grid[2]
-        num_visible = n - num_hidden(self.mask_type, grid, self.mask_ratio)
-        if not self.dual:
-            return num_visible, n - num_visible
-        return num_visible, n - num_hidden(self.decoder_mask_type, grid, self.decoder_mask_ratio)
-
-    def draw(self, batch_size: int, grid: Grid, device=None, generator=None) -> Masks:
-        """Both masks for a batch, made on `device`, with their per-clip token counts."""
-        num_visible, num_queries = self.counts(grid)
-        encoder = MASKS[self.mask_type](batch_size, grid, self.mask_ratio, device, generator)
-        decoder = (MASKS[self.decoder_mask_type](batch_size, grid, self.decoder_mask_ratio, device, generator)
+    def draw(self, batch_size: int, device=None, generator=None) -> Masks:
+        """Both masks for a batch and their positions, made on `device`."""
+        encoder = MASKS[self.mask_type](batch_size, self.grid, self.mask_ratio, device, generator)
+        decoder = (MASKS[self.decoder_mask_type](batch_size, self.grid, self.decoder_mask_ratio, device, generator)
                    if self.dual else None)
-        return Masks(encoder, decoder, num_visible, num_queries)
+        return with_positions(encoder, decoder, self.num_visible, self.num_queries)

@@ -213,7 +213,8 @@ def run_recipe(recipe: str, argv: list[str], out: Path, size: dict, threads: int
 
 def mask_recipe(setting: Setting, arm: Arm) -> masking.MaskConfig:
     """The masks of one arm's pretraining."""
-    return masking.MaskConfig("tube", setting.mask_ratio, arm.decoder_mask_type, arm.decoder_mask_ratio)
+    return masking.MaskConfig(model_config(setting).grid, "tube", setting.mask_ratio, arm.decoder_mask_type,
+                              arm.decoder_mask_ratio)
 
 
 def model_config(setting: Setting) -> vmae.VideoMAEConfig:
@@ -224,9 +225,9 @@ def model_config(setting: Setting) -> vmae.VideoMAEConfig:
 def pretrain_cost(cfg: vmae.VideoMAEConfig, masks: masking.MaskConfig) -> dict:
     """Per clip: tokens the encoder and the decoder run on, and forward multiply-adds in G (the paper's
     "FLOPs"; PyTorch's counter gives 2 FLOPs per multiply-add), counted on the meta device."""
-    num_visible, num_queries = masks.counts(cfg.grid)
     forward, _ = train_pretrain.step_flops(cfg, 1, masks)
-    return dict(encoder_tokens=num_visible, decoder_tokens=num_visible + num_queries, gflops_per_clip=forward / 2e9)
+    return dict(encoder_tokens=masks.num_visible, decoder_tokens=masks.num_visible + masks.num_queries,
+                gflops_per_clip=forward / 2e9)
 
 
 # -----------------------------------------------------------------------------------------------------
@@ -541,15 +542,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="the laptop setting (2 CPU cores, < 45 min) instead of the "
                    "GPU one")
     p.add_argument("--out", default="output/study", help="folder for results.json, study.md, study.png and the runs")
-    p.add_argument("--seeds", type=engine.within("[0, 4294967295]", int), nargs="+", default=[0, 1, 2, 3, 4],
+    p.add_argument("--seeds", type=engine.Range(int, 0, 2 ** 32 - 1), nargs="+", default=[0, 1, 2, 3, 4],
                    help="one run of every arm per seed")
     p.add_argument("--arms", nargs="+", default=ARM_NAMES, help=f"which arms, of {' '.join(ARM_NAMES)}")
     p.add_argument("--device", type=engine.device_name, default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--threads", type=engine.within("[1, inf)", int), default=1, help="torch CPU threads in each run "
+    p.add_argument("--threads", type=engine.Range(int, 1), default=1, help="torch CPU threads in each run "
                    "(1 keeps CPU timings steady on a shared or 2-core machine; GPU runs need no more)")
-    p.add_argument("--jobs", type=engine.within("[1, inf)", int), default=None, help="runs at a time (default: 2 on a "
+    p.add_argument("--jobs", type=engine.Range(int, 1), default=None, help="runs at a time (default: 2 on a "
                    "CPU, each on its own core with --threads 1; 1 on a GPU)")
-    p.add_argument("--num_workers", type=engine.within("[0, inf)", int), default=None, help="data-loading processes "
+    p.add_argument("--num_workers", type=engine.Range(int, 0), default=None, help="data-loading processes "
                    "per run (default: 0 on a CPU, where drawing the clips is cheap next to the model; 4 on a GPU)")
     args = p.parse_args(argv)
     unknown = [name for name in args.arms if name not in ARM_NAMES]

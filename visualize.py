@@ -10,9 +10,10 @@ the loss, and what a pretrained model paints back.
     python visualize.py curves output/pretrain/log.txt other_run/log.txt --out curves.png
 
 Each figure has a row per temporal slot (one tubelet: a pair of frames; the row shows its first frame), and
-all but curves come with a GIF over the slots (recon --checkpoints: over the checkpoints). The same figures
-come from masks_figure, recon_figure, training_figure, heatmap_figure, pca_figure and curves_figure, which
-return a matplotlib Figure for the training scripts and notebooks.
+all but curves come with a GIF over the slots (recon --checkpoints: over the checkpoints). Each figure is drawn
+from its panels, made once for the PNG and the GIF: mask_panels, recon_panels, training_panels,
+heatmap_panels and pca_panels make them, the matching *_figure functions draw them as a matplotlib Figure
+(for the training scripts and notebooks), as curves_figure does for log.txt files.
 
 A model trained on normalised targets predicts each cube's pixels up to its own mean and spread; the only
 way to draw them is to put back the true cube's mean and standard deviation, which makes the pictures
@@ -24,6 +25,7 @@ import json
 import os
 import re
 from pathlib import Path
+from typing import NamedTuple
 
 import matplotlib
 
@@ -35,6 +37,7 @@ import torch  # noqa: E402
 from matplotlib.animation import FuncAnimation, PillowWriter  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 
+import checkpoints  # noqa: E402
 import data  # noqa: E402
 import engine  # noqa: E402
 import masking  # noqa: E402
@@ -49,15 +52,15 @@ OVERLAY = {"encoder sees": (0.1, 0.8, 0.2), "in the loss": (0.95, 0.3, 0.1),
 
 def pixels(video: torch.Tensor) -> np.ndarray:
     """(3, T, H, W) ImageNet-normalised -> (T, H, W, 3) floats in [0, 1]."""
-    mean = torch.tensor(vmae.IMAGENET_MEAN).view(3, 1, 1, 1)
-    std = torch.tensor(vmae.IMAGENET_STD).view(3, 1, 1, 1)
-    return (video.detach().float().cpu() * std + mean).clamp(0, 1).permute(1, 2, 3, 0).numpy()
+    video = video.detach().float().cpu()
+    mean, std = vmae.imagenet_stats(video)  # (3,) each
+    return (video * std[:, None, None, None] + mean[:, None, None, None]).clamp(0, 1).permute(1, 2, 3, 0).numpy()
 
 
 def per_pixel(token_values: torch.Tensor, cfg: vmae.VideoMAEConfig) -> np.ndarray:
     """(N,) per-token values -> (T', H, W): each value spread over its cube's pixels (one frame per slot)."""
-    t, h, w = cfg.grid
-    grid = token_values.detach().cpu().reshape(t, h, w)
+    slots, h, w = cfg.grid
+    grid = token_values.detach().cpu().reshape(slots, h, w)
     p = cfg.patch_size
     return grid.repeat_interleave(p, 1).repeat_interleave(p, 2).numpy()
 
@@ -77,32 +80,6 @@ def checkerboard(shape: tuple, square: int = 4) -> np.ndarray:
     _, h, w = shape[:3]
     light = ((np.arange(h)[:, None] // square + np.arange(w) // square) % 2).astype(bool)  # (H, W)
     return np.broadcast_to(np.where(light[..., None], CHECKS, HIDDEN), shape)
-
-
-# -----------------------------------------------------------------------------------------------------
-# Masks
-
-
-def mask_panels(video: torch.Tensor, encoder_mask: torch.Tensor, decoder_mask: torch.Tensor | None,
-                cfg: vmae.VideoMAEConfig) -> dict[str, np.ndarray]:
-    """The masks figure's columns, each (T', H, W, 3), for one clip (3, T, H, W) and its (N,) masks."""
-    frames = slot_frames(video, cfg)
-    hidden = encoder_mask.bool()
-    queried = ~decoder_mask.bool() if decoder_mask is not None else hidden  # V1: the decoder is asked for all hidden
-    loss = hidden & queried
-    n_vis, n_q, n_loss = int((~hidden).sum()), int(queried.sum()), int(loss.sum())
-    overlay = frames * 0.35
-    for name, where in (("encoder sees", ~hidden), ("in the loss", loss),
-                        ("decoder query the encoder saw (not in the loss)", ~hidden & queried)):
-        px = per_pixel(where, cfg)
-        overlay[px] = 0.35 * frames[px] + 0.65 * np.array(OVERLAY[name])
-    return {
-        "input": frames,
-        f"encoder sees {n_vis}": fill(frames, per_pixel(hidden, cfg), HIDDEN),
-        f"decoder queries {n_q}": fill(frames, per_pixel(~queried, cfg), HIDDEN),
-        f"in the loss {n_loss}": fill(frames, per_pixel(~loss, cfg), HIDDEN),
-        "all three": overlay,
-    }
 
 
 def grid_figure(panels: dict[str, np.ndarray], title: str, cmap_last: str | None = None,
@@ -130,11 +107,32 @@ def grid_figure(panels: dict[str, np.ndarray], title: str, cmap_last: str | None
     return fig
 
 
-def masks_figure(video: torch.Tensor, encoder_mask: torch.Tensor, decoder_mask: torch.Tensor | None,
-                 cfg: vmae.VideoMAEConfig, slots: int | None = None, panels: dict | None = None) -> plt.Figure:
-    """The mask panels as a figure (`panels`: mask_panels' result, if the caller has it already)."""
-    panels = panels or mask_panels(video, encoder_mask, decoder_mask, cfg)
-    decoder = "no decoder mask (V1)" if decoder_mask is None else "running-cell decoder mask"
+# -----------------------------------------------------------------------------------------------------
+# Masks
+
+
+def mask_panels(video: torch.Tensor, drawn: masking.Masks, cfg: vmae.VideoMAEConfig) -> dict[str, np.ndarray]:
+    """The masks figure's columns, each (T', H, W, 3), for one clip (3, T, H, W) and its masks (a batch of one)."""
+    frames = slot_frames(video, cfg)
+    hidden = drawn.encoder[0]
+    queried = torch.zeros_like(hidden).index_fill_(0, drawn.queries[0], True)
+    loss = hidden & queried
+    overlay = frames * 0.35
+    for name, where in (("encoder sees", ~hidden), ("in the loss", loss),
+                        ("decoder query the encoder saw (not in the loss)", ~hidden & queried)):
+        px = per_pixel(where, cfg)
+        overlay[px] = 0.35 * frames[px] + 0.65 * np.array(OVERLAY[name])
+    return {
+        "input": frames,
+        f"encoder sees {int((~hidden).sum())}": fill(frames, per_pixel(hidden, cfg), HIDDEN),
+        f"decoder queries {int(queried.sum())}": fill(frames, per_pixel(~queried, cfg), HIDDEN),
+        f"in the loss {int(loss.sum())}": fill(frames, per_pixel(~loss, cfg), HIDDEN),
+        "all three": overlay,
+    }
+
+
+def masks_figure(panels: dict, cfg: vmae.VideoMAEConfig, dual: bool, slots: int | None = None) -> plt.Figure:
+    decoder = "running-cell decoder mask" if dual else "no decoder mask (V1)"
     fig = grid_figure(panels, f"one clip: {cfg.num_tokens} cubes of {cfg.tubelet_size}x{cfg.patch_size}x"
                               f"{cfg.patch_size} px\ntube encoder mask, {decoder}", slots=slots)
     fig.legend(handles=[Patch(color=c, label=n) for n, c in OVERLAY.items()], loc="lower center", ncol=3, fontsize=8)
@@ -146,75 +144,65 @@ def masks_figure(video: torch.Tensor, encoder_mask: torch.Tensor, decoder_mask: 
 
 
 @torch.no_grad()
-def reconstruct(model: vmae.PretrainVideoMAE, video: torch.Tensor, encoder_mask: torch.Tensor,
-                decoder_mask: torch.Tensor | None, normalize_target: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run the model on one clip (3, T, H, W); returns the predicted pixels of every cube (N, t·p·p·3)
-    (rows the decoder did not predict hold the input) and which cubes were predicted (N,) bool."""
+def reconstruct(model: vmae.PretrainVideoMAE, video: torch.Tensor, drawn: masking.Masks,
+                normalize_target: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run the model on one clip (3, T, H, W) under its masks (a batch of one); returns the pixels of every
+    cube (N, t·p·p·3), predicted where the loss counts and the input elsewhere, and which cubes were
+    predicted (N,) bool."""
     cfg = model.cfg
-    clip, enc = video[None], encoder_mask[None]
-    dec = decoder_mask[None] if decoder_mask is not None else None
-    pred = model.eval()(clip, enc, dec)[0].float()  # (N_q, F), queries in ascending order
-    queries = ~dec[0] if dec is not None else enc[0]
-    truth = vmae.reconstruction_target(clip, cfg.patch_size, cfg.tubelet_size, normalize=False)[0]  # (N, F)
+    pred = model.eval()(video[None], drawn.visible, drawn.queries)[0].float()  # (N_q, F)
+    every = torch.arange(cfg.num_tokens)[None]
+    truth = vmae.reconstruction_target(video[None], every, cfg.patch_size, cfg.tubelet_size, normalize=False)[0]
+    queries, counted = drawn.queries[0], drawn.in_loss[0]  # the encoder's own cubes are shown as they are
     if normalize_target:  # undo the per-cube, per-channel normalisation with the true cube's statistics
         cubes = truth[queries].unflatten(-1, (-1, 3))  # (N_q, t·p·p, 3)
         pred = (pred.unflatten(-1, (-1, 3)) * (cubes.std(dim=1, keepdim=True) + 1e-6)
                 + cubes.mean(dim=1, keepdim=True)).flatten(1)
-    predicted = queries & enc[0]  # cubes the encoder saw are shown as they are
     out = truth.clone()
-    out[predicted] = pred[enc[0][queries]]
-    return out, predicted
+    out[queries[counted]] = pred[counted]
+    return out, torch.zeros(cfg.num_tokens, dtype=torch.bool).index_fill_(0, queries[counted], True)
 
 
-def recon_panels(model: vmae.PretrainVideoMAE, video: torch.Tensor, encoder_mask: torch.Tensor,
-                 decoder_mask: torch.Tensor | None, normalize_target: bool) -> dict[str, np.ndarray]:
+def recon_panels(model: vmae.PretrainVideoMAE, video: torch.Tensor, drawn: masking.Masks,
+                 normalize_target: bool) -> dict[str, np.ndarray]:
     """input | masked input | reconstruction | error, each (T', H, W, 3) ((T', H, W) for the error)."""
     cfg = model.cfg
-    cubes, predicted = reconstruct(model, video, encoder_mask, decoder_mask, normalize_target)
+    cubes, predicted = reconstruct(model, video, drawn, normalize_target)
     per_channel = cubes.unflatten(-1, (-1, 3)).transpose(-1, -2)  # (N, 3, t·p·p): the target layout -> patchify's
     rebuilt = vmae.unpatchify(per_channel[None], cfg.grid, cfg.patch_size, cfg.tubelet_size)[0]  # (3, T, H, W)
     frames = slot_frames(video, cfg)
     recon = rebuilt.clamp(0, 1).permute(1, 2, 3, 0).numpy()[::cfg.tubelet_size]
-    hidden = per_pixel(encoder_mask.bool(), cfg)
+    hidden = per_pixel(drawn.encoder[0], cfg)
     never = hidden & ~per_pixel(predicted, cfg)
     error = np.abs(recon - frames).mean(axis=-1) * per_pixel(predicted, cfg)
     recon = np.where(never[..., None], checkerboard(recon.shape), recon)
     return {"input": frames, "masked input": fill(frames, hidden, HIDDEN), "reconstruction": recon, "|error|": error}
 
 
-def recon_figure(model: vmae.PretrainVideoMAE, video: torch.Tensor, encoder_mask: torch.Tensor,
-                 decoder_mask: torch.Tensor | None, normalize_target: bool, slots: int | None = None,
-                 panels: dict | None = None) -> plt.Figure:
-    """The reconstruction panels as a figure (`panels`: recon_panels' result, if the caller has it already)."""
-    panels = panels or recon_panels(model, video, encoder_mask, decoder_mask, normalize_target)
+def recon_figure(panels: dict, normalize_target: bool, dual: bool, slots: int | None = None) -> plt.Figure:
     how = ("predicted cubes drawn with the TRUE cube mean and std\n(the model predicts per-cube normalised pixels)"
            if normalize_target else "predicted pixels drawn as they are (a raw-pixel model)")
-    note = ("\nchecks: hidden from the encoder and not predicted (dropped by the decoder)"
-            if decoder_mask is not None else "")
+    note = "\nchecks: hidden from the encoder and not predicted (dropped by the decoder)" if dual else ""
     return grid_figure(panels, f"visible cubes pasted back; {how}{note}", cmap_last="magma", slots=slots)
 
 
-def training_panels(models: dict[str, vmae.PretrainVideoMAE], video: torch.Tensor, encoder_mask: torch.Tensor,
-                    decoder_mask: torch.Tensor | None, normalize_target: bool) -> dict[str, np.ndarray]:
+def training_panels(models: dict[str, vmae.PretrainVideoMAE], video: torch.Tensor, drawn: masking.Masks,
+                    normalize_target: bool) -> dict[str, np.ndarray]:
     """input | masked input | the reconstruction by each model (checkpoints of one run, by label), the same
     clip and masks for all, so only what the model learned changes from column to column."""
     cfg = next(iter(models.values())).cfg
     panels = {"input": slot_frames(video, cfg), "masked input": None}
     for label, model in models.items():
         if model.cfg.grid != cfg.grid or model.cfg.patch_size != cfg.patch_size:
-            raise vmae.CheckpointError(f"{label}: another model or input ({model.cfg.grid}) than the first "
-                                       f"checkpoint's ({cfg.grid}); compare checkpoints of one run")
-        recon = recon_panels(model, video, encoder_mask, decoder_mask, normalize_target)
+            raise checkpoints.CheckpointError(f"{label}: another model or input ({model.cfg.grid}) than the first "
+                                              f"checkpoint's ({cfg.grid}); compare checkpoints of one run")
+        recon = recon_panels(model, video, drawn, normalize_target)
         panels["masked input"] = recon["masked input"]
         panels[label] = recon["reconstruction"]
     return panels
 
 
-def training_figure(models: dict[str, vmae.PretrainVideoMAE], video: torch.Tensor, encoder_mask: torch.Tensor,
-                    decoder_mask: torch.Tensor | None, normalize_target: bool, slots: int | None = None,
-                    panels: dict | None = None) -> plt.Figure:
-    """Reconstructions across training as a figure (`panels`: training_panels' result, if already made)."""
-    panels = panels or training_panels(models, video, encoder_mask, decoder_mask, normalize_target)
+def training_figure(panels: dict, normalize_target: bool, slots: int | None = None) -> plt.Figure:
     how = "true cube mean and std put back" if normalize_target else "raw-pixel predictions as they are"
     return grid_figure(panels, f"one held-out clip under the same masks, reconstructed by checkpoints of one run\n"
                                f"({how})", slots=slots)
@@ -230,39 +218,34 @@ def cube_loss(model: vmae.PretrainVideoMAE, video: torch.Tensor, masks: masking.
     """(N,) each cube's squared error, averaged over `draws` random mask pairs in which the cube was hidden
     from the encoder and predicted by the decoder (the cubes the loss counts); nan for a cube never counted."""
     cfg = model.cfg
-    enc, dec, num_visible, num_queries = masks.draw(draws, cfg.grid, generator=torch.Generator().manual_seed(seed))
+    drawn = masks.draw(draws, generator=torch.Generator().manual_seed(seed))
     clips = video[None].expand(draws, -1, -1, -1, -1)  # (draws, 3, T, H, W): one clip under many masks
-    queries = vmae.query_indices(enc, dec, num_queries)  # (draws, N_q)
-    pred = model.eval()(clips, enc, dec, num_visible=num_visible, queries=queries).float()  # (draws, N_q, F)
-    target = vmae.reconstruction_target(clips, cfg.patch_size, cfg.tubelet_size, normalize_target, queries)
-    counted = enc.gather(1, queries).float()  # (draws, N_q): hidden from the encoder
+    pred = model.eval()(clips, drawn.visible, drawn.queries).float()  # (draws, N_q, F)
+    target = vmae.reconstruction_target(clips, drawn.queries, cfg.patch_size, cfg.tubelet_size, normalize_target)
+    counted = drawn.in_loss.float()  # (draws, N_q)
     error = (pred - target).pow(2).mean(-1) * counted  # (draws, N_q)
-    total = torch.zeros(cfg.num_tokens).index_add_(0, queries.flatten(), error.flatten())
-    times = torch.zeros(cfg.num_tokens).index_add_(0, queries.flatten(), counted.flatten())
+    total = torch.zeros(cfg.num_tokens).index_add_(0, drawn.queries.flatten(), error.flatten())
+    times = torch.zeros(cfg.num_tokens).index_add_(0, drawn.queries.flatten(), counted.flatten())
     return total / times  # 0 / 0 = nan where never counted
 
 
 def heatmap_panels(model: vmae.PretrainVideoMAE, video: torch.Tensor, masks: masking.MaskConfig,
-                   normalize_target: bool, draws: int = 32) -> tuple[dict[str, np.ndarray], float]:
-    """input | the per-cube loss (cube_loss) as a heat map over the clip | the loss alone (T', H, W), and
-    the largest loss (the colour scale's top)."""
-    loss = cube_loss(model, video, masks, normalize_target, draws)
+                   normalize_target: bool, draws: int = 32) -> dict[str, np.ndarray]:
+    """input | the per-cube loss (cube_loss) as a heat map over the clip | the loss alone (T', H, W), as a
+    share of the largest."""
+    loss = cube_loss(model, video, masks, normalize_target, draws).nan_to_num(0.0)
+    top = float(loss.max()) or 1.0
+    heat = per_pixel(loss / top, model.cfg)
     frames = slot_frames(video, model.cfg)
-    heat = per_pixel(loss.nan_to_num(0.0), model.cfg)
-    top = float(loss.nan_to_num(0.0).max()) or 1.0
-    overlay = 0.4 * frames + 0.6 * plt.get_cmap("magma")(heat / top)[..., :3]
-    return {"input": frames, "heat map over the clip": overlay, "loss per cube": heat}, top
+    overlay = 0.4 * frames + 0.6 * plt.get_cmap("magma")(heat)[..., :3]
+    return {"input": frames, "heat map over the clip": overlay, f"loss per cube (white: {top:.3g})": heat}
 
 
-def heatmap_figure(model: vmae.PretrainVideoMAE, video: torch.Tensor, masks: masking.MaskConfig,
-                   normalize_target: bool, draws: int = 32, slots: int | None = None,
-                   made: tuple[dict, float] | None = None) -> plt.Figure:
-    """Where the model fails: each cube's loss when it is hidden, over the clip (`made`: heatmap_panels'
-    result, if the caller has it already)."""
-    panels, top = made or heatmap_panels(model, video, masks, normalize_target, draws)
+def heatmap_figure(panels: dict, normalize_target: bool, draws: int, slots: int | None = None) -> plt.Figure:
+    """Where the model fails: each cube's loss when it is hidden, over the clip."""
     target = "per-cube normalised" if normalize_target else "raw-pixel"
     return grid_figure(panels, f"{target} squared error of each cube when hidden,\nmean over {draws} random masks "
-                               f"(black 0, white {top:.3g})", cmap_last="magma", slots=slots, vmax_last=top)
+                               "(black 0, white the largest)", cmap_last="magma", slots=slots, vmax_last=1.0)
 
 
 @torch.no_grad()
@@ -285,12 +268,10 @@ def pca_panels(model: vmae.PretrainVideoMAE, video: torch.Tensor) -> dict[str, n
     return {"input": frames, "encoder tokens as colours": image, "blended": 0.5 * frames + 0.5 * image}
 
 
-def pca_figure(model: vmae.PretrainVideoMAE, video: torch.Tensor, slots: int | None = None,
-               panels: dict | None = None) -> plt.Figure:
-    """What the features separate: cubes the encoder represents alike share a colour (`panels`: pca_panels'
-    result, if the caller has it already)."""
+def pca_figure(panels: dict, slots: int | None = None) -> plt.Figure:
+    """What the features separate: cubes the encoder represents alike share a colour."""
     title = "the encoder's tokens of one clip (no mask):\nthe first three principal components as red, green, blue"
-    return grid_figure(panels or pca_panels(model, video), title, slots=slots)
+    return grid_figure(panels, title, slots=slots)
 
 
 # -----------------------------------------------------------------------------------------------------
@@ -431,116 +412,125 @@ def side_by_side(images: np.ndarray) -> np.ndarray:
     return np.concatenate(list(images), axis=1)
 
 
-MASK_FLAGS = dict(mask_type="tube", mask_ratio=0.9, decoder_mask_type="run_cell", decoder_mask_ratio=0.5)
+class Setup(NamedTuple):
+    """What the command line asks for, resolved: the flags, the checkpoints to draw (by label, read; none for
+    masks and curves), the model's config and the masks on its grid."""
+    args: argparse.Namespace
+    starts: dict
+    cfg: vmae.VideoMAEConfig | None
+    masks: masking.MaskConfig | None
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def parse_args(argv=None) -> Setup:
+    """Each flag takes its value from the command line, else from the (first) checkpoint's training arguments
+    (masks, target), else its default; the model and its input come from the checkpoint."""
     p = argparse.ArgumentParser(description="masks, reconstructions, per-cube loss, token PCA and training curves "
-                                            "as PNG (+ GIF)")
-    R = engine.within
-    p.add_argument("figure", choices=["masks", "recon", "heatmap", "pca", "curves"])
-    p.add_argument("logs", nargs="*", help="curves: the log.txt files to plot")
-    p.add_argument("--checkpoint", help="recon, heatmap, pca: a pretraining checkpoint with its decoder (ours, the "
-                   "reference's or Hugging Face V1's)")
-    p.add_argument("--checkpoints", nargs="+", help="recon across training: checkpoints of one run, oldest first, "
-                   "or the run's folder (its checkpoint-<epoch>.pth files)")
+                                            "as PNG (+ GIF)", allow_abbrev=False)
+    a, Range = p.add_argument, engine.Range
+    a("figure", choices=["masks", "recon", "heatmap", "pca", "curves"])
+    a("logs", nargs="*", help="curves: the log.txt files to plot")
+    a("--checkpoint", help="recon, heatmap, pca: a pretraining checkpoint with its decoder (ours, the reference's or "
+      "Hugging Face V1's)")
+    a("--checkpoints", nargs="+", help="recon across training: checkpoints of one run, oldest first, or the run's "
+      "folder (its checkpoint-<epoch>.pth files)")
     source = p.add_mutually_exclusive_group()
     source.add_argument("--video", help="a video file")
     source.add_argument("--frames", help="a folder of extracted frames (named by --fname_tmpl, from 1)")
-    source.add_argument("--synthetic", type=R("[0, inf)", int), default=0, help="index of a held-out built-in clip")
-    p.add_argument("--out", help="output PNG (a GIF is written beside it, but for curves)")
-    p.add_argument("--model", default=None, help="masks: the size whose grid to show (default base); with a "
-                   "checkpoint: read from it (given, it must match)")
-    p.add_argument("--input_size", type=R("[1, 4096]", int), default=224)
-    p.add_argument("--num_frames", type=R("[1, 1024]", int), default=16)
-    p.add_argument("--sampling_rate", type=R("[1, inf)", int), default=4)
-    p.add_argument("--fname_tmpl", type=engine.frame_names, default="img_{:05}.jpg")
-    p.add_argument("--synthetic_size", type=R("[1, inf)", int), default=1024, help="the --synthetic_size "
-                   "pretraining used")
-    for flag, default in MASK_FLAGS.items():
-        p.add_argument(f"--{flag}", default=None, **(dict(choices=list(masking.MASKS)) if "type" in flag else
-                                                     dict(type=R("(0, 1)" if flag == "mask_ratio" else "[0, 1)"))),
-                       help=f"default: the checkpoint's, else {default}" + (" (0: no decoder mask, V1)"
-                                                                             if flag == "decoder_mask_ratio" else ""))
-    p.add_argument("--normalize_target", action=argparse.BooleanOptionalAction, default=None,
-                   help="recon, heatmap: override what the checkpoint says")
-    p.add_argument("--draws", type=R("[1, 100000]", int), default=32, help="heatmap: random masks to average each "
-                   "cube's loss over")
-    p.add_argument("--slots", type=R("[1, inf)", int), default=None, help="show only the first n temporal slots")
-    p.add_argument("--seed", type=R("[0, 4294967295]", int), default=0, help="for the masks")
+    source.add_argument("--synthetic", type=Range(int, 0), default=0, help="index of a held-out built-in clip")
+    a("--out", help="output PNG (a GIF is written beside it, but for curves)")
+    a("--model", default="base", help="masks: the size whose grid to show; with a checkpoint: read from it (given, "
+      "it must match)")
+    a("--input_size", type=Range(int, 1, 4096), default=224)
+    a("--num_frames", type=Range(int, 1, 1024), default=16)
+    a("--sampling_rate", type=Range(int, 1), default=4)
+    a("--fname_tmpl", type=engine.frame_names, default="img_{:05}.jpg")
+    a("--synthetic_size", type=Range(int, 1), default=1024, help="the --synthetic_size pretraining used")
+    a("--mask_type", default="tube", choices=list(masking.MASKS), help="default: the checkpoint's, else this")
+    a("--mask_ratio", type=Range(float, 0, 1, open_low=True, open_high=True), default=0.9, help="default: the "
+      "checkpoint's, else this")
+    a("--decoder_mask_type", default="run_cell", choices=list(masking.MASKS), help="default: the checkpoint's, else "
+      "this")
+    a("--decoder_mask_ratio", type=Range(float, 0, 1, open_high=True), default=0.5, help="default: the "
+      "checkpoint's, else this (0: no decoder mask, V1)")
+    a("--normalize_target", action=argparse.BooleanOptionalAction, default=True, help="recon, heatmap: what the "
+      "model predicts (default: what the checkpoint was trained on)")
+    a("--draws", type=Range(int, 1, 100000), default=32, help="heatmap: random masks to average each cube's loss over")
+    a("--slots", type=Range(int, 1), default=None, help="show only the first n temporal slots")
+    a("--seed", type=Range(int, 0, 2 ** 32 - 1), default=0, help="for the masks")
     args = p.parse_args(argv)
     if args.figure in ("recon", "heatmap", "pca") and not (args.checkpoint or args.checkpoints):
         p.error(f"{args.figure} needs --checkpoint (a pretraining checkpoint with its decoder)")
     if args.checkpoints and (args.figure != "recon" or args.checkpoint):
         p.error("--checkpoints is for recon across training, instead of --checkpoint")
-    if args.figure == "curves" and not args.logs:
-        p.error("curves needs one or more log.txt files")
-    return args
+    if args.figure == "curves":
+        if not args.logs:
+            p.error("curves needs one or more log.txt files")
+        return Setup(args, {}, None, None)
+    paths = checkpoint_files(args.checkpoints) if args.checkpoints else [args.checkpoint] if args.checkpoint else []
+    starts = {checkpoint_label(Path(path)): engine.read_start(p, path) for path in paths}
+    for start in starts.values():
+        checkpoints.require_decoder(start)  # what these figures need, before the size the file states
+    trained_with = next(iter(starts.values())).args if starts else {}
+    layer = {k: trained_with[k] for k in ("mask_type", "mask_ratio", "decoder_mask_type", "decoder_mask_ratio")
+             if k in trained_with}
+    layer["normalize_target"] = checkpoints.trained_on_normalized_targets(trained_with)  # either spelling
+    given = engine.resolve(p, argv, args, layer if starts else {})
+    if "model" not in given:
+        args.model = None  # the checkpoint's own size
+    try:
+        if starts:
+            cfg = checkpoints.config_from_checkpoint(next(iter(starts.values())), args.model)
+            args.num_frames, args.input_size = cfg.num_frames, cfg.img_size  # the clip the model takes
+        else:
+            cfg = vmae.config(args.model or "base", img_size=args.input_size, num_frames=args.num_frames)
+    except ValueError as e:  # CheckpointError, ConfigError
+        p.error(engine.as_flags(str(e)))
+    return Setup(args, starts, cfg, engine.mask_config(p, args, cfg.grid))
 
 
-def load_model(path: str, model: str | None = None) -> tuple[vmae.PretrainVideoMAE, dict]:
-    """A pretraining model (decoder included) from a checkpoint, in eval mode, and the training arguments the
-    file stores ({} if none)."""
-    checkpoint = vmae.read_checkpoint(path)
-    vmae.require_decoder(checkpoint)
-    net = vmae.PretrainVideoMAE(vmae.config_from_checkpoint(checkpoint, model)).eval()
-    print(vmae.load_weights(net, checkpoint))
-    return net, checkpoint.args
+def load_model(start: checkpoints.Checkpoint, model: str | None = None) -> vmae.PretrainVideoMAE:
+    """A pretraining model (decoder included) from a checkpoint, in eval mode."""
+    net = vmae.PretrainVideoMAE(checkpoints.config_from_checkpoint(start, model)).eval()
+    print(checkpoints.load_weights(net, start))
+    return net
 
 
 def main(argv=None):
-    args = parse_args(argv)
+    args, starts, cfg, masks = parse_args(argv)
     out = Path(args.out or f"{args.figure}.png")
     out.parent.mkdir(parents=True, exist_ok=True)
     if args.figure == "curves":
         save(curves_figure(args.logs), out)
         print(f"wrote {out}")
         return
-    models, trained_with = {}, {}
-    paths = checkpoint_files(args.checkpoints) if args.checkpoints else [args.checkpoint] if args.checkpoint else []
-    for path in paths:
-        models[checkpoint_label(Path(path))], trained_with = load_model(path, args.model)
+    models = {label: load_model(start, args.model) for label, start in starts.items()}
     model = next(iter(models.values()), None)
-    if model is not None:
-        cfg = model.cfg
-        args.num_frames, args.input_size = cfg.num_frames, cfg.img_size  # the clip the model takes
-    else:
-        cfg = vmae.config(args.model or "base", img_size=args.input_size, num_frames=args.num_frames)
-    normalize = args.normalize_target
-    if normalize is None:  # what the checkpoint was trained on (the reference's spelling too)
-        normalize = vmae.trained_on_normalized_targets(trained_with)
-    masks = masking.MaskConfig(*(getattr(args, k) if getattr(args, k) is not None else trained_with.get(k, default)
-                                 for k, default in MASK_FLAGS.items()))
-    masks.check(cfg.grid, prefix="--")  # before any decoding
     video = load_clip(args)
     torch.manual_seed(args.seed)
-    enc, dec, _, _ = masks.draw(1, cfg.grid)
-    enc, dec = enc[0], dec[0] if dec is not None else None
-    gif = dict(path=out.with_suffix(".gif"))
-    # each figure's panels are made once, for the PNG and the GIF
+    drawn = masks.draw(1)
+    normalize, gif = args.normalize_target, {}  # gif: how the GIF draws its last panel, or titles its frames
     if args.figure == "masks":
-        panels = mask_panels(video, enc, dec, cfg)
-        fig = masks_figure(video, enc, dec, cfg, args.slots, panels)
+        panels = mask_panels(video, drawn, cfg)
+        fig = masks_figure(panels, cfg, masks.dual, args.slots)
     elif args.figure == "recon" and args.checkpoints:  # the GIF: one frame per checkpoint, the slots in a row
-        panels = training_panels(models, video, enc, dec, normalize)
-        fig = training_figure(models, video, enc, dec, normalize, args.slots, panels)
+        panels = training_panels(models, video, drawn, normalize)
+        fig = training_figure(panels, normalize, args.slots)
         rows = [side_by_side(panels[name][:args.slots]) for name in panels]
         panels = {"input, masked input, reconstruction":
                   np.stack([np.concatenate([*rows[:2], row]) for row in rows[2:]])}
-        gif["titles"] = list(models)
+        gif = dict(titles=list(models))
     elif args.figure == "recon":
-        panels, gif["cmap_last"] = recon_panels(model, video, enc, dec, normalize), "magma"
-        fig = recon_figure(model, video, enc, dec, normalize, args.slots, panels)
+        panels, gif = recon_panels(model, video, drawn, normalize), dict(cmap_last="magma")
+        fig = recon_figure(panels, normalize, masks.dual, args.slots)
     elif args.figure == "heatmap":
-        panels, gif["vmax_last"] = heatmap_panels(model, video, masks, normalize, args.draws)
-        fig = heatmap_figure(model, video, masks, normalize, args.draws, args.slots, (panels, gif["vmax_last"]))
-        gif["cmap_last"] = "magma"
+        panels, gif = heatmap_panels(model, video, masks, normalize, args.draws), dict(cmap_last="magma", vmax_last=1)
+        fig = heatmap_figure(panels, normalize, args.draws, args.slots)
     else:
         panels = pca_panels(model, video)
-        fig = pca_figure(model, video, args.slots, panels)
+        fig = pca_figure(panels, args.slots)
     save(fig, out, dpi=60)
-    save_gif(panels, **gif)
-    print(f"wrote {out} and {gif['path']}")
+    save_gif(panels, out.with_suffix(".gif"), **gif)
+    print(f"wrote {out} and {out.with_suffix('.gif')}")
 
 
 if __name__ == "__main__":

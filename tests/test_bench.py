@@ -13,7 +13,7 @@ from test_model import tiny
 def ops_of_a_step(batch: int, precision: str, model: vmae.PretrainVideoMAE):
     args = bench.parse_args([])
     video = torch.randn(batch, 3, model.cfg.num_frames, model.cfg.img_size, model.cfg.img_size)
-    loss = lambda m, v: tp.pretrain_step_loss(m, m.cfg, v, bench.recipe(args, dual=True))  # noqa: E731
+    loss = lambda m, v: tp.pretrain_step_loss(m, m.cfg, v, bench.recipe(args, m.cfg.grid, dual=True))  # noqa: E731
     return bench.count_ops(bench.train_step_fn(model, loss, video, torch.device("cpu"), precision))
 
 

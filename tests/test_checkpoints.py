@@ -13,6 +13,7 @@ import engine
 import export_hf
 import masking
 import train_finetune as tf
+import checkpoints
 import vmae
 from test_train_pretrain import MICRO
 
@@ -89,24 +90,24 @@ def test_hugging_face_v2_release_folder(tmp_path):
     give: the size comes from its config.json, and a wrong head count would change the features."""
     source = randomised(vmae.VideoClassifier(micro(num_heads=4), 0))
     v2_release(tmp_path / "VideoMAEv2-Micro", source)
-    checkpoint = vmae.read_checkpoint(tmp_path / "VideoMAEv2-Micro")
-    assert checkpoint.layout == vmae.HF_V2 and checkpoint.source == "its config.json"
-    cfg = vmae.config_from_checkpoint(checkpoint)
+    checkpoint = checkpoints.read_checkpoint(tmp_path / "VideoMAEv2-Micro")
+    assert checkpoint.layout == "hf_v2" and checkpoint.source == "its config.json"
+    cfg = checkpoints.config_from_checkpoint(checkpoint)
     assert (cfg.embed_dim, cfg.depth, cfg.num_heads, cfg.img_size, cfg.num_frames) == (32, 2, 4, 32, 4)
     model = vmae.VideoClassifier(cfg, 0)
-    report = vmae.load_weights(model, checkpoint)
+    report = checkpoints.load_weights(model, checkpoint)
     assert report.missing_keys == [] and "WARNING" not in str(report)
     video = torch.randn(2, 3, 4, 32, 32)
     torch.testing.assert_close(pooled(model.eval(), video), pooled(source, video), atol=1e-6, rtol=0)
     classifier = vmae.VideoClassifier(cfg, 7)  # fine-tuning from it: a fresh head, said so
-    assert "starting fresh (the file has none for this model): head.weight, head.bias" in str(vmae.load_weights(classifier, checkpoint))
+    assert "starting fresh (the file has none for this model): head.weight, head.bias" in str(checkpoints.load_weights(classifier, checkpoint))
 
 
 def test_hugging_face_v2_release_has_no_decoder(tmp_path):
     v2_release(tmp_path / "v2", vmae.VideoClassifier(micro(num_heads=4), 0))
-    checkpoint = vmae.read_checkpoint(tmp_path / "v2")
-    with pytest.raises(vmae.CheckpointError) as error:
-        vmae.load_weights(vmae.PretrainVideoMAE(vmae.config_from_checkpoint(checkpoint)), checkpoint)
+    checkpoint = checkpoints.read_checkpoint(tmp_path / "v2")
+    with pytest.raises(checkpoints.CheckpointError) as error:
+        checkpoints.load_weights(vmae.PretrainVideoMAE(checkpoints.config_from_checkpoint(checkpoint)), checkpoint)
     message = str(error.value)
     assert str(tmp_path / "v2") in message and "read as Hugging Face V2 release" in message
     assert "no decoder" in message and "MCG-NJU/videomae-base" in message and "vit_g_hybrid_pt_1200e.pth" in message
@@ -116,10 +117,10 @@ def test_mmaction2_file(tmp_path):
     """Of a size of the table (demo), so the file's shapes alone give the whole model."""
     source = randomised(vmae.VideoClassifier(vmae.config("demo", **SMALL_INPUT), 5))
     mmaction2_file(tmp_path / "vit-demo_videomaev2_20230510.pth", source)
-    checkpoint = vmae.read_checkpoint(tmp_path / "vit-demo_videomaev2_20230510.pth")
-    assert checkpoint.layout == vmae.MMACTION2 and checkpoint.preset == "demo"
-    model = vmae.VideoClassifier(vmae.config_from_checkpoint(checkpoint, **SMALL_INPUT), 5)
-    report = vmae.load_weights(model, checkpoint)
+    checkpoint = checkpoints.read_checkpoint(tmp_path / "vit-demo_videomaev2_20230510.pth")
+    assert checkpoint.layout == "mmaction2" and checkpoint.preset == "demo"
+    model = vmae.VideoClassifier(checkpoints.config_from_checkpoint(checkpoint, **SMALL_INPUT), 5)
+    report = checkpoints.load_weights(model, checkpoint)
     assert report.missing_keys == [] and report.unexpected_keys == []  # its stored position table: dropped
     video = torch.randn(2, 3, 4, 32, 32)
     with torch.no_grad():
@@ -137,12 +138,12 @@ def test_the_reference_layouts_and_its_argument_namespace(tmp_path, monkeypatch)
     for container in ("model", "module"):
         torch.save({container: {f"_orig_mod.{k}": v for k, v in source.state_dict().items()}, "args": args},
                    tmp_path / "ref.pth")
-        checkpoint = vmae.read_checkpoint(tmp_path / "ref.pth")
-        assert checkpoint.layout == vmae.REFERENCE and checkpoint.source == "its stored arguments"
-        cfg = vmae.config_from_checkpoint(checkpoint)
+        checkpoint = checkpoints.read_checkpoint(tmp_path / "ref.pth")
+        assert checkpoint.layout == "reference" and checkpoint.source == "its stored arguments"
+        cfg = checkpoints.config_from_checkpoint(checkpoint)
         assert (cfg.img_size, cfg.num_frames, checkpoint.preset) == (32, 4, "small")
         model = vmae.VideoClassifier(cfg, 5)
-        vmae.load_weights(model, checkpoint)
+        checkpoints.load_weights(model, checkpoint)
         video = torch.randn(2, 3, 4, 32, 32)
         with torch.no_grad():
             torch.testing.assert_close(model.eval()(video), source(video), atol=1e-6, rtol=0)
@@ -154,7 +155,7 @@ def test_hugging_face_v1_key_bias_changes_nothing_and_is_dropped(tmp_path):
     the reference has none (a zero k bias, after BEiT: MCG-NJU/VideoMAE#41). Their model with a random key
     bias gives the outputs it gives without one, and ours, loaded from the file with it, gives them too."""
     transformers = pytest.importorskip("transformers")
-    hf_cfg = transformers.VideoMAEConfig.from_dict(vmae.hugging_face_config(micro(), "VideoMAEForVideoClassification", 5))
+    hf_cfg = transformers.VideoMAEConfig.from_dict(checkpoints.hugging_face_config(micro(), "VideoMAEForVideoClassification", 5))
     hf = randomised(transformers.VideoMAEForVideoClassification(hf_cfg))
     video = torch.randn(2, 3, 4, 32, 32)
     with torch.no_grad():
@@ -170,7 +171,7 @@ def test_hugging_face_v1_key_bias_changes_nothing_and_is_dropped(tmp_path):
     assert any(k.endswith("attention.attention.key.bias") for k in weights)
     torch.save(weights, tmp_path / "pytorch_model.bin")
     model = vmae.VideoClassifier(micro(), 5)
-    report = vmae.load_weights(model, tmp_path / "pytorch_model.bin")
+    report = checkpoints.load_weights(model, tmp_path / "pytorch_model.bin")
     assert not report.missing_keys and not report.unexpected_keys
     hf.fc_norm.eps = 1e-6  # transformers builds it with LayerNorm's default, whatever the config says
     with torch.no_grad():
@@ -183,10 +184,10 @@ def test_hugging_face_v1_key_bias_changes_nothing_and_is_dropped(tmp_path):
 
 def test_a_model_flag_that_contradicts_the_file_names_both(tmp_path):
     mmaction2_file(tmp_path / "demo.pth", vmae.VideoClassifier(vmae.config("demo", **SMALL_INPUT), 5))
-    checkpoint = vmae.read_checkpoint(tmp_path / "demo.pth")
-    assert vmae.config_from_checkpoint(checkpoint, "demo").embed_dim == 64  # agreeing is fine
-    with pytest.raises(vmae.CheckpointError) as error:
-        vmae.config_from_checkpoint(checkpoint, "small")
+    checkpoint = checkpoints.read_checkpoint(tmp_path / "demo.pth")
+    assert checkpoints.config_from_checkpoint(checkpoint, "demo").embed_dim == 64  # agreeing is fine
+    with pytest.raises(checkpoints.CheckpointError) as error:
+        checkpoints.config_from_checkpoint(checkpoint, "small")
     message = str(error.value)
     assert "--model small has embed_dim 384, depth 12, num_heads 6, patch_size 16" in message
     assert "the file has embed_dim 64, depth 4, num_heads 2, patch_size 8" in message and "demo.pth" in message
@@ -194,12 +195,12 @@ def test_a_model_flag_that_contradicts_the_file_names_both(tmp_path):
 
 def test_a_width_the_table_lacks_needs_the_model_flag(tmp_path, monkeypatch):
     torch.save({"model": vmae.VideoClassifier(micro(), 5).state_dict()}, tmp_path / "bare.pth")
-    checkpoint = vmae.read_checkpoint(tmp_path / "bare.pth")
-    with pytest.raises(vmae.CheckpointError, match=r"bare.pth \(read as the reference's\) does not tell the model's "
+    checkpoint = checkpoints.read_checkpoint(tmp_path / "bare.pth")
+    with pytest.raises(checkpoints.CheckpointError, match=r"bare.pth \(read as the reference's\) does not tell the model's "
                                                    r"size \(embed_dim 32, .*pass --model"):
-        vmae.config_from_checkpoint(checkpoint)
+        checkpoints.config_from_checkpoint(checkpoint)
     monkeypatch.setitem(vmae.SIZES, "micro", dict(MICRO))
-    assert vmae.config_from_checkpoint(checkpoint, "micro").num_heads == MICRO["num_heads"]
+    assert checkpoints.config_from_checkpoint(checkpoint, "micro").num_heads == MICRO["num_heads"]
 
 
 def test_giant_sizes_are_read_off_the_weights(tmp_path, monkeypatch):
@@ -208,11 +209,11 @@ def test_giant_sizes_are_read_off_the_weights(tmp_path, monkeypatch):
     monkeypatch.setitem(vmae.SIZES, "giant", {**vmae.SIZES["giant"], **MICRO, "embed_dim": 44, "num_heads": 4})
     cfg = vmae.config("giant", img_size=28, num_frames=4, decoder_depth=1)
     torch.save({"model": vmae.PretrainVideoMAE(cfg).state_dict()}, tmp_path / "g.pth")
-    checkpoint = vmae.read_checkpoint(tmp_path / "g.pth")
+    checkpoint = checkpoints.read_checkpoint(tmp_path / "g.pth")
     assert checkpoint.preset == "giant"
-    read = vmae.config_from_checkpoint(checkpoint, **dict(img_size=28, num_frames=4))
+    read = checkpoints.config_from_checkpoint(checkpoint, **dict(img_size=28, num_frames=4))
     assert read == cfg
-    vmae.load_weights(vmae.PretrainVideoMAE(read), checkpoint)
+    checkpoints.load_weights(vmae.PretrainVideoMAE(read), checkpoint)
 
 
 # -----------------------------------------------------------------------------------------------------
@@ -224,8 +225,8 @@ def test_a_file_that_fits_nothing_stops_naming_file_layout_and_keys(tmp_path, mo
     weights = {k.replace("blocks.", "layers."): v for k, v in vmae.VideoClassifier(micro(), 5).state_dict().items()}
     torch.save({"model": weights}, tmp_path / "renamed.pth")
     model = vmae.VideoClassifier(micro(), 5)
-    with pytest.raises(vmae.CheckpointError) as error:
-        vmae.load_weights(model, tmp_path / "renamed.pth")
+    with pytest.raises(checkpoints.CheckpointError) as error:
+        checkpoints.load_weights(model, tmp_path / "renamed.pth")
     message = str(error.value)
     assert "renamed.pth (read as the reference's)" in message and "would keep their random init" in message
     assert "blocks.0.norm1.weight" in message and "fit nothing: layers.0.norm1.weight" in message
@@ -256,7 +257,7 @@ def test_safetensors_load_without_transformers(tmp_path, monkeypatch):
     import sys
     monkeypatch.setitem(sys.modules, "transformers", None)  # any import of it fails
     v2_release(tmp_path / "v2", vmae.VideoClassifier(micro(num_heads=4), 0))
-    assert vmae.read_checkpoint(tmp_path / "v2" / "model.safetensors").layout == vmae.HF_V2
+    assert checkpoints.read_checkpoint(tmp_path / "v2" / "model.safetensors").layout == "hf_v2"
 
 
 # -----------------------------------------------------------------------------------------------------
@@ -267,7 +268,7 @@ def test_safetensors_load_without_transformers(tmp_path, monkeypatch):
 def test_hugging_face_names_round_trip(kind):
     cfg = micro(decoder_depth=2)
     weights = (vmae.PretrainVideoMAE(cfg) if kind == "pretraining" else vmae.VideoClassifier(cfg, 5)).state_dict()
-    back = vmae.from_hugging_face(vmae.to_hugging_face(weights))
+    back = checkpoints.from_hugging_face(checkpoints.to_hugging_face(weights))
     if kind == "classifier":  # read back under the pretraining encoder's names, as from any HF file
         back = {k.removeprefix("encoder."): v for k, v in back.items()}
     assert sorted(back) == sorted(weights) and all(torch.equal(back[k], weights[k]) for k in weights)
@@ -296,10 +297,10 @@ def test_an_exported_folder_loads_back_here_too(tmp_path, monkeypatch):
     source = randomised(vmae.VideoClassifier(micro(), 5))
     folder = exported(tmp_path, source)
     monkeypatch.delitem(vmae.SIZES, "micro")  # nothing but the folder can tell the size now
-    checkpoint = vmae.read_checkpoint(folder)
-    assert checkpoint.layout == vmae.HF_V1 and checkpoint.source == "its config.json"
-    model = vmae.VideoClassifier(vmae.config_from_checkpoint(checkpoint), 5)
-    vmae.load_weights(model, checkpoint)
+    checkpoint = checkpoints.read_checkpoint(folder)
+    assert checkpoint.layout == "hf_v1" and checkpoint.source == "its config.json"
+    model = vmae.VideoClassifier(checkpoints.config_from_checkpoint(checkpoint), 5)
+    checkpoints.load_weights(model, checkpoint)
     video = torch.randn(2, 3, 4, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(model.eval()(video), source(video), atol=1e-6, rtol=0)
@@ -335,13 +336,14 @@ def test_export_loads_in_transformers_without_remote_code(kind, tmp_path, monkey
     assert biases and set(biases) == {"q_bias", "v_bias"}
     hf, info = cls.from_pretrained(folder, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
-    video, mask = torch.randn(2, 3, 4, 32, 32), masking.tube_mask(2, cfg.grid, 0.5)
+    video, v1 = torch.randn(2, 3, 4, 32, 32), masking.MaskConfig(cfg.grid, "tube", 0.5, decoder_mask_ratio=0).draw(2)
     frames = video.transpose(1, 2)  # theirs: (B, T, 3, H, W)
     with torch.no_grad():
         if kind == "classifier":
             ours, run = source(video), lambda m: m(pixel_values=frames).logits
         elif kind == "pretraining":
-            ours, run = source(video, mask), lambda m: m(pixel_values=frames, bool_masked_pos=mask).logits
+            ours = source(video, v1.visible, v1.queries)
+            run = lambda m: m(pixel_values=frames, bool_masked_pos=v1.encoder).logits  # noqa: E731
         else:
             ours, run = source.encoder(video), lambda m: m(pixel_values=frames).last_hidden_state
     their_outputs_equal_ours(hf.eval(), run, ours)

@@ -49,10 +49,12 @@ def write_frames(folder: str, n: int, tmpl: str = "img_{:05}.jpg", start_idx: in
 
 
 def test_clips_are_normalised_the_way_the_model_undoes_it():
-    """data.py keeps its own copy of ImageNet's mean and std (so it need not import the model); the
-    model's target undoes the normalisation with vmae's. The two must agree."""
+    """to_tensor normalises the frames for the model; the model's raw-pixel target undoes it to x / 255."""
     import vmae
-    assert data.IMAGENET_MEAN == vmae.IMAGENET_MEAN and data.IMAGENET_STD == vmae.IMAGENET_STD
+    frames = np.random.default_rng(0).integers(0, 256, (2, 16, 16, 3), dtype=np.uint8)  # one 2 x 16 x 16 cube
+    target = vmae.reconstruction_target(data.to_tensor(frames)[None], torch.zeros(1, 1, dtype=torch.long), 16, 2,
+                                        normalize=False)  # (1, 1, 2·16·16·3): frame, row, column, channel
+    torch.testing.assert_close(target.flatten(), torch.from_numpy(frames).float().flatten() / 255, atol=1e-6, rtol=0)
 
 
 def clip_indices(clip: torch.Tensor) -> list[int]:

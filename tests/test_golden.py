@@ -34,82 +34,82 @@ def test_pretrain_state_dict_has_reference_keys_order_and_shapes(name):
     assert ours == theirs  # ... and shapes, so loading works both ways with strict=True
 
 
+def reference_masks(entry: dict, dual: bool = True) -> masking.Masks:
+    """The reference's masks of this entry with the positions the model takes, read off them."""
+    return masking.from_masks(entry["encoder_mask"], entry["decoder_mask"] if dual else None)
+
+
 @pytest.mark.parametrize("name", PRETRAIN)
 def test_pretrain_outputs_dual_masking(name):
     model, entry = pretrain_model(name)
+    masks = reference_masks(entry)
     with torch.no_grad():
-        out = model(golden_video(entry), entry["encoder_mask"], entry["decoder_mask"])
+        out = model(golden_video(entry), masks.visible, masks.queries)
     assert_probe(out, entry["outputs_dual"])
 
 
 @pytest.mark.parametrize("name", PRETRAIN)
 def test_pretrain_outputs_v1_masking(name):
     model, entry = pretrain_model(name)
-    video, enc = golden_video(entry), entry["encoder_mask"]
+    video, v1 = golden_video(entry), reference_masks(entry, dual=False)
+    # The reference's data pipeline feeds "not the encoder mask" as decoder mask when decoder masking is off;
+    # that must be the same as no decoder mask.
+    negated = masking.from_masks(entry["encoder_mask"], ~entry["encoder_mask"])
+    assert torch.equal(negated.queries, v1.queries) and torch.equal(negated.visible, v1.visible)
     with torch.no_grad():
-        out = model(video, enc)
-        # The reference's data pipeline feeds "not the encoder mask" as decoder mask when decoder masking
-        # is off; that must be the same as no decoder mask.
-        out_negated = model(video, enc, ~enc)
+        out = model(video, v1.visible, v1.queries)
     assert_probe(out, entry["outputs_v1"])
-    torch.testing.assert_close(out_negated, out, atol=0, rtol=0)
 
 
 @pytest.mark.parametrize("name", PRETRAIN)
-def test_counts_passed_up_front_give_the_same_outputs(name):
-    model, entry = pretrain_model(name)
-    video, enc, dec = golden_video(entry), entry["encoder_mask"], entry["decoder_mask"]
-    grid = tuple(entry["config"]["grid"])
-    n = entry["config"]["num_tokens"]
-    num_visible = n - masking.num_hidden("tube", grid, 0.9)
-    num_queries = n - masking.num_hidden("run_cell", grid, 0.5)
-    with torch.no_grad():
-        out = model(video, enc, dec, num_visible=num_visible, num_queries=num_queries)
-    assert_probe(out, entry["outputs_dual"])
+def test_masks_drawn_by_their_config_give_the_positions_read_off_them(name):
+    """MaskConfig knows the counts before it draws (no reading them off a mask in the training step); the
+    positions it sorts out of the masks are the ones reading the masks gives."""
+    entry = golden("pretrain_tiny")[name]
+    config = masking.MaskConfig(tuple(entry["config"]["grid"]), "tube", 0.9, "run_cell", 0.5)
+    drawn = config.draw(3)
+    read = masking.from_masks(drawn.encoder, drawn.decoder)
+    for ours, theirs in zip(drawn[2:], read[2:]):
+        assert torch.equal(ours, theirs)
+    assert (config.num_visible, config.num_queries) == (read.visible.shape[1], read.queries.shape[1])
 
 
 @pytest.mark.parametrize("name", PRETRAIN)
 def test_targets(name):
     _, entry = pretrain_model(name)
     p = entry["config"]["patch_size"]
-    video = golden_video(entry)
-    kept = vmae.mask_indices(entry["decoder_mask"])[0]
-    hidden = vmae.mask_indices(entry["encoder_mask"])[1]
-    target = vmae.reconstruction_target(video, p, 2)
-    raw = vmae.reconstruction_target(video, p, 2, normalize=False)
-    assert_probe(vmae.gather_tokens(target, kept), entry["target_dual"], rtol=1e-3)
-    assert_probe(vmae.gather_tokens(target, hidden), entry["target_v1"], rtol=1e-3)
-    assert_probe(vmae.gather_tokens(raw, kept), entry["target_dual_raw"])
+    video, dual, v1 = golden_video(entry), reference_masks(entry), reference_masks(entry, dual=False)
+    assert_probe(vmae.reconstruction_target(video, dual.queries, p, 2), entry["target_dual"], rtol=1e-3)
+    assert_probe(vmae.reconstruction_target(video, v1.queries, p, 2), entry["target_v1"], rtol=1e-3)
+    assert_probe(vmae.reconstruction_target(video, dual.queries, p, 2, normalize=False), entry["target_dual_raw"])
 
 
 @pytest.mark.parametrize("name", PRETRAIN)
 def test_losses(name):
     model, entry = pretrain_model(name)
     p = entry["config"]["patch_size"]
-    video, enc, dec = golden_video(entry), entry["encoder_mask"], entry["decoder_mask"]
-    target = vmae.reconstruction_target(video, p, 2)
-    raw = vmae.reconstruction_target(video, p, 2, normalize=False)
+    video, dual, v1 = golden_video(entry), reference_masks(entry), reference_masks(entry, dual=False)
     with torch.no_grad():
-        out_dual, out_v1 = model(video, enc, dec), model(video, enc)
-    assert vmae.pretrain_loss(out_dual, target, enc, dec).item() == pytest.approx(entry["loss_dual"], rel=1e-3)
-    assert vmae.pretrain_loss(out_v1, target, enc).item() == pytest.approx(entry["loss_v1"], rel=1e-3)
-    assert vmae.pretrain_loss(out_dual, raw, enc, dec).item() == pytest.approx(
+        out_dual, out_v1 = model(video, dual.visible, dual.queries), model(video, v1.visible, v1.queries)
+    target_dual, target_v1 = (vmae.reconstruction_target(video, m.queries, p, 2) for m in (dual, v1))
+    raw = vmae.reconstruction_target(video, dual.queries, p, 2, normalize=False)
+    assert vmae.pretrain_loss(out_dual, target_dual, dual.in_loss).item() == pytest.approx(entry["loss_dual"], rel=1e-3)
+    assert vmae.pretrain_loss(out_v1, target_v1, v1.in_loss).item() == pytest.approx(entry["loss_v1"], rel=1e-3)
+    assert vmae.pretrain_loss(out_dual, raw, dual.in_loss).item() == pytest.approx(
         entry["loss_dual_with_raw_target"], rel=1e-5)
 
 
 @pytest.mark.parametrize("name", PRETRAIN)
 def test_loss_mask_and_token_counts(name):
     _, entry = pretrain_model(name)
-    enc, dec = entry["encoder_mask"], entry["decoder_mask"]
-    kept, _ = vmae.mask_indices(dec)
-    assert torch.equal(enc.gather(1, kept), entry["loss_mask_dual"])
+    dual, v1 = reference_masks(entry), reference_masks(entry, dual=False)
+    assert torch.equal(dual.in_loss, entry["loss_mask_dual"])
     counts = entry["token_counts"]
-    visible, hidden = vmae.mask_indices(enc)
-    assert visible.shape[1] == counts["encoder_tokens"]
-    assert visible.shape[1] + kept.shape[1] == counts["decoder_input_tokens_dual"]
-    assert kept.shape[1] == counts["decoder_predictions_dual"]
+    assert dual.visible.shape[1] == counts["encoder_tokens"]
+    assert dual.visible.shape[1] + dual.queries.shape[1] == counts["decoder_input_tokens_dual"]
+    assert dual.queries.shape[1] == counts["decoder_predictions_dual"]
     assert int(entry["loss_mask_dual"][0].sum()) == counts["loss_tokens_dual"]
-    assert hidden.shape[1] == counts["decoder_predictions_v1"]
+    assert v1.queries.shape[1] == counts["decoder_predictions_v1"] and v1.in_loss.all()
 
 
 @pytest.mark.parametrize("name", PRETRAIN)

@@ -90,7 +90,7 @@ def test_visible_only_embedding_equals_conv3d_with_gradients():
     cfg = tiny()
     embed = vmae.CubeEmbed(cfg)
     video = torch.randn(3, 3, cfg.num_frames, cfg.img_size, cfg.img_size)
-    keep = vmae.mask_indices(masking.tube_mask(3, cfg.grid, 0.75))[0]  # (B, N_vis)
+    keep = masking.MaskConfig(cfg.grid, "tube", 0.75).draw(3).visible  # (B, N_vis)
 
     ours = embed(video, keep)
     ours.square().sum().backward()
@@ -160,12 +160,12 @@ def test_forward_features_pools_all_tokens():
 def test_other_frame_counts_and_sizes(frames, size, patch):
     cfg = tiny(num_frames=frames, img_size=size, patch_size=patch)
     video = torch.randn(2, 3, frames, size, size)
-    enc = masking.tube_mask(2, cfg.grid, 0.75)
-    out = vmae.PretrainVideoMAE(cfg)(video, enc)
+    v1 = masking.MaskConfig(cfg.grid, "tube", 0.75, decoder_mask_ratio=0).draw(2)
+    out = vmae.PretrainVideoMAE(cfg)(video, v1.visible, v1.queries)
     assert out.shape == (2, masking.num_hidden("tube", cfg.grid, 0.75), 3 * 2 * patch ** 2)
     if cfg.grid[1] % 2 == 0:
-        dec = masking.running_cell_mask(2, cfg.grid, 0.5)
-        assert vmae.PretrainVideoMAE(cfg)(video, enc, dec).shape[1] == cfg.num_tokens // 2
+        dual = masking.MaskConfig(cfg.grid, "tube", 0.75, "run_cell", 0.5).draw(2)
+        assert vmae.PretrainVideoMAE(cfg)(video, dual.visible, dual.queries).shape[1] == cfg.num_tokens // 2
     assert vmae.VideoClassifier(cfg, 3)(video).shape == (2, 3)
 
 
@@ -184,7 +184,8 @@ def test_target_layout_uses_the_real_tubelet(tubelet):
     pixels = (c * 1000 + t * 100 + y * 10 + x)[None] / 4096  # (1, 3, T, H, W), in [0, 1)
     mean = torch.tensor(vmae.IMAGENET_MEAN).view(1, 3, 1, 1, 1)
     std = torch.tensor(vmae.IMAGENET_STD).view(1, 3, 1, 1, 1)
-    target = vmae.reconstruction_target((pixels - mean) / std, p, tubelet, normalize=False)
+    every = torch.arange((T // tubelet) * 4)[None]
+    target = vmae.reconstruction_target((pixels - mean) / std, every, p, tubelet, normalize=False)
     assert target.shape == (1, (T // tubelet) * 4, 3 * tubelet * p * p)
     for token, (tt, hh, ww) in [(0, (0, 0, 0)), (5, (1, 0, 1)), ((T // tubelet) * 4 - 1, (T // tubelet - 1, 1, 1))]:
         for dt, dy, dx, ch in [(0, 0, 0, 0), (tubelet - 1, 3, 2, 1), (tubelet // 2, 1, 3, 2)]:
@@ -196,16 +197,16 @@ def test_target_layout_uses_the_real_tubelet(tubelet):
 @pytest.mark.parametrize("normalize", [True, False])
 def test_target_at_some_tokens_equals_those_rows_of_the_full_target(normalize):
     video = torch.randn(2, 3, 4, 32, 32)
-    tokens = vmae.mask_indices(masking.random_mask(2, (2, 2, 2), 0.5))[0]
-    full = vmae.reconstruction_target(video, 16, 2, normalize)
-    torch.testing.assert_close(vmae.reconstruction_target(video, 16, 2, normalize, tokens),
+    tokens = masking.MaskConfig((2, 2, 2), "random", 0.5).draw(2).visible
+    full = vmae.reconstruction_target(video, torch.arange(8).expand(2, 8), 16, 2, normalize)
+    torch.testing.assert_close(vmae.reconstruction_target(video, tokens, 16, 2, normalize),
                                vmae.gather_tokens(full, tokens), atol=0, rtol=0)
 
 
 def test_normalised_target_is_per_cube_per_channel():
     video = torch.randn(2, 3, 4, 16, 16)
-    target = vmae.reconstruction_target(video, 8, 2).unflatten(-1, (-1, 3))  # (B, N, 2·8·8, 3)
-    torch.testing.assert_close(target.mean(dim=2), torch.zeros(2, 8, 3), atol=1e-5, rtol=0)
+    target = vmae.reconstruction_target(video, torch.arange(8).expand(2, 8), 8, 2).unflatten(-1, (-1, 3))
+    torch.testing.assert_close(target.mean(dim=2), torch.zeros(2, 8, 3), atol=1e-5, rtol=0)  # (B, N, 2·8·8, 3)
     torch.testing.assert_close(target.std(dim=2), torch.ones(2, 8, 3), atol=1e-4, rtol=0)
 
 
@@ -213,32 +214,31 @@ def test_normalised_target_is_per_cube_per_channel():
 def test_loss_equals_a_per_sample_loop(dual):
     cfg = tiny()
     B, N, F_ = 3, cfg.num_tokens, cfg.cube_dim
-    enc = masking.tube_mask(B, cfg.grid, 0.75)
-    dec = masking.running_cell_mask(B, cfg.grid, 0.5) if dual else None
-    queries = ~dec if dual else enc  # where the decoder predicts
-    n_q = int(queries[0].sum())
-    pred, target = torch.randn(B, n_q, F_), torch.randn(B, N, F_)
+    drawn = masking.MaskConfig(cfg.grid, "tube", 0.75, "run_cell", 0.5 if dual else 0).draw(B)
+    enc = drawn.encoder
+    queries = ~drawn.decoder if dual else enc  # where the decoder predicts
+    pred, target = torch.randn(B, drawn.queries.shape[1], F_), torch.randn(B, N, F_)
     total, cubes = 0.0, 0
     for b in range(B):  # boolean indexing, one clip at a time: the reference's formulation
         err = (pred[b] - target[b][queries[b]]).pow(2).mean(dim=-1)  # (N_q,)
         counted = enc[b][queries[b]]
         total += err[counted].sum().item()
         cubes += int(counted.sum())
-    assert vmae.pretrain_loss(pred, target, enc, dec).item() == pytest.approx(total / cubes, rel=1e-5)
-    queries = vmae.query_indices(enc, dec, n_q)  # the caller's own, as the training step passes them
-    assert vmae.pretrain_loss(pred, target, enc, dec, queries).item() == pytest.approx(total / cubes, rel=1e-5)
+    loss = vmae.pretrain_loss(pred, vmae.gather_tokens(target, drawn.queries), drawn.in_loss)
+    assert loss.item() == pytest.approx(total / cubes, rel=1e-5)
 
 
-def test_forward_with_the_callers_query_positions_is_the_same_forward():
-    """The training step sorts the masks once and hands the model its query positions; the model's own sort
-    (dual masking and V1) must pick the same positions in the same order."""
-    model = vmae.PretrainVideoMAE(tiny()).eval()
-    video, enc, dec = step_inputs(model.cfg)
-    for d in (dec, None):
-        own = model(video, enc, d)
-        given = model(video, enc, d, queries=vmae.query_indices(enc, d))
-        assert own.shape[1] == int((~dec[0]).sum() if d is not None else enc[0].sum())
-        assert torch.equal(own, given)
+def test_positions_are_the_masks_sorted():
+    """The positions the model takes are exactly where the masks say, ascending: the encoder's visible ones,
+    the decoder's kept ones (or, V1, every hidden one), and in_loss marks the queries the encoder did not see."""
+    cfg = tiny()
+    for decoder_ratio in (0.5, 0):
+        drawn = masking.MaskConfig(cfg.grid, "tube", 0.75, "random", decoder_ratio).draw(4)
+        for b in range(4):
+            queried = ~drawn.decoder[b] if decoder_ratio else drawn.encoder[b]
+            assert torch.equal(drawn.visible[b], (~drawn.encoder[b]).nonzero().flatten())
+            assert torch.equal(drawn.queries[b], queried.nonzero().flatten())
+            assert torch.equal(drawn.in_loss[b], drawn.encoder[b][drawn.queries[b]])
 
 
 def test_drop_path_drops_whole_samples():
@@ -256,17 +256,16 @@ def test_drop_path_rates_ramp_per_stack():
     assert [b.drop_path_rate for b in model.decoder.blocks] == pytest.approx([0.0, 0.2])
 
 
-def pretrain_step(model, video, enc, dec):
+def pretrain_step(model, video, drawn):
     cfg = model.cfg
-    pred = model(video, enc, dec, num_visible=cfg.num_tokens - masking.num_hidden("tube", cfg.grid, 0.75),
-                 num_queries=cfg.num_tokens - masking.num_hidden("run_cell", cfg.grid, 0.5))
-    target = vmae.reconstruction_target(video, cfg.patch_size, cfg.tubelet_size)
-    return vmae.pretrain_loss(pred, target, enc, dec)
+    pred = model(video, drawn.visible, drawn.queries)
+    target = vmae.reconstruction_target(video, drawn.queries, cfg.patch_size, cfg.tubelet_size)
+    return vmae.pretrain_loss(pred, target, drawn.in_loss)
 
 
 def step_inputs(cfg, batch=2):
     video = torch.randn(batch, 3, cfg.num_frames, cfg.img_size, cfg.img_size)
-    return video, masking.tube_mask(batch, cfg.grid, 0.75), masking.running_cell_mask(batch, cfg.grid, 0.5)
+    return video, masking.MaskConfig(cfg.grid, "tube", 0.75, "run_cell", 0.5).draw(batch)
 
 
 def test_activation_checkpointing_gives_the_same_gradients():
@@ -297,3 +296,18 @@ def test_compiled_train_step_is_one_graph_and_matches_eager(backend):
     torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=1e-5)
     for a, b in zip(model.parameters(), eager_grads):
         torch.testing.assert_close(a.grad, b, atol=1e-5, rtol=1e-4)
+
+
+def test_the_whole_training_step_masks_included_compiles_to_one_graph():
+    """The recipe's step draws its masks inside: their counts are plain numbers of the MaskConfig, so drawing
+    and sorting them breaks no graph either."""
+    import train_pretrain
+    cfg = tiny()
+    model, video = vmae.PretrainVideoMAE(cfg), torch.randn(2, 3, cfg.num_frames, cfg.img_size, cfg.img_size)
+    masks = masking.MaskConfig(cfg.grid, "tube", 0.75, "run_cell", 0.5)
+    torch.manual_seed(1)
+    eager = train_pretrain.pretrain_step_loss(model, cfg, video, masks)
+    torch._dynamo.reset()
+    torch.manual_seed(1)
+    compiled = torch.compile(train_pretrain.pretrain_step_loss, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(model, cfg, video, masks), eager, atol=1e-6, rtol=1e-6)

@@ -23,11 +23,13 @@ import shlex
 import shutil
 import subprocess
 import sys
+from itertools import takewhile
 from pathlib import Path
 
 import pytest
 import torch
 
+import checkpoints
 import vmae
 from test_train_pretrain import MICRO
 
@@ -36,7 +38,8 @@ README = (ROOT / "README.md").read_text()
 SCRIPTS = {"train_pretrain.py", "train_finetune.py", "visualize.py", "bench.py", "study.py", "extract_features.py",
            "export_hf.py"}
 # flags whose value is a file or folder that parse_args may check or read
-PATH_FLAGS = {"--data_path", "--finetune", "--resume", "--checkpoint", "--label_map", "--video", "--frames"}
+PATH_FLAGS = {"--data_path", "--finetune", "--resume", "--checkpoint", "--checkpoints", "--label_map", "--video",
+              "--frames"}
 SHELL_VARIABLES = {"NODE_RANK": "0", "HOST": "localhost", "MASTER_HOST": "localhost"}
 
 
@@ -89,9 +92,11 @@ def stand_in(flag: str, value: str, tmp_path: Path, model: str) -> str:
     path.parent.mkdir(parents=True, exist_ok=True)
     if flag in ("--data_path", "--frames") and (value.endswith("/") or "." not in Path(value).name):
         path.mkdir(exist_ok=True)
-    elif flag in ("--finetune", "--resume", "--checkpoint"):
-        # parse_args reads the checkpoint for the size it states: the command's --model, or base
-        torch.save({"model": {}, "args": {"model": model}}, path)
+    elif flag in ("--finetune", "--resume", "--checkpoint", "--checkpoints"):
+        # parse_args reads the checkpoint for the size it states (the command's --model, or base) and may
+        # check that it has a decoder
+        decoder = {"mask_token": torch.zeros(1, 1, 1), "decoder.head.bias": torch.zeros(1)}
+        torch.save({"model": decoder, "args": {"model": model}}, path)
     elif flag == "--label_map":
         path.write_text(json.dumps(list(range(400))))
     else:
@@ -104,7 +109,8 @@ def substitute(argv: list[str], tmp_path: Path) -> list[str]:
     model = out[out.index("--model") + 1] if "--model" in out[:-1] else "base"
     for i, token in enumerate(out[:-1]):
         if token in PATH_FLAGS:
-            out[i + 1] = stand_in(token, out[i + 1], tmp_path, model)
+            values = len(list(takewhile(lambda t: not t.startswith("-"), out[i + 1:]))) if token == "--checkpoints" else 1
+            out[i + 1:i + 1 + values] = [stand_in(token, v, tmp_path, model) for v in out[i + 1:i + 1 + values]]
     return out
 
 
@@ -314,18 +320,18 @@ def loader_output(tmp_path: Path) -> list[str]:
     def say(what):
         try:
             lines.extend(str(what()).splitlines())
-        except vmae.CheckpointError as e:
+        except checkpoints.CheckpointError as e:
             lines.extend(str(e).splitlines())
-    say(lambda: vmae.load_weights(vmae.VideoClassifier(cfg, 400), tmp_path / "pretrain.pth"))  # left out, fresh
-    say(lambda: vmae.load_weights(vmae.VideoClassifier(cfg, 0), tmp_path / "classifier.pth"))  # no head here
-    say(lambda: vmae.load_weights(vmae.VideoClassifier(cfg, 400), tmp_path / "classifier.pth"))  # dropping head
-    say(lambda: vmae.load_weights(vmae.VideoClassifier(cfg, 710), tmp_path / "no_fc_norm.pth"))  # head without fc_norm
-    say(lambda: vmae.load_weights(vmae.VideoClassifier(cfg, 710), tmp_path / "extra.pth"))  # fits nothing
-    say(lambda: vmae.load_weights(vmae.VideoClassifier(cfg, 710), tmp_path / "renamed.pth"))  # random init: stops
-    say(lambda: vmae.load_weights(vmae.PretrainVideoMAE(cfg), tmp_path / "classifier.pth"))  # no decoder
-    say(lambda: vmae.load_weights(vmae.PretrainVideoMAE(cfg), tmp_path / "small.pth"))  # another size
-    say(lambda: vmae.config_from_checkpoint(vmae.read_checkpoint(tmp_path / "pretrain.pth"), "base"))  # --model
-    say(lambda: vmae.config_from_checkpoint(vmae.read_checkpoint(tmp_path / "pretrain.pth")))  # no size
+    say(lambda: checkpoints.load_weights(vmae.VideoClassifier(cfg, 400), tmp_path / "pretrain.pth"))  # left out, fresh
+    say(lambda: checkpoints.load_weights(vmae.VideoClassifier(cfg, 0), tmp_path / "classifier.pth"))  # no head here
+    say(lambda: checkpoints.load_weights(vmae.VideoClassifier(cfg, 400), tmp_path / "classifier.pth"))  # dropping head
+    say(lambda: checkpoints.load_weights(vmae.VideoClassifier(cfg, 710), tmp_path / "no_fc_norm.pth"))  # head without fc_norm
+    say(lambda: checkpoints.load_weights(vmae.VideoClassifier(cfg, 710), tmp_path / "extra.pth"))  # fits nothing
+    say(lambda: checkpoints.load_weights(vmae.VideoClassifier(cfg, 710), tmp_path / "renamed.pth"))  # random init: stops
+    say(lambda: checkpoints.load_weights(vmae.PretrainVideoMAE(cfg), tmp_path / "classifier.pth"))  # no decoder
+    say(lambda: checkpoints.load_weights(vmae.PretrainVideoMAE(cfg), tmp_path / "small.pth"))  # another size
+    say(lambda: checkpoints.config_from_checkpoint(checkpoints.read_checkpoint(tmp_path / "pretrain.pth"), "base"))  # --model
+    say(lambda: checkpoints.config_from_checkpoint(checkpoints.read_checkpoint(tmp_path / "pretrain.pth")))  # no size
     return [line.strip() for line in lines]
 
 

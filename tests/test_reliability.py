@@ -37,8 +37,10 @@ def rows(out: Path) -> list[dict]:
 # Flags
 
 
-def test_within_takes_the_interval_it_states():
-    unit, positive, count = engine.within("[0, 1)"), engine.within("(0, inf)"), engine.within("[1, 100]", int)
+def test_a_range_takes_the_interval_it_states():
+    Range = engine.Range
+    unit, positive, count = Range(float, 0, 1, open_high=True), Range(float, 0, open_low=True), Range(int, 1, 100)
+    assert (str(unit), str(positive), str(count)) == ("[0, 1)", "(0, inf)", "[1, 100]")
     assert unit("0") == 0 and unit("0.999") == 0.999 and positive("1e-30") == 1e-30 and count("100") == 100
     for parse, text in [(unit, "1"), (unit, "-0.0001"), (unit, "nan"), (positive, "0"), (positive, "inf"),
                         (positive, "-inf"), (count, "0"), (count, "101"), (count, "1.5"), (count, "1e2"),
@@ -54,7 +56,7 @@ def scripts() -> list[str]:
 
 @pytest.mark.parametrize("name", scripts())
 def test_every_numeric_flag_states_its_valid_range(name, monkeypatch):
-    """No flag of any script parses a bare int or float: each takes engine.within (or another checking type),
+    """No flag of any script parses a bare int or float: each takes engine.Range (or another checking type),
     so a value out of range stops at parse time with the flag's name."""
     class Parsed(Exception):
         pass

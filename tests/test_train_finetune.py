@@ -14,6 +14,7 @@ import data
 import engine
 import masking
 import train_finetune as tf
+import checkpoints
 import vmae
 from conftest import assert_probe, config_from_reference, golden, golden_video
 from test_train_pretrain import micro, refused  # noqa: F401 (micro is a fixture)
@@ -90,8 +91,8 @@ def test_multi_view_test_equals_a_plain_recomputation(trained, tmp_path, segment
 
     with pytest.MonkeyPatch.context() as m:
         m.setitem(vmae.SIZES, "micro", MICRO)
-        args = tf.parse_args(argv)
-    model = vmae.VideoClassifier(args.cfg, 8).eval()
+        args, cfg, _, _ = tf.parse_args(argv)
+    model = vmae.VideoClassifier(cfg, 8).eval()
     model.load_state_dict(torch.load(checkpoint, weights_only=True)["model"])
     test_set = tf.build_dataset("test", args, engine.Dist(0, 1, 0, torch.device("cpu")))
     probs, labels, clip_hits = torch.zeros(8, 8), torch.zeros(8, dtype=torch.long), 0
@@ -173,7 +174,7 @@ def test_overfits_a_fixed_labelled_set():
     optimizer = engine.make_optimizer(engine.param_groups(model, 0.05, layer_decay=0.75), 3e-3, (0.9, 0.999), 1e-8,
                                   torch.device("cpu"))
     clips, labels = torch.randn(8, 3, 4, 32, 32), torch.tensor([0, 1, 2, 3, 4, 0, 1, 2])
-    args = tf.parse_args(["--mixup", "0", "--cutmix", "0", "--smoothing", "0.1", "--nb_classes", "5"])
+    args = tf.parse_args(["--mixup", "0", "--cutmix", "0", "--smoothing", "0.1", "--nb_classes", "5"]).args
     for _ in range(60):
         _, targets = tf.mix(clips, labels, args)
         F.cross_entropy(model(clips), targets).backward()
@@ -185,10 +186,10 @@ def test_overfits_a_fixed_labelled_set():
 def test_mixup_prob_decides_whether_a_batch_is_mixed():
     clips = torch.arange(4.0).view(4, 1, 1, 1, 1).expand(4, 3, 4, 8, 8).clone()
     labels = torch.arange(4)
-    plain = tf.parse_args(["--mixup_prob", "0", "--nb_classes", "4", "--smoothing", "0.2"])
+    plain = tf.parse_args(["--mixup_prob", "0", "--nb_classes", "4", "--smoothing", "0.2"]).args
     mixed, targets = tf.mix(clips.clone(), labels, plain)
     assert torch.equal(mixed, clips) and torch.allclose(targets, 0.8 * torch.eye(4) + 0.05)
-    always = tf.parse_args(["--mixup_prob", "1", "--mixup", "0", "--cutmix", "1", "--nb_classes", "4"])
+    always = tf.parse_args(["--mixup_prob", "1", "--mixup", "0", "--cutmix", "1", "--nb_classes", "4"]).args
     mixed, targets = tf.mix(clips.clone(), labels, always)
     assert torch.allclose(targets.sum(1), torch.ones(4))
     from_partner = mixed[0] == 3  # one cutmix box, the same in every frame and channel
@@ -203,16 +204,16 @@ def test_demo_and_checkpoint_defaults(trained):
     checkpoint = str(trained["out"] / "checkpoint-best.pth")
     with pytest.MonkeyPatch.context() as m:
         m.setitem(vmae.SIZES, "micro", MICRO)
-        args = tf.parse_args(["--finetune", checkpoint])
-        explicit = tf.parse_args(["--finetune", checkpoint, "--num_frames", "8", "--data_path", "."])
+        args = tf.parse_args(["--finetune", checkpoint]).args
+        explicit = tf.parse_args(["--finetune", checkpoint, "--num_frames", "8", "--data_path", "."]).args
     assert (args.model, args.input_size, args.num_frames, args.nb_classes) == ("micro", 32, 4, 8)  # from the checkpoint
     assert args.batch_size == tf.DEMO["batch_size"] and args.short_side_size == 32
     assert explicit.num_frames == 8 and explicit.batch_size == 64  # explicit flag; reference default with data
     with pytest.MonkeyPatch.context() as m:
         m.setitem(vmae.SIZES, "micro", MICRO)
-        resumed = tf.parse_args(["--eval", "--resume", checkpoint])
+        resumed = tf.parse_args(["--eval", "--resume", checkpoint]).args
     assert (resumed.model, resumed.input_size, resumed.num_frames, resumed.nb_classes) == ("micro", 32, 4, 8)
-    probe = tf.parse_args(["--linear_probe"])
+    probe = tf.parse_args(["--linear_probe"]).args
     assert probe.mixup == 0 and probe.drop_path == 0 and probe.aa == "none"
 
 
@@ -318,10 +319,11 @@ def test_reference_pretraining_checkpoint_loads_compiled_and_wrapped(tmp_path):
     entry = golden("pretrain_tiny")["p16"]
     model = vmae.PretrainVideoMAE(config_from_reference(entry["official_kwargs"])).eval()
     compiled = {"model": {f"_orig_mod.{k}": v for k, v in entry["state_dict"].items()}}  # the reference's compiled runs
-    result = vmae.load_weights(model, save(tmp_path, compiled))
+    result = checkpoints.load_weights(model, save(tmp_path, compiled))
     assert not result.missing_keys and not result.unexpected_keys and "WARNING" not in str(result)
     with torch.no_grad():
-        assert_probe(model(golden_video(entry), entry["encoder_mask"], entry["decoder_mask"]), entry["outputs_dual"])
+        masks = masking.from_masks(entry["encoder_mask"], entry["decoder_mask"])
+        assert_probe(model(golden_video(entry), masks.visible, masks.queries), entry["outputs_dual"])
 
 
 def test_reference_pretraining_encoder_into_a_classifier(tmp_path):
@@ -330,7 +332,7 @@ def test_reference_pretraining_encoder_into_a_classifier(tmp_path):
     pretrained = golden("pretrain_tiny")["p16"]["state_dict"]
     expected = golden("finetune_tiny")["load_pretrain_p16"]
     model = vmae.VideoClassifier(config_from_reference(golden("finetune_tiny")["official_kwargs"]), 5)
-    result = vmae.load_weights(model, save(tmp_path, {"module": pretrained}))  # DeepSpeed's key
+    result = checkpoints.load_weights(model, save(tmp_path, {"module": pretrained}))  # DeepSpeed's key
     assert sorted(result.missing_keys) == sorted(expected["missing_keys"])
     assert sorted(result.unexpected_keys) == sorted(expected["unexpected_keys"])
     printed = str(result)
@@ -342,7 +344,7 @@ def test_reference_pretraining_encoder_into_a_classifier(tmp_path):
 def test_reference_classifier_gives_its_logits(tmp_path):
     entry = golden("finetune_tiny")
     model = vmae.VideoClassifier(config_from_reference(entry["official_kwargs"]), 5).eval()
-    vmae.load_weights(model, save(tmp_path, {"model": {f"backbone.{k}": v for k, v in entry["state_dict"].items()}}))
+    checkpoints.load_weights(model, save(tmp_path, {"model": {f"backbone.{k}": v for k, v in entry["state_dict"].items()}}))
     with torch.no_grad():
         torch.testing.assert_close(model(golden_video(entry)), entry["logits"], atol=1e-5, rtol=1e-4)
 
@@ -353,14 +355,14 @@ def test_head_of_another_class_count(tmp_path):
     path = save(tmp_path, {"model": entry["state_dict"]})
     cfg = config_from_reference(entry["official_kwargs"])
     model = vmae.VideoClassifier(cfg, 3)
-    result = vmae.load_weights(model, path)
+    result = checkpoints.load_weights(model, path)
     assert result.missing_keys == ["head.weight", "head.bias"]
     assert "dropping head.weight (5, 64), a head for another class count" in str(result)
     model = vmae.VideoClassifier(cfg, 3)
-    assert vmae.load_weights(model, path, label_map=[4, 0, 2]).missing_keys == []
+    assert checkpoints.load_weights(model, path, label_map=[4, 0, 2]).missing_keys == []
     torch.testing.assert_close(model.head.weight, entry["state_dict"]["head.weight"][[4, 0, 2]].float())
-    with pytest.raises(vmae.CheckpointError, match="label_map row 7 is past the end of its 5-class head"):
-        vmae.load_weights(vmae.VideoClassifier(cfg, 3), path, label_map=[7, 0, 2])
+    with pytest.raises(checkpoints.CheckpointError, match="label_map row 7 is past the end of its 5-class head"):
+        checkpoints.load_weights(vmae.VideoClassifier(cfg, 3), path, label_map=[7, 0, 2])
 
 
 def hf_config(**extra):
@@ -387,7 +389,7 @@ def test_hugging_face_classifier_gives_its_logits(tmp_path):
     hf.fc_norm.eps = 1e-6  # built with LayerNorm's default 1e-5, whatever the config says
     hf.save_pretrained(tmp_path)  # model.safetensors
     model = vmae.VideoClassifier(vmae.config("small", **MICRO, img_size=32, num_frames=4), 5).eval()
-    result = vmae.load_weights(model, tmp_path / "model.safetensors")
+    result = checkpoints.load_weights(model, tmp_path / "model.safetensors")
     assert not result.missing_keys and not result.unexpected_keys
     video = torch.randn(2, 3, 4, 32, 32)
     with torch.no_grad():
@@ -405,9 +407,9 @@ def test_hugging_face_pretraining_model_gives_its_predictions(tmp_path, bias_nam
         weights = {k.replace("query.bias", "q_bias").replace("value.bias", "v_bias"): v for k, v in weights.items()}
     cfg = vmae.config("small", **MICRO, img_size=32, num_frames=4, decoder_depth=2)
     model = vmae.PretrainVideoMAE(cfg).eval()
-    result = vmae.load_weights(model, save(tmp_path, weights, "pytorch_model.bin"))
+    result = checkpoints.load_weights(model, save(tmp_path, weights, "pytorch_model.bin"))
     assert not result.missing_keys and not result.unexpected_keys
-    video, mask = torch.randn(2, 3, 4, 32, 32), masking.tube_mask(2, cfg.grid, 0.5)  # the same count per clip
+    video, v1 = torch.randn(2, 3, 4, 32, 32), masking.MaskConfig(cfg.grid, "tube", 0.5, decoder_mask_ratio=0).draw(2)
     with torch.no_grad():
-        theirs = hf(pixel_values=video.transpose(1, 2), bool_masked_pos=mask).logits
-        torch.testing.assert_close(model(video, mask), theirs, atol=1e-5, rtol=0)  # V1: no decoder mask
+        theirs = hf(pixel_values=video.transpose(1, 2), bool_masked_pos=v1.encoder).logits
+        torch.testing.assert_close(model(video, v1.visible, v1.queries), theirs, atol=1e-5, rtol=0)  # V1: theirs

@@ -11,12 +11,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
+import torch.distributed
 import torch.multiprocessing as mp
 
 import engine
 import masking
 import train_pretrain as tp
+import checkpoints
 import vmae
 from conftest import config_from_reference, golden
 
@@ -107,12 +108,11 @@ def test_loss_falls_on_a_fixed_batch(dual):
     model = vmae.PretrainVideoMAE(cfg)
     opt = engine.make_optimizer(engine.param_groups(model, 0.0), 1e-2, (0.9, 0.95), 1e-8, torch.device("cpu"))
     video = torch.randn(4, 3, 4, 32, 32)
-    enc = masking.tube_mask(4, cfg.grid, 0.75)
-    dec = masking.running_cell_mask(4, cfg.grid, 0.5) if dual else None
-    target = vmae.reconstruction_target(video, cfg.patch_size, cfg.tubelet_size)
+    masks = masking.MaskConfig(cfg.grid, "tube", 0.75, "run_cell", 0.5 if dual else 0).draw(4)
+    target = vmae.reconstruction_target(video, masks.queries, cfg.patch_size, cfg.tubelet_size)
     losses = []
     for _ in range(80):
-        loss = vmae.pretrain_loss(model(video, enc, dec), target, enc, dec)
+        loss = vmae.pretrain_loss(model(video, masks.visible, masks.queries), target, masks.in_loss)
         loss.backward()
         opt.step()
         opt.zero_grad()
@@ -137,7 +137,7 @@ def test_one_run_writes_loadable_checkpoints_and_logs(micro, tmp_path, capsys):
     state = torch.load(tmp_path / "checkpoint-2.pth", weights_only=True)
     assert set(state) >= {"model", "optimizer", "epoch", "scaler", "args", "step"}
     assert state["epoch"] == 2 and state["step"] == 3 * 4
-    model = vmae.PretrainVideoMAE(vmae.config_from_checkpoint(vmae.read_checkpoint(tmp_path / "checkpoint-2.pth")))
+    model = vmae.PretrainVideoMAE(checkpoints.config_from_checkpoint(checkpoints.read_checkpoint(tmp_path / "checkpoint-2.pth")))
     model.load_state_dict(state["model"], strict=True)  # plain keys, no module. / _orig_mod.
 
 
@@ -351,11 +351,11 @@ def test_pretraining_refuses_bad_input_by_name(flags, message, bad_inputs, micro
 def test_the_demo_builds_the_laptop_size_with_masks_it_can_make():
     """No flags: the demo size at 32 px, whose 4 x 4 frame a 75 % tube mask leaves 4 cubes of and a 50 %
     running cell halves; the laptop size is not one of the reference's and so has no reference name."""
-    args = tp.parse_args([])
-    assert args.model == "demo" and args.cfg.grid == (4, 4, 4) and args.cfg.embed_dim == 64
-    enc, dec, num_visible, num_queries = tp.mask_config(args).draw(3, args.cfg.grid)
-    assert num_visible == 4 * 4 and num_queries == 64 // 2
-    assert ((~enc).sum(1) == num_visible).all() and ((~dec).sum(1) == num_queries).all()
+    args, cfg, masks, _ = tp.parse_args([])
+    assert args.model == "demo" and cfg.grid == (4, 4, 4) and cfg.embed_dim == 64
+    drawn = masks.draw(3)
+    assert masks.num_visible == 4 * 4 and masks.num_queries == 64 // 2
+    assert ((~drawn.encoder).sum(1) == masks.num_visible).all() and ((~drawn.decoder).sum(1) == masks.num_queries).all()
     assert "demo" not in vmae.ALIASES.values() and set(vmae.ALIASES.values()) == set(vmae.PAPER_SIZES)
 
 
@@ -386,21 +386,21 @@ def torchrun_env(rank: int, world: int, port: int) -> None:
     torch.set_num_threads(1)
 
 
-def ddp_gradients(rank: int, world: int, port: int, video, enc, dec, result_file: str):
+def ddp_gradients(rank: int, world: int, port: int, video, masks, result_file: str):
     """Gradients after one backward on this rank's share of a fixed global batch, under DDP."""
     torchrun_env(rank, world, port)
-    d = engine.setup_distributed("cpu")
+    dist = engine.setup_distributed("cpu")
     torch.manual_seed(0)
     model = vmae.PretrainVideoMAE(vmae.config("small", **MICRO, img_size=32, num_frames=8))
-    model = engine.wrap_model(model, d, fsdp=False, precision="fp32")
+    model = engine.wrap_model(model, dist, fsdp=False, precision="fp32")
     share = slice(rank * len(video) // world, (rank + 1) * len(video) // world)
-    pred = model(video[share], enc[share], dec[share])
-    target = vmae.reconstruction_target(video[share], 16, 2)
-    vmae.pretrain_loss(pred, target, enc[share], dec[share]).backward()  # DDP averages the gradients
+    pred = model(video[share], masks.visible[share], masks.queries[share])
+    target = vmae.reconstruction_target(video[share], masks.queries[share], 16, 2)
+    vmae.pretrain_loss(pred, target, masks.in_loss[share]).backward()  # DDP averages the gradients
     if rank == 0:
         torch.save({n: p.grad for n, p in model.named_parameters()}, result_file)
     del model  # before the group, as main() does (a gloo teardown deadlock otherwise)
-    dist.destroy_process_group()
+    torch.distributed.destroy_process_group()
 
 
 def test_two_process_ddp_gradients_equal_one_process_with_the_same_global_batch(tmp_path):
@@ -409,12 +409,12 @@ def test_two_process_ddp_gradients_equal_one_process_with_the_same_global_batch(
     the one-process gradient (hence the update)."""
     grid = (4, 2, 2)
     video = torch.randn(4, 3, 8, 32, 32)
-    enc, dec = masking.tube_mask(4, grid, 0.75), masking.running_cell_mask(4, grid, 0.5)
-    assert ((enc & ~dec).sum(dim=1) == 6).all()
+    masks = masking.MaskConfig(grid, "tube", 0.75, "run_cell", 0.5).draw(4)
+    assert (masks.in_loss.sum(dim=1) == 6).all()
     grads = []
     for world in (1, 2):
         out = str(tmp_path / f"world{world}.pt")
-        run_processes(ddp_gradients, world, video, enc, dec, out)
+        run_processes(ddp_gradients, world, video, masks, out)
         grads.append({k.removeprefix("module."): v for k, v in torch.load(out, weights_only=True).items()})
     for key in grads[0]:
         torch.testing.assert_close(grads[0][key], grads[1][key], atol=1e-7, rtol=1e-5, msg=lambda m: f"{key}: {m}")

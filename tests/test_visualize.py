@@ -11,6 +11,7 @@ import engine
 import masking
 import train_pretrain as tp
 import visualize
+import checkpoints
 import vmae
 
 MICRO = dict(embed_dim=32, depth=1, num_heads=2, decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=2)
@@ -39,10 +40,9 @@ def test_masks_figure_shows_exactly_the_hidden_cubes(img_size, patch, decoder):
     """Even grids with a running cell, and an odd 7x7 grid (no running cell there) with V1 masking."""
     cfg = tiny(img_size=img_size, patch_size=patch)
     video = torch.randn(3, cfg.num_frames, img_size, img_size)
-    enc = masking.tube_mask(1, cfg.grid, 0.75)[0]
-    dec = {"run_cell": masking.running_cell_mask, "random": masking.random_mask}[decoder](1, cfg.grid, 0.5)[0] \
-        if decoder else None
-    fig = visualize.masks_figure(video, enc, dec, cfg)
+    drawn = masking.MaskConfig(cfg.grid, "tube", 0.75, decoder or "run_cell", 0.5 if decoder else 0).draw(1)
+    enc, dec = drawn.encoder[0], drawn.decoder[0] if decoder else None
+    fig = visualize.masks_figure(visualize.mask_panels(video, drawn, cfg), cfg, dual=decoder is not None)
     t, h, w = cfg.grid
     queried = ~dec if dec is not None else enc
     for column, shown in ((1, ~enc), (2, queried), (3, enc & queried)):
@@ -59,9 +59,12 @@ class Oracle(torch.nn.Module):
         super().__init__()
         self.cfg, self.normalize = cfg, normalize
 
-    def forward(self, video, encoder_mask, decoder_mask=None):
-        queries = vmae.query_indices(encoder_mask, decoder_mask)
-        return vmae.reconstruction_target(video, self.cfg.patch_size, self.cfg.tubelet_size, self.normalize, queries)
+    def forward(self, video, visible, queries):
+        return vmae.reconstruction_target(video, queries, self.cfg.patch_size, self.cfg.tubelet_size, self.normalize)
+
+
+def dual_masks(cfg, batch: int = 1) -> masking.Masks:
+    return masking.MaskConfig(cfg.grid, "tube", 0.75, "run_cell", 0.5).draw(batch)
 
 
 @pytest.mark.parametrize("normalize", [True, False])
@@ -70,11 +73,10 @@ def test_recon_of_a_perfect_prediction_is_the_input(normalize):
     nobody predicted carry the checkerboard mark."""
     cfg = tiny()
     video = torch.rand(3, cfg.num_frames, cfg.img_size, cfg.img_size) * 2 - 1
-    enc = masking.tube_mask(1, cfg.grid, 0.75)[0]
-    dec = masking.running_cell_mask(1, cfg.grid, 0.5)[0]
-    panels = visualize.recon_panels(Oracle(cfg, normalize), video, enc, dec, normalize)
+    drawn = dual_masks(cfg)
+    panels = visualize.recon_panels(Oracle(cfg, normalize), video, drawn, normalize)
     frames, recon = panels["input"], panels["reconstruction"]
-    never = visualize.per_pixel(enc & dec, cfg)  # hidden from the encoder, dropped by the decoder
+    never = visualize.per_pixel(drawn.encoder[0] & drawn.decoder[0], cfg)  # hidden from both sides
     np.testing.assert_allclose(recon[~never], frames[~never], atol=1e-5)
     assert np.all(recon[never] == visualize.checkerboard(recon.shape)[never])
     assert panels["|error|"].max() < 1e-5
@@ -84,12 +86,11 @@ def test_recon_panel_pastes_the_visible_cubes_exactly():
     cfg = tiny()
     model = vmae.PretrainVideoMAE(cfg)
     video = torch.randn(3, cfg.num_frames, cfg.img_size, cfg.img_size)
-    enc = masking.tube_mask(1, cfg.grid, 0.75)[0]
-    dec = masking.running_cell_mask(1, cfg.grid, 0.5)[0]
-    fig = visualize.recon_figure(model, video, enc, dec, normalize_target=True)
+    drawn = dual_masks(cfg)
+    fig = visualize.recon_figure(visualize.recon_panels(model, video, drawn, True), normalize_target=True, dual=True)
     frames = visualize.slot_frames(video, cfg)
     recon = np.stack(panel_images(fig, 2))  # as drawn in the figure
-    visible = visualize.per_pixel(~enc, cfg)
+    visible = visualize.per_pixel(~drawn.encoder[0], cfg)
     assert np.array_equal(recon[visible], frames[visible])
     assert not np.allclose(recon[~visible], frames[~visible], atol=1e-3)  # the rest is the model's
     assert "TRUE cube mean and std" in fig.texts[0].get_text()
@@ -150,10 +151,9 @@ def test_command_line_writes_png_and_gif(tmp_path, monkeypatch):
                     "--synthetic_size", "4", "--slots", "2", "--out", str(out)])
     assert out.stat().st_size > 1000 and out.with_suffix(".gif").stat().st_size > 1000
     # and a reconstruction from a checkpoint the way train_pretrain.py writes them
-    args = tp.parse_args(["--model", "micro", "--input_size", "64", "--num_frames", "8"])
-    model = vmae.PretrainVideoMAE(args.cfg)
+    args, cfg, _, _ = tp.parse_args(["--model", "micro", "--input_size", "64", "--num_frames", "8"])
     checkpoint = tmp_path / "checkpoint.pth"
-    torch.save({"model": model.state_dict(), "args": {k: v for k, v in vars(args).items() if k != "cfg"}}, checkpoint)
+    torch.save({"model": vmae.PretrainVideoMAE(cfg).state_dict(), "args": vars(args)}, checkpoint)
     visualize.main(["recon", "--checkpoint", str(checkpoint), "--synthetic_size", "4", "--out", str(tmp_path / "r.png")])
     assert (tmp_path / "r.png").stat().st_size > 1000
 
@@ -173,41 +173,36 @@ def test_checkpoint_folders_are_read_in_epoch_order(tmp_path):
 def test_training_strip_shows_each_checkpoints_own_reconstruction_under_the_same_masks():
     cfg = tiny()
     video = torch.randn(3, cfg.num_frames, cfg.img_size, cfg.img_size)
-    enc = masking.tube_mask(1, cfg.grid, 0.75)[0]
-    dec = masking.running_cell_mask(1, cfg.grid, 0.5)[0]
+    drawn = dual_masks(cfg)
     first, second = vmae.PretrainVideoMAE(cfg), vmae.PretrainVideoMAE(cfg)
-    panels = visualize.training_panels({"a": first, "b": second, "c": first}, video, enc, dec, False)
+    panels = visualize.training_panels({"a": first, "b": second, "c": first}, video, drawn, False)
     assert list(panels) == ["input", "masked input", "a", "b", "c"]
     for name, model in (("a", first), ("b", second)):
-        np.testing.assert_array_equal(panels[name], visualize.recon_panels(model, video, enc, dec, False)["reconstruction"])
+        np.testing.assert_array_equal(panels[name], visualize.recon_panels(model, video, drawn, False)["reconstruction"])
     np.testing.assert_array_equal(panels["a"], panels["c"])
     assert not np.allclose(panels["a"], panels["b"])
     other = vmae.PretrainVideoMAE(tiny(img_size=56))
-    with pytest.raises(vmae.CheckpointError, match="another model"):
-        visualize.training_panels({"a": first, "small": other}, video, enc, dec, False)
-
-
-class OracleWithCounts(Oracle):
-    def forward(self, video, encoder_mask, decoder_mask=None, **counts):
-        return super().forward(video, encoder_mask, decoder_mask)
+    with pytest.raises(checkpoints.CheckpointError, match="another model"):
+        visualize.training_panels({"a": first, "small": other}, video, drawn, False)
 
 
 def test_cube_loss_is_each_cubes_mean_error_over_the_masks_that_hide_it():
     cfg = tiny(num_frames=4, img_size=56)  # a 2 x 4 x 4 grid
     video = torch.randn(3, cfg.num_frames, cfg.img_size, cfg.img_size)
-    masks = masking.MaskConfig("tube", 0.75, "run_cell", 0.5)
-    loss = visualize.cube_loss(OracleWithCounts(cfg, True), video, masks, True, draws=16)
+    masks = masking.MaskConfig(cfg.grid, "tube", 0.75, "run_cell", 0.5)
+    loss = visualize.cube_loss(Oracle(cfg, True), video, masks, True, draws=16)
     assert torch.all(loss[~loss.isnan()] < 1e-10)  # a perfect model fails nowhere
     model = vmae.PretrainVideoMAE(cfg)
     loss = visualize.cube_loss(model, video, masks, False, draws=16, seed=3)
-    # by hand, one mask pair at a time, from the full prediction of every cube
-    m = masks.draw(16, cfg.grid, generator=torch.Generator().manual_seed(3))
+    # by hand, one mask pair at a time, from boolean masks and the prediction of every decoder query
+    m = masks.draw(16, generator=torch.Generator().manual_seed(3))
     total, times = torch.zeros(cfg.num_tokens), torch.zeros(cfg.num_tokens)
-    truth = vmae.reconstruction_target(video[None], cfg.patch_size, cfg.tubelet_size, normalize=False)[0]  # (N, F)
+    every = torch.arange(cfg.num_tokens)[None]
+    truth = vmae.reconstruction_target(video[None], every, cfg.patch_size, cfg.tubelet_size, normalize=False)[0]
     with torch.no_grad():
         for i in range(16):
-            pred = model.eval()(video[None], m.encoder[i:i + 1], m.decoder[i:i + 1])[0]
-            queries = (~m.decoder[i]).nonzero().flatten()
+            visible, queries = (~m.encoder[i]).nonzero().flatten(), (~m.decoder[i]).nonzero().flatten()
+            pred = model.eval()(video[None], visible[None], queries[None])[0]
             for row, cube in enumerate(queries.tolist()):
                 if m.encoder[i, cube]:
                     total[cube] += (pred[row] - truth[cube]).pow(2).mean()
@@ -237,12 +232,11 @@ def test_token_colours_give_cubes_the_encoder_represents_alike_one_colour():
 
 def test_command_line_draws_training_heatmap_and_pca(tmp_path, monkeypatch):
     monkeypatch.setitem(vmae.SIZES, "micro", {k: v for k, v in MICRO.items() if k != "decoder_depth"})
-    args = tp.parse_args(["--model", "micro", "--input_size", "64", "--num_frames", "8", "--mask_ratio", "0.5"])
+    args, cfg, _, _ = tp.parse_args(["--model", "micro", "--input_size", "64", "--num_frames", "8", "--mask_ratio", "0.5"])
     run = tmp_path / "run"
     run.mkdir()
     for epoch in (0, 4):
-        state = {"model": vmae.PretrainVideoMAE(args.cfg).state_dict(),
-                 "args": {k: v for k, v in vars(args).items() if k != "cfg"}}
+        state = {"model": vmae.PretrainVideoMAE(cfg).state_dict(), "args": vars(args)}
         torch.save(state, run / f"checkpoint-{epoch}.pth")
     common = ["--synthetic_size", "4", "--slots", "2"]
     visualize.main(["recon", "--checkpoints", str(run), *common, "--out", str(tmp_path / "t.png")])
