@@ -1,14 +1,5 @@
-"""Checkpoint files in, and out: every published layout of VideoMAE weights read into vmae.py's names.
-
-The public VideoMAE checkpoints hold the model in five layouts (LAYOUTS), each read into the reference's
-state_dict names, which are vmae.py's:
-  vmae         {"model": weights, "args": {the run's flags}}, as train_*.py write them
-  reference    weights under "model" or "module" (DeepSpeed) or bare, `args` an argparse Namespace; a
-               compiled run prefixes every key with `_orig_mod.` (V1 MCG-NJU/VideoMAE and V2 alike)
-  hf_v1        transformers' VideoMAE* (MCG-NJU/videomae-*): videomae.* names, query/key/value apart
-  hf_v2        the OpenGVLab/VideoMAEv2-* folders: config.json (`model_config`) and model.safetensors,
-               the reference's encoder and fc_norm under `model.`; no head, no decoder
-  mmaction2    mmengine files {"state_dict", "meta"}: `backbone.` and mmcv's module names, cls_head.fc_cls
+"""Checkpoint files in, and out: every published layout of VideoMAE weights (LAYOUTS) read into vmae.py's
+names, which are the reference's state_dict names.
 
 `read_checkpoint` reads any of them (a file or a Hugging Face folder) and works out the model's size from
 what the file says; `config_from_checkpoint` turns that into a config; `load_weights` loads it into a model
@@ -16,6 +7,7 @@ under one policy: all of the encoder, finite, or an error naming the file. `to_h
 `hugging_face_config` write transformers' layout (export_hf.py).
 """
 import argparse
+import hashlib
 import json
 import math
 from dataclasses import dataclass
@@ -32,7 +24,14 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be read or does not fit the model; the message names the file."""
 
 
-# The layouts by key, with the words messages use for them.
+# The five layouts public VideoMAE weights come in, with the words messages use for them:
+#   vmae       {"model": weights, "args": {the run's flags}}, as train_*.py write them
+#   reference  weights under "model" or "module" (DeepSpeed) or bare, `args` an argparse Namespace; a compiled
+#              run prefixes every key with `_orig_mod.` (V1 MCG-NJU/VideoMAE and V2 alike)
+#   hf_v1      transformers' VideoMAE* (MCG-NJU/videomae-*): videomae.* names, query/key/value apart
+#   hf_v2      the OpenGVLab/VideoMAEv2-* folders: config.json (`model_config`) and model.safetensors, the
+#              reference's encoder and fc_norm under `model.` (modeling_videomaev2.py); no head, no decoder
+#   mmaction2  mmengine files {"state_dict", "meta"}: `backbone.` and mmcv's module names, cls_head.fc_cls
 LAYOUTS = {"vmae": "vmae's", "reference": "the reference's", "hf_v1": "Hugging Face V1 (transformers)",
            "hf_v2": "Hugging Face V2 release", "mmaction2": "mmaction2's"}
 
@@ -55,8 +54,7 @@ def load_checkpoint(path: str | Path) -> dict:
 
 
 def saved_args(checkpoint: dict) -> dict:
-    """The training arguments a checkpoint stores under `args` (ours a dict, the reference's a Namespace);
-    {} when it has none (released weights, Hugging Face files)."""
+    """The training arguments a checkpoint stores under `args` (ours a dict, the reference's a Namespace), or {}."""
     args = checkpoint.get("args")
     args = vars(args) if isinstance(args, argparse.Namespace) else args
     return args if isinstance(args, dict) else {}
@@ -69,8 +67,7 @@ def trained_on_normalized_targets(args: dict) -> bool:
 
 
 def encoder_weights(weights: dict) -> dict:
-    """The weights with an mmaction2 `backbone.` or a pretraining model's `encoder.` prefix taken off, so the
-    encoder's keys read as the fine-tune model's (patch_embed.*, blocks.*)."""
+    """The weights without an mmaction2 `backbone.` or a pretraining `encoder.` prefix: as a classifier names them."""
     return {k.removeprefix("backbone.").removeprefix("encoder."): v for k, v in weights.items()}
 
 
@@ -92,11 +89,9 @@ HF_CONFIG_NAMES = dict(image_size="img_size", patch_size="patch_size", num_frame
 
 
 def from_hugging_face(weights: dict) -> dict:
-    """A Hugging Face VideoMAEForPreTraining / VideoMAEForVideoClassification / VideoMAEModel state dict under
-    the reference's names: encoder.* (as in a pretraining checkpoint), decoder.*, encoder_to_decoder,
-    mask_token, fc_norm, head. Hugging Face keeps query, key and value as three Linears; they are stacked back
-    into qkv. A key bias (some transformers 5 files store one) is dropped: q·(k + b) adds q·b to every score
-    of a query, the same for all keys, so the softmax takes it out again."""
+    """A transformers VideoMAE* state dict under the reference's names (encoder.* as in pretraining), query,
+    key and value stacked back into qkv. A key bias (some transformers 5 files store one) is dropped: q·(k + b)
+    adds q·b to every score of a query, the same for all keys, so the softmax takes it out again."""
     out, qkv = {}, {}
     for key, value in weights.items():
         if key.startswith(("embeddings.", "encoder.layer.", "layernorm.")):  # VideoMAEModel saved on its own
@@ -121,8 +116,7 @@ HF_WRITTEN = [(ours, hf) for hf, ours in reversed(HF_NAMES)
 
 def to_hugging_face(weights: dict) -> dict:
     """The inverse of from_hugging_face: a pretraining model's or a classifier's state dict under transformers'
-    VideoMAE names (videomae.*, decoder.decoder_layers.*, fc_norm, classifier), qkv split into query, key and
-    value (the key without a bias, as theirs). Tensors are copies, as safetensors wants them."""
+    names, qkv split (the key without a bias, as theirs); tensors are copies, as safetensors wants them."""
     out = {}
     for key, value in weights.items():
         if key.startswith(("patch_embed.", "blocks.")):  # a classifier's encoder, named as in pretraining
@@ -141,9 +135,8 @@ def to_hugging_face(weights: dict) -> dict:
 
 def hugging_face_config(cfg: vmae.VideoMAEConfig, architecture: str, num_labels: int | None = None,
                         use_mean_pooling: bool = True, norm_pix_loss: bool = True) -> dict:
-    """The config.json of a transformers VideoMAE folder for `cfg` (architecture: VideoMAEModel,
-    VideoMAEForVideoClassification or VideoMAEForPreTraining). Giant is patch_size 14 and an intermediate
-    size of 48/11 · 1408 = 6144 (decoder 2234); transformers builds the rest from these."""
+    """The config.json of a transformers VideoMAE folder for `cfg` (architecture: VideoMAEModel, ...). Giant
+    is patch_size 14 and an intermediate size of 48/11 · 1408 = 6144 (decoder 2234)."""
     hf = {theirs: getattr(cfg, ours) for theirs, ours in HF_CONFIG_NAMES.items()}
     hf.update(model_type="videomae", architectures=[architecture], num_channels=3, hidden_act="gelu",
               intermediate_size=int(cfg.embed_dim * cfg.mlp_ratio),
@@ -151,19 +144,13 @@ def hugging_face_config(cfg: vmae.VideoMAEConfig, architecture: str, num_labels:
               qkv_bias=True, use_mean_pooling=use_mean_pooling, norm_pix_loss=norm_pix_loss,
               hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
     if num_labels is not None:
-        hf["id2label"] = {str(i): f"LABEL_{i}" for i in range(num_labels)}
-        hf["label2id"] = {f"LABEL_{i}": i for i in range(num_labels)}
+        hf.update(id2label={str(i): f"LABEL_{i}" for i in range(num_labels)},
+                  label2id={f"LABEL_{i}": i for i in range(num_labels)})
     return hf
 
 
-def from_v2_release(weights: dict) -> dict:
-    """A Hugging Face V2 release (modeling_videomaev2.py): the reference's classifier under `model.`."""
-    return {k.removeprefix("model."): v for k, v in weights.items()}
-
-
-# mmaction2's names -> the reference's (mmaction/models/backbones/vit_mae.py): mmcv's PatchEmbed calls its
-# Conv3d `projection`, mmcv's FFN keeps fc1 in a Sequential with the activation (layers.0.0) and fc2 after it
-# (layers.1); the head is the recognizer's cls_head.fc_cls.
+# mmaction2's names -> the reference's (mmaction/models/backbones/vit_mae.py): mmcv's PatchEmbed calls its Conv3d
+# `projection`, mmcv's FFN keeps fc1 in a Sequential with the activation (layers.0.0) and fc2 after it (layers.1).
 MMACTION2_NAMES = [("patch_embed.projection.", "patch_embed.proj."), ("mlp.layers.0.0.", "mlp.fc1."),
                    ("mlp.layers.1.", "mlp.fc2."), ("cls_head.fc_cls.", "head.")]
 
@@ -184,20 +171,13 @@ def from_mmaction2(weights: dict) -> dict:
 def unwrap(checkpoint: dict) -> dict:
     """The state dict inside a checkpoint: under `model` (ours, the reference's), `module` (DeepSpeed),
     `state_dict` (mmengine) or bare, without the `_orig_mod.` / `module.` prefixes of compiled or wrapped runs."""
-    for key in ("model", "module", "model_state", "state_dict"):
-        if isinstance(checkpoint.get(key), dict):
-            checkpoint = checkpoint[key]
-            break
-    out = {}
-    for k, v in checkpoint.items():
-        for prefix in ("_orig_mod.", "module."):
-            k = k.removeprefix(prefix)
-        out[k] = v
-    return out
+    inner = next((checkpoint[k] for k in ("model", "module", "model_state", "state_dict")
+                  if isinstance(checkpoint.get(k), dict)), checkpoint)
+    return {k.removeprefix("_orig_mod.").removeprefix("module."): v for k, v in inner.items()}
 
 
 def layout_of(checkpoint: dict) -> str:
-    """Which of the five layouts (top of this section) a checkpoint's contents are in."""
+    """Which of the five LAYOUTS a checkpoint's contents are in."""
     if isinstance(checkpoint.get("state_dict"), dict) and "meta" in checkpoint:
         return "mmaction2"
     keys = unwrap(checkpoint)
@@ -214,7 +194,8 @@ def state_dict_of(checkpoint: dict, source: str) -> dict:
     if not all(isinstance(v, torch.Tensor) for v in weights.values()):
         raise CheckpointError(f"{source}: expected a state dict of tensors (optionally under 'model', 'module' or "
                               "'state_dict')")
-    convert = {"hf_v1": from_hugging_face, "hf_v2": from_v2_release, "mmaction2": from_mmaction2}.get(layout_of(checkpoint))
+    convert = {"hf_v1": from_hugging_face, "mmaction2": from_mmaction2,
+               "hf_v2": lambda w: {k.removeprefix("model."): v for k, v in w.items()}}.get(layout_of(checkpoint))
     return convert(weights) if convert else weights
 
 
@@ -229,6 +210,8 @@ def has_decoder(weights: dict) -> bool:
 MODEL_FIELDS = ("embed_dim", "depth", "num_heads", "patch_size", "mlp_ratio", "decoder_embed_dim",
                 "decoder_num_heads")  # what --model (an entry of the size table) decides
 DECODER_FIELDS = ("decoder_embed_dim", "decoder_depth", "decoder_num_heads")
+ARG_FIELDS = dict(input_size="img_size", num_frames="num_frames", tubelet_size="tubelet_size",
+                  decoder_depth="decoder_depth")  # stored training arguments -> config fields
 
 
 def mlp_ratio_for(hidden: int, dim: int) -> float:
@@ -244,8 +227,7 @@ def blocks_in(weights: dict, prefix: str) -> int:
 
 
 def sizes_of(weights: dict) -> dict:
-    """The config fields a state dict's shapes give away: widths, depths, cube size, MLP ratio. (Head counts
-    do not show in any shape; positions are not stored, so input size and frame count do not either.)"""
+    """The config fields the weights' shapes give away: widths, depths, cube size, MLP ratio (not heads or input)."""
     enc = encoder_weights(weights)
     embed = enc.get("patch_embed.proj.weight")  # (D, 3, t, p, p)
     if embed is None or embed.dim() != 5:
@@ -262,31 +244,12 @@ def sizes_of(weights: dict) -> dict:
 
 def table_heads(sizes: dict) -> dict:
     """Head counts for widths the size table has (none for another width: then the file or --model must say)."""
-    heads = {}
-    for spec in vmae.SIZES.values():
-        if sizes.get("embed_dim") == spec["embed_dim"]:
-            heads["num_heads"] = spec["num_heads"]
-        if sizes.get("decoder_embed_dim") == spec["decoder_embed_dim"]:
-            heads["decoder_num_heads"] = spec["decoder_num_heads"]
-    return heads
-
-
-def args_sizes(args: dict) -> dict:
-    """The config fields stored training arguments (ours or the reference's) give: the --model entry of the
-    size table and the input flags."""
-    name = args.get("model")
-    name = vmae.ALIASES.get(name, name) if isinstance(name, str) else None
-    sizes = dict(vmae.SIZES[name]) if name in vmae.SIZES else {}
-    for flag, field in (("input_size", "img_size"), ("num_frames", "num_frames"), ("tubelet_size", "tubelet_size"),
-                        ("decoder_depth", "decoder_depth")):
-        if isinstance(args.get(flag), int):
-            sizes[field] = args[flag]
-    return sizes
+    return {f"{part}num_heads": spec[f"{part}num_heads"] for spec in vmae.SIZES.values() for part in ("", "decoder_")
+            if sizes.get(f"{part}embed_dim") == spec[f"{part}embed_dim"]}
 
 
 def hf_config_sizes(hf: dict) -> dict:
-    """The config fields of a Hugging Face config.json: a V2 release's `model_config` (the reference's own
-    argument names) or transformers' VideoMAEConfig (HF_CONFIG_NAMES)."""
+    """The config fields of a config.json: a V2 release's `model_config` or transformers' VideoMAEConfig."""
     if isinstance(hf.get("model_config"), dict):
         return {k: v for k, v in hf["model_config"].items() if k in ("img_size", "patch_size", "num_frames",
                 "tubelet_size", "embed_dim", "depth", "num_heads", "mlp_ratio")}
@@ -303,21 +266,19 @@ def hf_config_sizes(hf: dict) -> dict:
 def differences(cfg: vmae.VideoMAEConfig, sizes: dict) -> list[tuple[str, int, int]]:
     """Where a config and a file's sizes disagree on what --model decides: (field, config's, file's)."""
     out = []
-    for field in MODEL_FIELDS:
-        if field in sizes:
-            ours, theirs = getattr(cfg, field), sizes[field]
-            if field == "mlp_ratio":  # compared as MLP widths, which is what the weights have
-                field, ours, theirs = ("MLP width", int(cfg.embed_dim * ours),
-                                       int(sizes.get("embed_dim", cfg.embed_dim) * theirs))
-            if ours != theirs:
-                out.append((field, ours, theirs))
+    for field in [f for f in MODEL_FIELDS if f in sizes]:
+        ours, theirs = getattr(cfg, field), sizes[field]
+        if field == "mlp_ratio":  # compared as MLP widths, which is what the weights have
+            field, ours, theirs = ("MLP width", int(cfg.embed_dim * ours),
+                                   int(sizes.get("embed_dim", cfg.embed_dim) * theirs))
+        if ours != theirs:
+            out.append((field, ours, theirs))
     return out
 
 
 @dataclass
 class Checkpoint:
-    """A checkpoint read for loading: its weights under the reference's names, the layout they came in, the
-    training arguments it stores, and the config fields it states (sizes) with where those came from."""
+    """A checkpoint read for loading: weights under the reference's names, and the config fields it states."""
     path: str
     layout: str
     weights: dict
@@ -328,12 +289,10 @@ class Checkpoint:
 
 
 def read_checkpoint(path: str | Path) -> Checkpoint:
-    """Any public VideoMAE checkpoint (the five layouts above): a file, or a Hugging Face model folder
-    (config.json and model.safetensors or pytorch_model.bin). Its size comes from what the file says: widths,
-    depths, cube size and MLP ratio from the weights' shapes; head counts and input from its stored arguments,
-    its config.json, or else the size table."""
-    path = Path(path)
-    file = path
+    """A checkpoint in any of the LAYOUTS: a file, or a Hugging Face model folder. Its size is what the file
+    says: widths, depths, cube size and MLP ratio from the weights' shapes; head counts and input from its
+    stored arguments, its config.json, or else the size table."""
+    path = file = Path(path)
     if path.is_dir():
         file = next((path / n for n in ("model.safetensors", "pytorch_model.bin") if (path / n).is_file()), None)
         if file is None:
@@ -347,46 +306,45 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
             hf = hf_config_sizes(json.loads(info.read_text()))
         except (OSError, ValueError) as e:
             raise CheckpointError(f"{info}: cannot be read as JSON ({e})") from e
-    stated, measured = args_sizes(args), sizes_of(weights)
+    name = vmae.ALIASES.get(args.get("model"), args.get("model")) if isinstance(args.get("model"), str) else None
+    stated = dict(vmae.SIZES[name]) if name in vmae.SIZES else {}  # the stored arguments' --model and input flags
+    stated.update({field: args[flag] for flag, field in ARG_FIELDS.items() if isinstance(args.get(flag), int)})
+    measured = sizes_of(weights)
     if "embed_dim" in stated and differences(vmae.config("base", **stated), measured):
         stated = {}  # arguments that do not describe the weights beside them: the weights are what loads
     sizes = {**table_heads(measured), **hf, **stated, **measured}  # later ones win: the shapes above all
     if not has_decoder(weights):  # a config.json lists decoder sizes even for a classifier
         sizes = {k: v for k, v in sizes.items() if k not in DECODER_FIELDS}
     source = "its stored arguments" if stated else "its config.json" if hf else "its weight shapes"
-    name = vmae.ALIASES.get(args.get("model"), args.get("model")) if isinstance(args.get("model"), str) else None
     matching = [n for n in vmae.SIZES if not differences(vmae.config(n), sizes)] if sizes else []
     preset = name if name in vmae.SIZES and stated else matching[0] if matching else None
     return Checkpoint(str(path), layout, weights, args, sizes, source, preset)
 
 
 def config_from_checkpoint(ckpt: Checkpoint, model: str | None = None, **overrides) -> vmae.VideoMAEConfig:
-    """The model a checkpoint holds: the sizes it states over the size-table entry they match. `model`, when
-    given (--model), must agree with everything the file states; it is needed only when the file cannot tell
-    (a width the table does not have, and no head count in the file). `overrides` (input size, frames, drop
-    path, ...) go on top."""
+    """The model a checkpoint holds: the sizes it states over the size-table entry they match. `model`
+    (--model) must agree with the file; it is needed only when the file cannot tell (a width the table does
+    not have, and no head count). `overrides` (input size, frames, drop path, ...) go on top."""
     sizes = ckpt.sizes
-    if model is not None:
+    if model is None:
+        needed = ["num_heads"] + (["decoder_num_heads"] if "decoder_embed_dim" in sizes else [])
+        if ckpt.preset is None and (not sizes or any(f not in sizes for f in needed)):
+            told = ", ".join(f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}" for k, v in sizes.items())
+            raise CheckpointError(f"{ckpt.path} (read as {LAYOUTS[ckpt.layout]}) does not tell the model's size "
+                                  f"({told or 'no weights with known names'}; not an entry of the size table, "
+                                  f"and no head count): pass --model ({', '.join(vmae.SIZES)})")
+        model = ckpt.preset or "base"  # without a preset every field the table sets comes from the file
+    else:
         try:
             clash = differences(vmae.config(model), sizes)
         except ValueError as e:  # an unknown name
             raise CheckpointError(f"--model: {e}") from e
         if clash:
-            raise CheckpointError(f"--model {model} does not fit {ckpt.path} (read as {LAYOUTS[ckpt.layout]}): --model {model} "
-                                  f"has {', '.join(f'{f} {a}' for f, a, _ in clash)}; the file has "
+            raise CheckpointError(f"--model {model} does not fit {ckpt.path} (read as {LAYOUTS[ckpt.layout]}): "
+                                  f"--model {model} has {', '.join(f'{f} {a}' for f, a, _ in clash)}; the file has "
                                   f"{', '.join(f'{f} {b}' for f, _, b in clash)} (read from {ckpt.source}). Leave "
                                   "--model out to take the file's own size.")
-        base = model
-    else:
-        base = ckpt.preset
-        needed = ["num_heads"] + (["decoder_num_heads"] if "decoder_embed_dim" in sizes else [])
-        if base is None and (not sizes or any(f not in sizes for f in needed)):
-            told = ", ".join(f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}" for k, v in sizes.items())
-            raise CheckpointError(f"{ckpt.path} (read as {LAYOUTS[ckpt.layout]}) does not tell the model's size "
-                                  f"({told or 'no weights with known names'}; not an entry of the size table, "
-                                  f"and no head count): pass --model ({', '.join(vmae.SIZES)})")
-        base = base or "base"  # every field the table sets comes from the file then
-    return vmae.config(base, **{**sizes, **overrides})
+    return vmae.config(model, **{**sizes, **overrides})
 
 
 # -----------------------------------------------------------------------------------------------------
@@ -394,9 +352,8 @@ def config_from_checkpoint(ckpt: Checkpoint, model: str | None = None, **overrid
 
 
 class Loaded(NamedTuple):
-    """What load_weights did: the model's tensors that start fresh (only those a load may leave: a
-    classifier's new fc_norm and head), the file's tensors the model has no place for, and the lines that
-    tell the user (the caller prints them)."""
+    """What load_weights did: the model's tensors that start fresh (a classifier's new fc_norm and head), the
+    file's tensors the model has no place for, and the lines that tell the user (the caller prints them)."""
     missing_keys: list[str]
     unexpected_keys: list[str]
     lines: list[str]
@@ -418,9 +375,18 @@ def compare(own: dict, weights: dict) -> tuple[list[str], list[str], list[str]]:
     return missing, unexpected, wrong
 
 
+def fingerprint(weights: dict) -> str:
+    """A short hash of a state dict's names, shapes and values: the same weights give the same one anywhere."""
+    digest = hashlib.sha1()
+    for key in sorted(weights):
+        tensor = weights[key].detach().cpu().contiguous()
+        digest.update(f"{key} {tuple(tensor.shape)} {tensor.dtype}".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
 def nonfinite(tree, name: str = "") -> list[str]:
-    """The names of the floating-point tensors in a state dict (nested: an optimizer's too) that hold a NaN
-    or an infinity."""
+    """The names of the tensors in a state dict (nested: an optimizer's too) that hold a NaN or an infinity."""
     if isinstance(tree, torch.Tensor):
         return [name] if tree.is_floating_point() and not bool(torch.isfinite(tree).all()) else []
     if isinstance(tree, dict):
@@ -428,17 +394,8 @@ def nonfinite(tree, name: str = "") -> list[str]:
     return []
 
 
-# Which public files have a decoder, for the message when a pretraining model is given a file without one.
-WITH_DECODER = ("pretraining checkpoints: ours (train_pretrain.py's output/pretrain/checkpoint-*.pth), the "
-                "reference's (e.g. vit_g_hybrid_pt_1200e.pth; V1's pretrain checkpoints) and Hugging Face V1's "
-                "pre-trained-only models (MCG-NJU/videomae-base, -large, ...). The Hugging Face V2 releases, "
-                "mmaction2's files and every fine-tuned or distilled file hold the encoder only: use them with "
-                "train_finetune.py --finetune or extract_features.py")
-
-
 def require_decoder(ckpt: Checkpoint) -> None:
-    """Stop unless the checkpoint has a decoder (which pretraining and reconstructions need), saying what it
-    holds instead and which public files have one."""
+    """Stop unless the checkpoint has a decoder (pretraining and reconstructions need one), saying what it holds."""
     if has_decoder(ckpt.weights):
         return
     where = f"{ckpt.path} (read as {LAYOUTS[ckpt.layout]})"
@@ -447,27 +404,27 @@ def require_decoder(ckpt: Checkpoint) -> None:
                               f"decoder): {listed(list(ckpt.weights)) or 'no tensors'}")
     kind = "a fine-tuned classifier (head.*, fc_norm.*)" if "head.weight" in ckpt.weights else "an encoder"
     raise CheckpointError(f"{where} holds {kind} and no decoder, and pretraining and reconstructions need one "
-                          f"(decoder.*, mask_token). Files with a decoder are the {WITH_DECODER}.")
+                          "(decoder.*, mask_token). Files with a decoder are the pretraining checkpoints: ours "
+                          "(train_pretrain.py's output/pretrain/checkpoint-*.pth), the reference's (e.g. "
+                          "vit_g_hybrid_pt_1200e.pth; V1's pretrain checkpoints) and Hugging Face V1's "
+                          "pre-trained-only models (MCG-NJU/videomae-base, -large, ...). The Hugging Face V2 "
+                          "releases, mmaction2's files and every fine-tuned or distilled file hold the encoder only: "
+                          "use them with train_finetune.py --finetune or extract_features.py.")
 
 
 def load_weights(model: nn.Module, source: "str | Path | Checkpoint", label_map: list[int] | None = None) -> Loaded:
-    """Initialise `model` from a checkpoint (a path, or read_checkpoint's result) in any of the five layouts,
-    or raise CheckpointError: nothing of the encoder may stay at its random init.
-
-    A pretraining model takes a pretraining checkpoint whole (decoder included). A classifier takes a
-    classifier's weights, or the encoder of a pretraining checkpoint as the reference's fine-tuning does: the
-    decoder, mask token and the encoder's final LayerNorm are left out, and fc_norm and the head start fresh
-    (reported). A head for another class count is dropped, unless `label_map` picks its rows (new class i =
-    row label_map[i], e.g. the reference's misc/label_710to400.json). A weight of another shape is an error
-    naming the key and both shapes. Returns what was done, as lines to print.
-    """
+    """Initialise `model` from a checkpoint (a path, or read_checkpoint's result), or raise CheckpointError:
+    nothing of the encoder may stay at its random init. A pretraining model takes a pretraining checkpoint
+    whole. A classifier takes a classifier's weights, or a pretraining checkpoint's encoder as the reference's
+    fine-tuning does (decoder, mask token and final norm left out; fc_norm and head fresh). A head for another
+    class count is dropped, unless `label_map` picks its rows (new class i = row label_map[i], e.g. the
+    reference's misc/label_710to400.json). Returns what was done, as lines to print."""
     ckpt = source if isinstance(source, Checkpoint) else read_checkpoint(source)
     path, where = ckpt.path, f"{ckpt.path} (read as {LAYOUTS[ckpt.layout]})"
-    weights, classifier, lines = dict(ckpt.weights), isinstance(model, vmae.VideoClassifier), []
-    if classifier:
-        weights = encoder_weights(weights)
-    else:
+    classifier, lines = isinstance(model, vmae.VideoClassifier), []
+    if not classifier:
         require_decoder(ckpt)
+    weights = encoder_weights(ckpt.weights) if classifier else dict(ckpt.weights)
     own = model.state_dict()
     for key in ("head.weight", "head.bias"):
         if key in weights and label_map is not None:

@@ -9,11 +9,11 @@ import json
 import pytest
 import torch
 
+import checkpoints
 import engine
 import export_hf
 import masking
 import train_finetune as tf
-import checkpoints
 import vmae
 from test_train_pretrain import MICRO
 
