@@ -1,71 +1,29 @@
 """Data for VideoMAE V2: videos on disk (or a built-in synthetic set) in, normalised clips out.
 
-Both recipes see a video as a short clip of T frames (16) taken from a longer video:
+A clip is T frames (16) of a longer video, sampled and augmented formula for formula as in the reference
+(OpenGVLab/VideoMAEv2), each spatial transform the same on every frame. Pretraining: frames `sampling_rate`
+(4) apart from a random start, one multi-scale crop, no flip or colour change (the masks are drawn on the
+device: masking.py). Fine-tuning: a random 64-frame window (train), the centre one (validation) or windows x
+crops of each video (test, "16x5x3"), or with `sparse_sample` one frame per segment (TSN, for
+Something-Something, with `flip=False`); training clips get RandAugment, a random resized crop, a flip and
+random erasing, then mixup/cutmix on the batch (`mixup_cutmix`). `num_sample` K > 1: one decode, K clips.
 
-- Pretraining takes T frames, one every `sampling_rate` (4), from a random start: 64 frames of motion.
-  Each clip gets one multi-scale crop shared by all its frames (and, as in the reference, no flip and no
-  colour change), is resized to `input_size` and normalised with the ImageNet mean/std.
-  The masks are not made here; the training loop draws them on the device (masking.py).
-- Fine-tuning takes T frames spread over a random 64-frame window (train) or the centre window
-  (validation), or several windows × several crops per video (test, "16x5x3"). Training clips get video
-  RandAugment, a random resized crop, a horizontal flip and random erasing, each the same on every frame
-  so the motion stays intact; mixup/cutmix happen later, on the batch (`mixup_cutmix`). For datasets whose
-  classes depend on direction (Something-Something), `sparse_sample` takes one frame from each of T equal
-  segments instead (TSN sampling) and `flip=False` keeps left and right apart.
-- `num_sample` K > 1 is repeated augmentation: one decode, K independently augmented clips.
+Decoding uses OpenCV instead of decord: one seek, then sequential grabs, which is frame-accurate. OpenCV runs
+single-threaded: the DataLoader workers are the parallelism, and its thread pool would not survive their fork.
 
-Sampling and augmentation follow the reference (OpenGVLab/VideoMAEv2) formula for formula; decoding
-uses OpenCV instead of decord: one seek, then sequential grabs, which is frame-accurate.
+Sources (lists: space separated, no header, as the reference reads them; `data_root` prefixes every path):
+  pretraining  `data_path` is a folder of videos (scanned recursively) or a list of `path`, `path label`,
+               `path start_idx total_frames` or `path start_idx total_frames label`: total_frames -1 (the
+               reference's `path 0 -1`) is a video file, else a folder of images fname_tmpl.format(i + start_idx).
+  fine-tuning  `data_path` holds train.csv / val.csv / test.csv (test falls back to val.csv) of `path label`
+               or `frame_dir total_frames label` lines; or train/ val/ test/ folders with one sub-folder of
+               videos per class (labels: the sorted class names); or it is one such list file.
+  neither      the built-in `SyntheticVideos`, drawn on the fly (nothing downloaded).
 
-Where clips come from:
-  pretraining  `data_path` is a folder (scanned recursively for video files) or a list file, one clip
-               per line: `path`, `path label`, `path start_idx total_frames` or `path start_idx
-               total_frames label` (the reference's `path 0 -1` means a video file: total_frames < 0;
-               otherwise `path` is a folder of total_frames images named fname_tmpl.format(i + start_idx)).
-  fine-tuning  `data_path` is a folder holding train.csv / val.csv / test.csv (test falls back to val.csv,
-               as in the reference), one clip per line: `path label` (a video file) or
-               `frame_dir total_frames label` (a folder of frames numbered from `start_idx`); or holding
-               train/ val/ test/ folders with one sub-folder of videos per class (labels are the sorted
-               class names); or it is a single list file.
-  neither      no `data_path`: the built-in `SyntheticVideos`, drawn on the fly (nothing downloaded).
-Lists are space separated with no header, as the reference reads them; `data_root` prefixes every path.
-
-Public API
-  build_pretrain_dataset(data_path=None, data_root='', *, num_frames, sampling_rate, input_size,
-      num_sample, uint8=False, ...) -> PretrainDataset; item: float (num_sample, 3, T, H, W), or with
-      uint8=True the same crops as uint8 pixels; normalize(clips) on the device turns them into the float ones
-  build_finetune_dataset(mode, data_path=None, data_root='', *, nb_classes, num_frames, sampling_rate,
-      input_size, short_side_size, num_sample, test_num_segment, test_num_crop, sparse_sample, ...)
-      -> FinetuneDataset; items:
-        'train'       (clips float (num_sample, 3, T, H, W), labels long (num_sample,))
-                      so a loop can use x.flatten(0, 1), y.flatten()
-        'validation'  (clip (3, T, H, W), label int)
-        'test'        (clip (3, T, H, W), label int, video int, view int): item i is view i % V of video
-                      i // V, V = test_num_segment·test_num_crop, view = segment·test_num_crop + crop;
-                      average the softmax of a video's views to score it
-  mixup_cutmix(clips, labels, num_classes, ...) -> (clips, soft targets): the batch-level mix
-  held_out_clip, one_clip: a single (3, T, H, W) clip to look at (built-in, or from a file or folder)
-  labelled_clips: a labelled list (or built-in videos) as validation clips, for a probe
-  dataset.bad_videos(): with skip_bad_videos, the unreadable files skipped so far (all workers)
-  Share(rank, world, gather): the builders' share=, to split checking the listed files over processes
-  SyntheticVideos: the built-in set; .export(root, split) writes it as .mp4 files plus a list file
-  read_video, read_frames: decoding; read_pretrain_list, read_finetune_split: the list formats
-  pretrain_indices, dense_indices, dense_test_indices, segment_indices, segment_test_indices: sampling
-  multi_scale_crop, rand_augment, random_resized_crop, random_erase, resize_short_side, spatial_crop,
-  to_tensor, normalize: augmentation on (T, H, W, 3) uint8 frames / the final tensor
-
-DataLoader workers need no worker_init_fn. OpenCV runs single-threaded from import on (each worker decodes
-with one thread; the workers are the parallelism), which also keeps forked workers from hanging: OpenCV's
-thread pool does not survive a fork. Every item draws its randomness from torch's RNG, which the DataLoader
-seeds per worker from the main process's seed, so a run repeats under torch.manual_seed.
-
-Bad input is never silent: list lines that do not parse, or labels out of range, raise one ListError
-naming the file and each bad line; a missing or unreadable video raises VideoError naming the file and
-reason. The dataset builders check every listed file before training (a stat; for validation and test an
-open of each video), and any decoding failure while training takes the same path: with skip_bad_videos
-such a video is logged once, counted, and another one used instead, up to max_bad_fraction of the dataset,
-past which the run stops with the list of bad files. Frames of one clip that differ in size (a stream or
-folder whose resolution changes) are resized to the first one's, with a warning.
+Bad input is never silent: every bad list line is named in one ListError, an unreadable video in a VideoError.
+The builders check every listed file before training (a stat; evaluation sets have every frame they will read
+decoded). With skip_bad_videos an unreadable video is logged, counted and replaced by another, up to
+max_bad_fraction of the dataset, past which the run stops and lists the bad files.
 """
 import hashlib
 import logging
@@ -75,13 +33,12 @@ import os
 import re
 import sys
 from functools import partial
-from typing import Callable, Iterator, NamedTuple, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import cv2
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import Dataset
 
 import vmae
 
@@ -116,11 +73,8 @@ def _open(path: str) -> cv2.VideoCapture:
 
 
 def _decode(cap: cv2.VideoCapture, start: int, stop: int, keep: set[int]) -> tuple[dict, int]:
-    """Decode frames start..stop-1 in order, after one seek to `start`; keep (BGR) those in `keep`.
-
-    Returns the kept frames and the index one past the last frame decoded (below `stop` if the stream
-    ended first). Frames in between must be decoded too, but grab() skips their colour conversion.
-    """
+    """Decode frames start..stop-1 after one seek to `start` (grab() skips the colour conversion of the others);
+    returns those in `keep` (BGR) and one past the last frame decoded (below `stop` if the stream ended)."""
     if start > 0:
         cap.set(cv2.CAP_PROP_POS_FRAMES, start)
     kept = {}
@@ -135,29 +89,24 @@ def _decode(cap: cv2.VideoCapture, start: int, stop: int, keep: set[int]) -> tup
     return kept, stop
 
 
-def _stack(frames: list[np.ndarray], path: str) -> np.ndarray:
-    """(T, H, W, 3) from frames (H, W, 3); any of another size than the first are resized to it."""
-    h, w = frames[0].shape[:2]
-    if any(f.shape[:2] != (h, w) for f in frames):
-        if path not in _RESIZED:
-            _RESIZED.add(path)
-            log.warning("%s: frames of different sizes (%s); resizing them to the first one's, %dx%d", path,
-                        ", ".join(sorted({f"{f.shape[1]}x{f.shape[0]}" for f in frames})), w, h)
-        frames = [f if f.shape[:2] == (h, w) else cv2.resize(f, (w, h), interpolation=cv2.INTER_AREA) for f in frames]
-    return np.stack(frames)
-
-
 _RESIZED: set[str] = set()  # videos warned about, once per process
 
 
-def read_video(path: str, choose: Callable[[int], Sequence[int]]) -> np.ndarray:
-    """Frames `choose(num_frames)` of a video file, in the order given: (T, H, W, 3) uint8 RGB.
+def _stack(frames: list[np.ndarray], path: str) -> np.ndarray:
+    """(T, H, W, 3) from frames (H, W, 3); any of another size than the first are resized to it."""
+    h, w = frames[0].shape[:2]
+    if path not in _RESIZED and any(f.shape[:2] != (h, w) for f in frames):
+        _RESIZED.add(path)
+        log.warning("%s: frames of different sizes (%s); resizing them to the first one's, %dx%d", path,
+                    ", ".join(sorted({f"{f.shape[1]}x{f.shape[0]}" for f in frames})), w, h)
+    return np.stack([f if f.shape[:2] == (h, w) else cv2.resize(f, (w, h), interpolation=cv2.INTER_AREA)
+                     for f in frames])
 
-    num_frames is the container's frame count (counted by decoding if it has none). A frame asked for past
-    the real end repeats the last real frame; a video that ends more than FRAME_COUNT_SLACK early is an
-    error. Never one seek per frame: that is several times slower and, on some AVI/MPEG-4 files, lands
-    on the wrong frame.
-    """
+
+def read_video(path: str, choose: Callable[[int], Sequence[int]]) -> np.ndarray:
+    """Frames `choose(num_frames)` of a video file, (T, H, W, 3) uint8 RGB; num_frames is the container's count
+    (else counted). Past the real end the last real frame repeats; ending over FRAME_COUNT_SLACK early is an
+    error. Never one seek per frame: several times slower, and on some AVI/MPEG-4 files it lands wrong."""
     cap = _open(path)
     num_frames = int(cap.get(cv2.CAP_PROP_FRAME_COUNT))
     if num_frames <= 0:  # no count in the header: count by decoding
@@ -179,8 +128,7 @@ def read_video(path: str, choose: Callable[[int], Sequence[int]]) -> np.ndarray:
 
 def read_frames(frame_dir: str, indices: Sequence[int], fname_tmpl: str = "img_{:05}.jpg",
                 start_idx: int = 1) -> np.ndarray:
-    """Frames of a folder of images, frame i in file fname_tmpl.format(i + start_idx): (T, H, W, 3) uint8
-    RGB."""
+    """Frames of a folder of images, frame i in fname_tmpl.format(i + start_idx): (T, H, W, 3) uint8 RGB."""
     if not os.path.isdir(frame_dir):
         raise VideoError(f"{frame_dir}: no such folder of frames")
     images = {}
@@ -215,56 +163,56 @@ def scan_videos(folder: str) -> list[str]:
     return found
 
 
-def _lines(list_file: str) -> Iterator[tuple[int, list[str]]]:
-    """(line number, fields) of each non-blank line."""
-    if not os.path.isfile(list_file):
-        raise FileNotFoundError(f"list file {list_file} does not exist")
-    with open(list_file) as f:
-        for number, line in enumerate(f, 1):
-            if line.strip():
-                yield number, line.split()
-
-
 def _raise_problems(problems: list[str], error: type | None = None, limit: int = 20) -> None:
     """One error listing every problem found (the first `limit` of them), rather than one per run."""
     if problems:
-        more = [f"... and {len(problems) - limit} more"] if len(problems) > limit else []
-        lines = problems[:limit] + more
+        lines = problems[:limit] + ([f"... and {len(problems) - limit} more"] if len(problems) > limit else [])
         message = lines[0] if len(problems) == 1 else f"{len(problems)} problems:\n  " + "\n  ".join(lines)
         raise (error or ListError)(message)
 
 
-def _numbers(fields: list[str], counts: tuple[int, ...], where: str, expected: str) -> list[int]:
-    """The integer fields after the path, checking the field count."""
-    if len(fields) not in counts or not all(re.fullmatch(r"[+-]?\d+", f) for f in fields[1:]):
-        raise ListError(f"{where}: expected {expected} separated by spaces, got {' '.join(fields)!r}")
-    return [int(f) for f in fields[1:]]
+def _read_list(list_file: str, counts: tuple[int, ...], expected: str,
+               sample: Callable[[str, str, list[int]], Sample]) -> list[Sample]:
+    """The clips of a list file: each non-blank line has a path and integers (len(fields) in `counts`), and
+    sample(where, path, integers) makes its Sample or raises ListError. All bad lines raise one ListError."""
+    if not os.path.isfile(list_file):
+        raise FileNotFoundError(f"list file {list_file} does not exist")
+    samples, problems = [], []
+    with open(list_file) as f:
+        for number, line in enumerate(f, 1):
+            fields, where = line.split(), f"{list_file}:{number}"
+            if not fields:
+                continue
+            words = [w for w in fields[1:] if not re.fullmatch(r"[+-]?\d+", w)]
+            try:
+                if len(fields) not in counts or words:
+                    hint = (f" ({words[0]!r} is not a number: if it is part of the path, rename or link the file "
+                            "under a name without spaces, since spaces separate the fields)") if words else ""
+                    raise ListError(f"{where}: expected {expected} separated by spaces, got {' '.join(fields)!r}{hint}")
+                samples.append(sample(where, fields[0], [int(w) for w in fields[1:]]))
+            except ListError as e:
+                problems.append(str(e))
+    _raise_problems(problems)
+    if not samples:
+        raise ListError(f"{list_file}: no clips found")
+    return samples
 
 
 def read_pretrain_list(data_path: str, data_root: str = "") -> list[Sample]:
     """Pretraining clips from a folder of videos or a list file (formats in the module docstring)."""
-    if os.path.isdir(data_path):
-        samples = [Sample(path, 0, -1, -1) for path in scan_videos(data_path)]
-    else:
-        expected = "'path', 'path label', 'path start_idx total_frames' or 'path start_idx total_frames label'"
-        samples, problems = [], []
-        for number, fields in _lines(data_path):
-            where = f"{data_path}:{number}"
-            try:
-                numbers = _numbers(fields, (1, 2, 3, 4), where, expected)
-            except ListError as e:
-                problems.append(str(e))
-                continue
-            start_idx, total_frames = numbers[:2] if len(numbers) >= 2 else (0, -1)
-            label = numbers[-1] if len(numbers) in (1, 3) else -1  # pretraining ignores it; features list it
-            if total_frames == 0:
-                problems.append(f"{where}: total_frames is 0 (use -1 for a video file)")
-            elif total_frames < -1 or start_idx < 0:
-                problems.append(f"{where}: expected total_frames > 0 (a folder of frames) or -1 (a video file) and "
-                                f"start_idx >= 0, got start_idx {start_idx}, total_frames {total_frames}")
-            else:
-                samples.append(Sample(os.path.join(data_root, fields[0]), start_idx, total_frames, label))
-        _raise_problems(problems)
+    def sample(where: str, path: str, numbers: list[int]) -> Sample:
+        start_idx, total_frames = numbers[:2] if len(numbers) >= 2 else (0, -1)
+        label = numbers[-1] if len(numbers) in (1, 3) else -1  # pretraining ignores it; features list it
+        if total_frames == 0:
+            raise ListError(f"{where}: total_frames is 0 (use -1 for a video file)")
+        if total_frames < -1 or start_idx < 0:
+            raise ListError(f"{where}: expected total_frames > 0 (a folder of frames) or -1 (a video file) and "
+                            f"start_idx >= 0, got start_idx {start_idx}, total_frames {total_frames}")
+        return Sample(os.path.join(data_root, path), start_idx, total_frames, label)
+    if not os.path.isdir(data_path):
+        return _read_list(data_path, (1, 2, 3, 4), "'path', 'path label', 'path start_idx total_frames' or "
+                          "'path start_idx total_frames label'", sample)
+    samples = [Sample(path, 0, -1, -1) for path in scan_videos(data_path)]
     if not samples:
         raise ListError(f"{data_path}: no clips found")
     return samples
@@ -273,25 +221,15 @@ def read_pretrain_list(data_path: str, data_root: str = "") -> list[Sample]:
 def read_finetune_list(list_file: str, data_root: str = "", nb_classes: int | None = None,
                        start_idx: int = 1) -> list[Sample]:
     """Labelled clips from a list file: `path label` (videos) or `frame_dir total_frames label` (frames)."""
-    samples, problems = [], []
-    for number, fields in _lines(list_file):
-        where = f"{list_file}:{number}"
-        try:
-            *total, label = _numbers(fields, (2, 3), where, "'path label' or 'frame_dir total_frames label'")
-        except ListError as e:
-            problems.append(str(e))
-            continue
+    def sample(where: str, path: str, numbers: list[int]) -> Sample:
+        *total, label = numbers
         if total and total[0] <= 0:
-            problems.append(f"{where}: total_frames must be positive, got {total[0]}")
-        elif nb_classes is not None and not 0 <= label < nb_classes:
-            problems.append(f"{where}: label {label} is out of range for nb_classes={nb_classes}")
-        else:
-            path = os.path.join(data_root, fields[0])
-            samples.append(Sample(path, start_idx, total[0], label) if total else Sample(path, 0, -1, label))
-    _raise_problems(problems)
-    if not samples:
-        raise ListError(f"{list_file}: no clips found")
-    return samples
+            raise ListError(f"{where}: total_frames must be positive, got {total[0]}")
+        if nb_classes is not None and not 0 <= label < nb_classes:
+            raise ListError(f"{where}: label {label} is out of range for nb_classes={nb_classes}")
+        path = os.path.join(data_root, path)
+        return Sample(path, start_idx, total[0], label) if total else Sample(path, 0, -1, label)
+    return _read_list(list_file, (2, 3), "'path label' or 'frame_dir total_frames label'", sample)
 
 
 def _class_folder_samples(data_path: str, split_dir: str, nb_classes: int | None) -> list[Sample]:
@@ -334,8 +272,7 @@ class VideoList:
     """Clips on disk (video files and folders of frames): a source for the datasets below."""
 
     def __init__(self, samples: list[Sample], fname_tmpl: str = "img_{:05}.jpg"):
-        self.samples = samples
-        self.fname_tmpl = fname_tmpl
+        self.samples, self.fname_tmpl = samples, fname_tmpl
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -356,30 +293,19 @@ class VideoList:
         except (cv2.error, OSError) as e:  # any other failure to read or decode: the same VideoError path
             raise VideoError(f"{path}: {type(e).__name__}: {e}") from e
 
-    def problem(self, i: int, open_it: bool = False) -> str | None:
-        """Why clip i cannot be read, as far as a stat tells (a video file that is missing or empty; a folder
-        of frames that is missing or lacks its first or last frame), or with open_it a quick open (the video
-        opened, the folder's first frame decoded); None when it looks readable."""
+    def problem(self, i: int) -> str | None:
+        """Why clip i cannot be read as a stat tells (missing, empty, lacking its first or last frame), or None."""
         path, start_idx, total_frames, _ = self.samples[i]
-        try:
-            if total_frames < 0:
-                if not os.path.isfile(path):
-                    return f"{path}: no such file"
-                if os.path.getsize(path) == 0:
-                    return f"{path}: empty file"
-                if open_it:
-                    _open(path).release()
-                return None
-            if not os.path.isdir(path):
-                return f"{path}: no such folder of frames"
-            for k in (0, total_frames - 1):
-                name = os.path.join(path, self.fname_tmpl.format(k + start_idx))
-                if not os.path.isfile(name):
-                    return f"{name}: missing, so {path} has fewer frames than its list line claims ({total_frames})"
-            if open_it:
-                read_frames(path, [0], self.fname_tmpl, start_idx)
-        except (VideoError, cv2.error, OSError) as e:
-            return str(e)
+        if total_frames < 0:
+            if not os.path.isfile(path):
+                return f"{path}: no such file"
+            return f"{path}: empty file" if os.path.getsize(path) == 0 else None
+        if not os.path.isdir(path):
+            return f"{path}: no such folder of frames"
+        for k in (0, total_frames - 1):
+            name = os.path.join(path, self.fname_tmpl.format(k + start_idx))
+            if not os.path.isfile(name):
+                return f"{name}: missing, so {path} has fewer frames than its list line claims ({total_frames})"
         return None
 
 
@@ -407,18 +333,12 @@ _POLYGONS = (_polygon(3), _polygon(4), _polygon(5), _polygon(8, 0.45), _polygon(
 
 
 class SyntheticVideos:
-    """Videos of coloured shapes drifting and spinning over textured backgrounds, drawn on the fly.
-
-    Video i is a pure function of (seed, first_index + i): its background (smooth colour blobs plus
-    stripes), three small distractor shapes moving and spinning at random, and the main shape (the
-    largest, drawn on top), which moves in the direction of its class: label = index mod num_classes
-    (balanced), heading = 2π·(label + u)/num_classes with u uniform in ±0.25, and crosses about the frame's
-    short side over the video, while the distractors drift at most a fifth of that. The main shape's path
-    is centred in the frame, so a single frame says little about the label: telling the classes apart needs
-    motion. The main shape moves fast so that a laptop-sized run can learn the label; even so, a small ViT
-    trained from scratch sits at chance for several hundred steps before it starts to. Only the frames
-    asked for are drawn (a few ms for 16 frames at 224 px).
-    """
+    """Videos of coloured shapes drifting and spinning over textured backgrounds, drawn on the fly. Video i is a
+    pure function of (seed, first_index + i): colour blobs and stripes, three small distractors moving at random,
+    and the main shape (the largest, on top) heading 2π·(label + u)/num_classes, u uniform in ±0.25 (label =
+    index mod num_classes), across about the short side, its path centred: telling the classes apart needs
+    motion. It moves fast so that a laptop-sized run learns the label (a small ViT from scratch still sits at
+    chance for several hundred steps). Only the frames asked for are drawn (a few ms for 16 at 224 px)."""
 
     def __init__(self, num_videos: int = 1024, num_classes: int = 8, length: int = 80, height: int = 128,
                  width: int = 160, seed: int = 0, first_index: int = 0):
@@ -477,26 +397,6 @@ class SyntheticVideos:
             cv2.fillPoly(frame, [np.round(points * 16).astype(np.int32)], s.colour, cv2.LINE_AA, shift=4)
         return frame
 
-    def export(self, root: str, split: str = "train", fps: int = 25) -> str:
-        """Write the videos as root/split/video_NNNNN.mp4 and the list root/split.csv (`path label` lines,
-        relative to root); returns the list file's path."""
-        os.makedirs(os.path.join(root, split), exist_ok=True)
-        lines = []
-        for i in range(len(self)):
-            name = f"{split}/video_{self.first_index + i:05d}.mp4"
-            writer = cv2.VideoWriter(os.path.join(root, name), cv2.VideoWriter_fourcc(*"mp4v"), fps,
-                                     (self.width, self.height))
-            if not writer.isOpened():
-                raise RuntimeError(f"{os.path.join(root, name)}: OpenCV cannot write an mp4v video here")
-            for frame in self.render(i, range(self.length)):
-                writer.write(cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))
-            writer.release()
-            lines.append(f"{name} {self.label(i)}\n")
-        list_file = os.path.join(root, f"{split}.csv")
-        with open(list_file, "w") as f:
-            f.writelines(lines)
-        return list_file
-
 
 # -----------------------------------------------------------------------------------------------------
 # Which frames: temporal sampling. Each takes the video's length n and returns int frame indices.
@@ -504,9 +404,7 @@ class SyntheticVideos:
 
 def pretrain_indices(n: int, num_frames: int, sampling_rate: int, rng: np.random.Generator) -> np.ndarray:
     """num_frames frames, sampling_rate apart, from a random start; short videos repeat the last reachable one.
-
-    As in the reference, a step is taken only while it lands before the video's last frame (index ≤ n-2).
-    """
+    As in the reference, a step is taken only while it lands before the video's last frame (index ≤ n-2)."""
     room = n - num_frames * sampling_rate + 1
     start = int(rng.integers(room)) if room > 0 else 0
     steps = max(0, (n - 2 - start) // sampling_rate)  # the reference stops stepping here
@@ -515,9 +413,7 @@ def pretrain_indices(n: int, num_frames: int, sampling_rate: int, rng: np.random
 
 def dense_indices(n: int, num_frames: int, sampling_rate: int, rng: np.random.Generator | None) -> np.ndarray:
     """num_frames frames evenly over a num_frames·sampling_rate window: at random (rng), or the centre one.
-
-    A video no longer than the window is read every sampling_rate frames and padded with its last frame.
-    """
+    A video no longer than the window is read every sampling_rate frames and padded with its last frame."""
     window = num_frames * sampling_rate
     if n <= window:
         index = np.linspace(0, n, num=n // sampling_rate)
@@ -543,9 +439,7 @@ def dense_test_indices(n: int, num_frames: int, sampling_rate: int, view: int, n
 
 def segment_indices(n: int, num_segments: int, rng: np.random.Generator | None) -> np.ndarray:
     """TSN sampling: one frame from each of num_segments equal segments, at random (rng) or in the middle.
-
-    A video shorter than num_segments repeats its first frame in front.
-    """
+    A video shorter than num_segments repeats its first frame in front."""
     length = n // num_segments
     if length == 0:
         return np.concatenate([np.zeros(num_segments - n, np.int64), np.arange(n)])
@@ -585,9 +479,8 @@ def multi_scale_crop(frames: np.ndarray, size: int, rng: np.random.Generator,
     return _resize(frames[:, top:top + ch, left:left + cw], size, size)
 
 
-def random_resized_crop(frames: np.ndarray, size: int, rng: np.random.Generator,
-                        scale: tuple[float, float] = (0.08, 1.0),
-                        ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> np.ndarray:
+def random_resized_crop(frames: np.ndarray, size: int, rng: np.random.Generator, scale: tuple = (0.08, 1.0),
+                        ratio: tuple = (3 / 4, 4 / 3)) -> np.ndarray:
     """The fine-tuning crop: area a `scale` fraction of the frame, aspect log-uniform in `ratio` (10 tries,
     then the centre crop at the nearest allowed aspect), resized to size x size."""
     _, h, w, _ = frames.shape
@@ -630,9 +523,8 @@ _NORMALISE = ((np.arange(256, dtype=np.float32)[None] / 255 - np.float32(vmae.IM
 
 
 def to_tensor(frames: np.ndarray, out: Tensor | None = None) -> Tensor:
-    """(T, H, W, 3) uint8 -> (3, T, H, W) float32: /255, then the ImageNet mean and std. Written into `out`
-    if given (a contiguous (3, T, H, W) tensor); a uint8 `out` gets the pixels as they are, channel first,
-    for `normalize` to finish on the device."""
+    """(T, H, W, 3) uint8 -> (3, T, H, W) float32: /255, then the ImageNet mean and std; written into `out` if
+    given (contiguous), and a uint8 `out` gets the pixels as they are, for `normalize` to finish on the device."""
     t, h, w, _ = frames.shape
     clip = torch.empty(3, t, h, w) if out is None else out
     planes = clip.numpy().reshape(3, t * h, w)  # a view: OpenCV writes straight into the tensor
@@ -645,10 +537,9 @@ def to_tensor(frames: np.ndarray, out: Tensor | None = None) -> Tensor:
 
 
 def normalize(clips: Tensor) -> Tensor:
-    """uint8 clips (..., 3, T, H, W), e.g. from a pretraining dataset built with uint8=True, on the device
-    that trains -> float32, equal to what to_tensor makes on the CPU (the same float32 steps as its table:
-    x / 255, minus the mean, over the std). A uint8 clip is a quarter of the bytes through the loader's
-    shared memory, pinning and the host-to-device copy."""
+    """uint8 clips (..., 3, T, H, W) (a pretraining dataset's with uint8=True) on the training device -> float32,
+    equal to to_tensor's on the CPU (the same float32 steps: x / 255, minus the mean, over the std). A uint8
+    clip is a quarter of the bytes through the loader's shared memory, pinning and host-to-device copy."""
     clips = clips.float().div_(255)
     mean, std = vmae.imagenet_stats(clips)  # (3,) each
     return clips.sub_(mean[:, None, None, None]).div_(std[:, None, None, None])
@@ -656,9 +547,8 @@ def normalize(clips: Tensor) -> Tensor:
 
 def random_erase(clip: Tensor, rng: np.random.Generator, prob: float = 0.25,
                  area: tuple[float, float] = (0.02, 1 / 3), min_aspect: float = 0.3) -> Tensor:
-    """With probability `prob`, fill one box with N(0, 1) noise, in place on a normalised (3, T, H, W) clip:
-    the same box on every frame (area a fraction in `area`, aspect log-uniform in [min_aspect, 1/min_aspect]),
-    fresh noise in each."""
+    """With probability `prob`, fill one box of a normalised (3, T, H, W) clip with fresh N(0, 1) noise, in place,
+    the same box on every frame (area a fraction in `area`, aspect log-uniform in [min_aspect, 1/min_aspect])."""
     if rng.random() > prob:
         return clip
     _, t, h, w = clip.shape
@@ -674,10 +564,9 @@ def random_erase(clip: Tensor, rng: np.random.Generator, prob: float = 0.25,
     return clip
 
 
-# RandAugment ('rand-m7-n4-mstd0.5-inc1'): num_ops ops drawn with replacement, each applied with probability
-# 0.5 at magnitude ~ N(m, mstd) clipped to [0, 10]; the "increasing" set, where a larger magnitude always
-# means a stronger change. Each op below takes (frames, level = magnitude/10 in [0, 1], rng) and does the
-# same thing to every frame; the signed ones pick their sign at random. They mirror PIL's operations.
+# RandAugment ('rand-m7-n4-mstd0.5-inc1'): num_ops ops drawn with replacement, each applied with probability 0.5
+# at magnitude ~ N(m, mstd) clipped to [0, 10]; the "increasing" set (a larger magnitude is a stronger change).
+# Each op mirrors PIL's, takes (frames, level = magnitude/10 in [0, 1], rng) and does the same to every frame.
 
 
 def _signed(value: float, rng: np.random.Generator) -> float:
@@ -698,26 +587,12 @@ def _affine(frames: np.ndarray, matrix: np.ndarray) -> np.ndarray:
                                     borderValue=(128, 128, 128)) for f in frames])
 
 
-# What each enhancement blends a frame (H, W, 3) with: its grey, its mean grey, black, a smoothed copy.
-
-
-def _gray(frame: np.ndarray) -> np.ndarray:
-    return cv2.cvtColor(cv2.cvtColor(frame, cv2.COLOR_RGB2GRAY), cv2.COLOR_GRAY2RGB)
-
-
-def _mean_gray(frame: np.ndarray) -> np.ndarray:
-    return np.full_like(frame, int(cv2.cvtColor(frame, cv2.COLOR_RGB2GRAY).mean() + 0.5))
-
-
-def _black(frame: np.ndarray) -> np.ndarray:
-    return np.zeros_like(frame)
-
-
 _SMOOTH = np.array([[1, 1, 1], [1, 5, 1], [1, 1, 1]], np.float32) / 13  # PIL's SMOOTH filter
-
-
-def _smooth(frame: np.ndarray) -> np.ndarray:
-    return cv2.filter2D(frame, -1, _SMOOTH, borderType=cv2.BORDER_REPLICATE)
+# What each enhancement blends a frame (H, W, 3) with: its grey, its mean grey, black, a smoothed copy.
+_DEGENERATE = dict(color=lambda f: cv2.cvtColor(cv2.cvtColor(f, cv2.COLOR_RGB2GRAY), cv2.COLOR_GRAY2RGB),
+                   contrast=lambda f: np.full_like(f, int(cv2.cvtColor(f, cv2.COLOR_RGB2GRAY).mean() + 0.5)),
+                   brightness=np.zeros_like,
+                   sharpness=lambda f: cv2.filter2D(f, -1, _SMOOTH, borderType=cv2.BORDER_REPLICATE))
 
 
 def _enhance(frames: np.ndarray, level: float, rng: np.random.Generator, degenerate: Callable) -> np.ndarray:
@@ -742,24 +617,15 @@ def _equalize(frames: np.ndarray, level: float, rng: np.random.Generator) -> np.
     return np.stack([cv2.merge([cv2.equalizeHist(c) for c in cv2.split(f)]) for f in frames])
 
 
-def _invert(frames: np.ndarray, level: float, rng: np.random.Generator) -> np.ndarray:
-    return _lut(frames, 255 - np.arange(256))
+def _table_op(table: Callable[[np.ndarray, float], np.ndarray]) -> Callable:
+    """An op that maps every pixel value v through table(v = 0..255, level)."""
+    return lambda frames, level, rng: _lut(frames, table(np.arange(256), level))
 
 
-def _posterize(frames: np.ndarray, level: float, rng: np.random.Generator) -> np.ndarray:
-    bits = 4 - int(level * 4)  # keep 4 down to 0 high bits
-    return _lut(frames, np.arange(256) & (0xFF << (8 - bits)))
-
-
-def _solarize(frames: np.ndarray, level: float, rng: np.random.Generator) -> np.ndarray:
-    threshold = 256 - int(level * 256)
-    values = np.arange(256)
-    return _lut(frames, np.where(values >= threshold, 255 - values, values))
-
-
-def _solarize_add(frames: np.ndarray, level: float, rng: np.random.Generator) -> np.ndarray:
-    values = np.arange(256)
-    return _lut(frames, np.where(values < 128, values + int(level * 110), values))
+_invert = _table_op(lambda v, level: 255 - v)
+_posterize = _table_op(lambda v, level: v & (0xFF << (4 + int(level * 4))))  # keep 4 down to 0 high bits
+_solarize = _table_op(lambda v, level: np.where(v >= 256 - int(level * 256), 255 - v, v))
+_solarize_add = _table_op(lambda v, level: np.where(v < 128, v + int(level * 110), v))
 
 
 def _rotate(frames: np.ndarray, level: float, rng: np.random.Generator) -> np.ndarray:
@@ -780,8 +646,7 @@ def _translate(frames: np.ndarray, level: float, rng: np.random.Generator, axis:
 
 
 _RAND_OPS = (_auto_contrast, _equalize, _invert, _rotate, _posterize, _solarize, _solarize_add,
-             partial(_enhance, degenerate=_gray), partial(_enhance, degenerate=_mean_gray),
-             partial(_enhance, degenerate=_black), partial(_enhance, degenerate=_smooth),
+             *(partial(_enhance, degenerate=d) for d in _DEGENERATE.values()),
              partial(_shear, axis=0), partial(_shear, axis=1), partial(_translate, axis=0),
              partial(_translate, axis=1))
 
@@ -811,46 +676,48 @@ def rand_augment(frames: np.ndarray, rng: np.random.Generator, magnitude: float 
 # Datasets
 
 
-def _item_rng() -> np.random.Generator:
-    """A numpy generator for one item, seeded from torch's RNG. The DataLoader seeds torch in each worker
-    from the main process's seed, so a run repeats under torch.manual_seed (for a given num_workers)."""
-    return np.random.default_rng(int(torch.randint(2 ** 62, ())))
-
-
 class Share(NamedTuple):
-    """A check split over processes: this one takes items rank, rank + world, ..., and gather(found) returns
-    every process's findings, one list per process (a collective, so every process must call the check;
-    engine.file_share builds it from the process group). The default is one process checking everything."""
+    """A check split over processes (engine.file_share): this one takes items rank, rank + world, ..., and
+    gather(found), a collective, returns every process's findings, one list each. Default: one process."""
     rank: int = 0
     world: int = 1
     gather: Callable[[list], list[list]] | None = None
 
 
-class _Clips(Dataset):
-    """Loading for both datasets, with the bad-video policy: raise, or skip (logged, counted, limited)."""
+class _Clips(torch.utils.data.Dataset):
+    """Loading for both datasets, with the bad-video policy: raise, or skip (logged, counted, limited). Item i
+    draws its augmentation from a generator seeded by (seed, i), the same in any worker: a run repeats, and one
+    resumed mid-epoch draws what the uninterrupted one did. Training sets `seed` to (run seed, epoch)."""
+    seed: tuple = (0,)
+    num_views = 1  # items per video
+    evaluated = False  # an evaluation set: check_files decodes what its evaluation reads (unreadable)
 
     def __init__(self, source: VideoList | SyntheticVideos, skip_bad_videos: bool, max_bad_fraction: float):
-        self.source = source
-        self.skip_bad_videos = skip_bad_videos
-        self.max_bad_fraction = max_bad_fraction
+        self.source, self.skip_bad_videos, self.max_bad_fraction = source, skip_bad_videos, max_bad_fraction
         # one flag per video in shared memory, so DataLoader workers and the main process see the same set
         self._bad = multiprocessing.RawArray("b", len(source)) if skip_bad_videos else None
 
+    def __len__(self) -> int:
+        return len(self.source) * self.num_views
+
     def bad_videos(self) -> list[str]:
         """The unreadable videos skipped so far, by all workers together (for an epoch summary)."""
-        if self._bad is None:
-            return []
-        return [self.source.name(int(i)) for i in np.flatnonzero(np.frombuffer(self._bad, np.int8))]
+        flags = np.frombuffer(self._bad, np.int8) if self._bad is not None else []
+        return [self.source.name(int(i)) for i in np.flatnonzero(flags)]
 
-    def check_files(self, open_videos: bool = False, share: Share = Share()) -> None:
-        """Before training: every listed video checked (VideoList.problem: a stat, and with open_videos an
-        open), all problems at once. Without skip_bad_videos any problem is a VideoError listing them all;
-        with it they are skipped from the start (logged, counted, limited by max_bad_fraction). With a
-        `share` of several processes each checks its part and they exchange what they found."""
+    def check_files(self, share: Share = Share(), num_workers: int = 0) -> None:
+        """Before training: every listed video stat-checked (VideoList.problem), and for an evaluation set every
+        frame it reads decoded, in num_workers processes; with a `share`, each process its part. The problems are
+        one VideoError, or with skip_bad_videos those videos are skipped from the start (logged, counted, limited)."""
         if not isinstance(self.source, VideoList):
             return
-        bad = [(i, why) for i in range(share.rank, len(self.source), share.world)
-               if (why := self.source.problem(i, open_videos))]
+        mine = range(share.rank, len(self.source), share.world)
+        bad = [(i, why) for i in mine if (why := self.source.problem(i))]
+        if self.evaluated:  # the loader's collate_fn runs in its workers: they decode
+            readable = [i for i in mine if i not in dict(bad)]
+            decoded = torch.utils.data.DataLoader(readable, batch_size=None, num_workers=num_workers,
+                                                  collate_fn=self.unreadable)
+            bad += [(i, why) for i, why in zip(readable, decoded) if why]
         if share.world > 1:
             bad = sorted(sum(share.gather(bad), []))
         if not self.skip_bad_videos:
@@ -878,8 +745,7 @@ class _Clips(Dataset):
         return self._bad is not None and bool(self._bad[index])
 
     def _load(self, index: int, choose: Callable[[int], Sequence[int]], rng: np.random.Generator):
-        """(frames (T, H, W, 3) uint8, index of the video they come from): video `index`, or with
-        skip_bad_videos a random other one if it cannot be read."""
+        """(frames (T, H, W, 3) uint8, their video): video `index`, or with skip_bad_videos a stand-in if unreadable."""
         while True:
             if not self.skipped(index):
                 try:
@@ -905,9 +771,8 @@ class _Clips(Dataset):
 
 
 class PretrainDataset(_Clips):
-    """Pretraining clips. Item: (num_sample, 3, num_frames, input_size, input_size) float, num_sample
-    multi-scale crops of one strided window (decoded once); with uint8=True the same crops as uint8
-    pixels, to be normalised on the device (`normalize`)."""
+    """Pretraining clips. Item: (num_sample, 3, T, input_size, input_size) float, num_sample multi-scale crops of
+    one strided window (decoded once); with uint8=True as uint8 pixels, normalised on the device (`normalize`)."""
 
     def __init__(self, source: VideoList | SyntheticVideos, num_frames: int = 16, sampling_rate: int = 4,
                  input_size: int = 224, num_sample: int = 1, skip_bad_videos: bool = False,
@@ -916,11 +781,8 @@ class PretrainDataset(_Clips):
         self.num_frames, self.sampling_rate = num_frames, sampling_rate
         self.input_size, self.num_sample, self.uint8 = input_size, num_sample, uint8
 
-    def __len__(self) -> int:
-        return len(self.source)
-
     def __getitem__(self, index: int) -> Tensor:
-        rng = _item_rng()
+        rng = np.random.default_rng([*self.seed, index])
         choose = lambda n: pretrain_indices(n, self.num_frames, self.sampling_rate, rng)
         frames, _ = self._load(index, choose, rng)  # (T, H, W, 3) uint8
         size = self.input_size
@@ -932,7 +794,8 @@ class PretrainDataset(_Clips):
 
 
 class FinetuneDataset(_Clips):
-    """Labelled clips for fine-tuning, in mode 'train', 'validation' or 'test' (items: module docstring)."""
+    """Labelled clips for fine-tuning. Items: in mode 'train' (clips (num_sample, 3, T, H, W), labels (num_sample,));
+    'validation', (clip (3, T, H, W), label); 'test', (clip, label, video, view) for num_views views a video."""
 
     def __init__(self, source: VideoList | SyntheticVideos, mode: str, num_frames: int = 16,
                  sampling_rate: int = 4, input_size: int = 224, short_side_size: int = 224, num_sample: int = 2,
@@ -944,17 +807,23 @@ class FinetuneDataset(_Clips):
         if mode != "train" and short_side_size < input_size:
             raise ValueError(f"short_side_size={short_side_size} is smaller than input_size={input_size}: "
                              "the evaluation crop would not fit")
-        if min(num_sample, test_num_segment, test_num_crop) < 1:
-            raise ValueError("num_sample, test_num_segment and test_num_crop must each be at least 1")
         self.mode, self.num_frames, self.sampling_rate = mode, num_frames, sampling_rate
         self.input_size, self.short_side_size, self.num_sample = input_size, short_side_size, num_sample
         self.test_num_segment, self.test_num_crop = test_num_segment, test_num_crop
         self.sparse_sample, self.flip, self.reprob = sparse_sample, flip, reprob
         self.rand_augment = parse_rand_augment(aa)
         self.num_views = test_num_segment * test_num_crop if mode == "test" else 1
+        self.evaluated = mode != "train"
 
-    def __len__(self) -> int:
-        return len(self.source) * self.num_views
+    def unreadable(self, video: int) -> str | None:
+        """Why this video cannot be read for its evaluation, every frame it reads decoded (each test window;
+        its crops share them), or None."""
+        try:
+            for segment in range(self.test_num_segment if self.mode == "test" else 1):
+                self.source.clip(video, lambda n: self._frame_indices(n, segment, None))
+        except VideoError as e:
+            return str(e)
+        return None
 
     def _frame_indices(self, n: int, segment: int, rng: np.random.Generator) -> np.ndarray:
         if self.mode == "test" and self.sparse_sample:
@@ -979,7 +848,7 @@ class FinetuneDataset(_Clips):
         return clip
 
     def __getitem__(self, index: int):
-        rng = _item_rng()
+        rng = np.random.default_rng([*self.seed, index])
         video, view = divmod(index, self.num_views)
         segment, crop = divmod(view, self.test_num_crop)
         frames, video = self._load(video, lambda n: self._frame_indices(n, segment, rng), rng)  # (T, H, W, 3)
@@ -993,54 +862,39 @@ class FinetuneDataset(_Clips):
         return to_tensor(spatial_crop(frames, self.input_size, crop, self.test_num_crop)), label, video, view
 
 
-def build_pretrain_dataset(data_path: str | None = None, data_root: str = "", *, num_frames: int = 16,
-                           sampling_rate: int = 4, input_size: int = 224, num_sample: int = 1,
-                           fname_tmpl: str = "img_{:05}.jpg", skip_bad_videos: bool = False,
-                           max_bad_fraction: float = 0.01, synthetic_videos: int = 1024,
-                           uint8: bool = False, share: Share = Share()) -> PretrainDataset:
-    """The pretraining dataset for data_path (a list file or a folder of videos), or the synthetic set; every
-    listed file is stat-checked first. uint8: items are uint8 pixels, to be normalised on the device with
-    `normalize`."""
-    if data_path:
-        source = VideoList(read_pretrain_list(data_path, data_root), fname_tmpl)
-    else:
-        source = _synthetic(synthetic_videos, 8, num_frames, sampling_rate, input_size, first_index=0)
-    dataset = PretrainDataset(source, num_frames, sampling_rate, input_size, num_sample, skip_bad_videos,
-                              max_bad_fraction, uint8)
-    dataset.check_files(share=share)
+def build_pretrain_dataset(data_path: str | None = None, data_root: str = "", *, fname_tmpl: str = "img_{:05}.jpg",
+                           synthetic_videos: int = 1024, share: Share = Share(), **options) -> PretrainDataset:
+    """The pretraining dataset for data_path (a list file or a folder of videos), or synthetic_videos built-in
+    videos; `options` are PretrainDataset's (num_frames, sampling_rate, input_size, num_sample, skip_bad_videos,
+    max_bad_fraction, uint8). Every listed file is stat-checked first."""
+    source = (VideoList(read_pretrain_list(data_path, data_root), fname_tmpl) if data_path else
+              _synthetic(synthetic_videos, 8, 0, **options))
+    dataset = PretrainDataset(source, **options)
+    dataset.check_files(share)
     return dataset
 
 
 def build_finetune_dataset(mode: str, data_path: str | None = None, data_root: str = "", *, nb_classes: int,
-                           num_frames: int = 16, sampling_rate: int = 4, input_size: int = 224,
-                           short_side_size: int = 224, num_sample: int = 2, test_num_segment: int = 5,
-                           test_num_crop: int = 3, sparse_sample: bool = False, flip: bool = True,
-                           aa: str = "rand-m7-n4-mstd0.5-inc1", reprob: float = 0.25,
-                           fname_tmpl: str = "img_{:05}.jpg", start_idx: int = 1, skip_bad_videos: bool = False,
-                           max_bad_fraction: float = 0.01, synthetic_videos: int = 1024,
-                           share: Share = Share()) -> FinetuneDataset:
-    """The fine-tuning dataset of one split, mode 'train', 'validation' or 'test', for data_path, or the
-    synthetic set (synthetic_videos training videos; validation and test share synthetic_videos // 4 others).
-    Its files are checked first: a stat for training, an open of every video for validation and test."""
+                           fname_tmpl: str = "img_{:05}.jpg", start_idx: int = 1, synthetic_videos: int = 1024,
+                           share: Share = Share(), num_workers: int = 0, **options) -> FinetuneDataset:
+    """The split `mode` ('train', 'validation' or 'test') of data_path, or of the synthetic set (synthetic_videos
+    for training; validation and test share synthetic_videos // 4 others); `options` are FinetuneDataset's.
+    Its files are checked first (check_files: evaluation sets decoded in num_workers processes)."""
     if data_path:
         source = VideoList(read_finetune_split(data_path, mode, data_root, nb_classes, start_idx), fname_tmpl)
     elif mode == "train":
-        source = _synthetic(synthetic_videos, nb_classes, num_frames, sampling_rate, input_size, first_index=0)
+        source = _synthetic(synthetic_videos, nb_classes, 0, **options)
     else:
-        source = _synthetic(max(1, synthetic_videos // 4), nb_classes, num_frames, sampling_rate, input_size,
-                            first_index=synthetic_videos)
-    dataset = FinetuneDataset(source, mode, num_frames, sampling_rate, input_size, short_side_size, num_sample,
-                              test_num_segment, test_num_crop, sparse_sample, flip, aa, reprob, skip_bad_videos,
-                              max_bad_fraction)
-    dataset.check_files(open_videos=mode != "train", share=share)
+        source = _synthetic(max(1, synthetic_videos // 4), nb_classes, synthetic_videos, **options)
+    dataset = FinetuneDataset(source, mode, **options)
+    dataset.check_files(share, num_workers)
     return dataset
 
 
-def held_out_clip(num_frames: int, input_size: int, sampling_rate: int, synthetic_size: int,
-                  index: int = 0) -> Tensor:
+def held_out_clip(num_frames: int, input_size: int, sampling_rate: int, synthetic_size: int, index: int = 0) -> Tensor:
     """A (3, T, H, W) clip of the built-in dataset that pretraining never saw (its videos come after the
     first synthetic_size), centre window and centre crop."""
-    held_out = build_finetune_dataset("validation", None, nb_classes=8, synthetic_videos=synthetic_size,
+    held_out = build_finetune_dataset("validation", nb_classes=8, synthetic_videos=synthetic_size,
                                       num_frames=num_frames, sampling_rate=sampling_rate, input_size=input_size,
                                       short_side_size=input_size)
     return held_out[index][0]
@@ -1048,14 +902,13 @@ def held_out_clip(num_frames: int, input_size: int, sampling_rate: int, syntheti
 
 def labelled_clips(list_file: str | None, data_root: str = "", *, num_frames: int, sampling_rate: int,
                    input_size: int, fname_tmpl: str = "img_{:05}.jpg", synthetic_videos: int = 512,
-                   first_index: int = 0, share: Share = Share()) -> FinetuneDataset:
-    """A labelled set read as validation clips (centre window, centre crop), e.g. for a probe: the lines of
-    list_file (`path label` or `frame_dir total_frames label`), or synthetic_videos built-in videos from
-    first_index on. Every listed video is opened first, as for validation."""
+                   first_index: int = 0, share: Share = Share(), num_workers: int = 0) -> FinetuneDataset:
+    """A labelled set read (and checked) as validation clips, e.g. for a probe: the lines of list_file (`path
+    label` or `frame_dir total_frames label`), or synthetic_videos built-in videos from first_index on."""
     source = (VideoList(read_finetune_list(list_file, data_root), fname_tmpl) if list_file else
-              _synthetic(synthetic_videos, 8, num_frames, sampling_rate, input_size, first_index))
+              _synthetic(synthetic_videos, 8, first_index, num_frames, sampling_rate, input_size))
     dataset = FinetuneDataset(source, "validation", num_frames, sampling_rate, input_size, short_side_size=input_size)
-    dataset.check_files(open_videos=True, share=share)
+    dataset.check_files(share, num_workers)
     return dataset
 
 
@@ -1064,13 +917,13 @@ def one_clip(path: str, num_frames: int, input_size: int, sampling_rate: int,
     """The centre window of a video file, or of a folder of frames, as one (3, T, H, W) clip."""
     count = len([f for f in os.listdir(path) if not f.startswith(".")]) if os.path.isdir(path) else -1
     source = VideoList([Sample(path, 1, count, -1)], fname_tmpl)
-    return FinetuneDataset(source, "validation", num_frames=num_frames, sampling_rate=sampling_rate,
-                           input_size=input_size, short_side_size=input_size)[0][0]
+    clips = FinetuneDataset(source, "validation", num_frames, sampling_rate, input_size, short_side_size=input_size)
+    return clips[0][0]
 
 
-def _synthetic(num_videos: int, num_classes: int, num_frames: int, sampling_rate: int, input_size: int,
-               first_index: int) -> SyntheticVideos:
-    """Synthetic videos long enough for a full window, input_size tall, 4:3."""
+def _synthetic(num_videos: int, num_classes: int, first_index: int, num_frames: int = 16, sampling_rate: int = 4,
+               input_size: int = 224, **dataset_options) -> SyntheticVideos:
+    """Synthetic videos long enough for a full window, input_size tall, 4:3 (the other options are the dataset's)."""
     return SyntheticVideos(num_videos, num_classes, length=num_frames * (sampling_rate + 1), height=input_size,
                            width=input_size * 4 // 3, first_index=first_index)
 
@@ -1082,15 +935,11 @@ def _synthetic(num_videos: int, num_classes: int, num_frames: int, sampling_rate
 def mixup_cutmix(clips: Tensor, labels: Tensor, num_classes: int, mixup_alpha: float = 0.8,
                  cutmix_alpha: float = 1.0, switch_prob: float = 0.5, smoothing: float = 0.1,
                  rng: np.random.Generator | None = None) -> tuple[Tensor, Tensor]:
-    """Mix a batch of clips (B, 3, T, H, W) in place with the batch in reverse order (timm's 'batch' mode).
-
-    One λ per batch ~ Beta(α, α). CutMix (chosen with probability switch_prob when both are on) pastes a box
-    of about (1 - λ) of the frame from the partner clip, the same box in every frame and channel, and λ
-    becomes the exact share of the clip left; Mixup blends whole clips. Targets are one-hots smoothed to
-    1 - smoothing + smoothing/K and smoothing/K, mixed with the same λ, so each row sums to 1.
-    Returns (clips, targets (B, num_classes) float).
-    """
-    rng = rng if rng is not None else _item_rng()
+    """Mix a batch of clips (B, 3, T, H, W) in place with the batch reversed (timm's 'batch' mode); returns (clips,
+    targets (B, num_classes) float). One λ per batch ~ Beta(α, α). CutMix (p switch_prob when both are on) pastes
+    one box, about 1 - λ of the frame, from the partner clip into every frame, λ then the exact share left; Mixup
+    blends whole clips. Targets: one-hots smoothed to 1 - smoothing + smoothing/K and smoothing/K, mixed by λ."""
+    rng = rng if rng is not None else np.random.default_rng(int(torch.randint(2 ** 62, ())))  # from torch's seed
     use_cutmix = cutmix_alpha > 0 and (mixup_alpha <= 0 or rng.random() < switch_prob)
     lam = 1.0
     if use_cutmix:

@@ -2,30 +2,32 @@
 and a loss; the rest of running them is here, once: AdamW with the reference's parameter groups and
 warmup + cosine schedules; one process per GPU under torchrun (DDP, or FSDP2 with --fsdp) and bf16 autocast;
 the loop (`train_epoch`: micro-batches accumulated per step, gradients clipped if asked, the loss read only
-every --log_every steps, since each read waits for the GPU); checkpoints in the reference's layout with plain
-key names and log.txt (`end_of_epoch`); the command line (the shared flags, each number's `Range`, and
-`resolve`, the one order in which a flag takes its value); and `run`, the one place that turns a user's
-mistake (a bad flag, file, list, checkpoint or state) into `error: ...` and exit code 2.
+every --log_every steps, since each read waits for the GPU); checkpoints in the reference's layout and
+log.txt; the command line (the shared flags, each number's `Range`, and `resolve`, the one order in which a
+flag takes its value); and `run`, which turns a user's mistake into `error: ...` and exit code 2.
 
-Nothing silent, nothing lost: the output folder has one writer (a lock file), is checked writable and
-roomy enough before the first step, and an epoch's files are each written to a temporary file and
-renamed, checkpoint-last.pth last, so a kill at any moment leaves the previous epoch or the new one. A
-resume continues the same run or stops: changed flags, other data, a checkpoint of another model or
-non-finite weights are named, not absorbed.
+Nothing silent, nothing lost: the output folder has one writer (a lock file) and is checked writable and
+roomy enough before the first step; every file is written to a temporary file and renamed,
+checkpoint-last.pth last, so a kill at any moment leaves the previous state or the new one; SIGTERM or
+SIGUSR1 stops a run after its current step with a checkpoint it resumes from exactly. A resume continues the
+same run or stops: changed flags, other data, another model or non-finite numbers are named, not absorbed.
 """
 import argparse
+import contextlib
 import errno
 import fcntl
+import itertools
 import json
 import math
 import os
 import random
 import shutil
+import signal
 import socket
 import sys
 import time
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, NamedTuple
 
@@ -130,6 +132,7 @@ class Dist:
     world_size: int
     local_rank: int
     device: torch.device
+    cpu_group: object = None  # a gloo group beside NCCL's, for agreeing on host-side flags (None: the default)
 
     @property
     def is_main(self) -> bool:
@@ -143,16 +146,20 @@ class Dist:
 
 def setup_distributed(device: str) -> Dist:
     """Read torchrun's RANK / WORLD_SIZE / LOCAL_RANK; one process per GPU (NCCL) or per CPU job (gloo)."""
-    world, rank, local = (int(os.environ.get(k, default)) for k, default in (("WORLD_SIZE", 1), ("RANK", 0), ("LOCAL_RANK", 0)))
+    world, rank, local = (int(os.environ.get(name, "1" if name == "WORLD_SIZE" else "0"))
+                          for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK"))
     dev = torch.device(device)
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             raise RunError("--device cuda: no CUDA device is available here; use --device cpu")
         dev = torch.device("cuda", local)
         torch.cuda.set_device(dev)
+    cpu_group = None
     if "WORLD_SIZE" in os.environ:  # launched by torchrun (even with one process, FSDP needs the group)
         distributed.init_process_group("nccl" if dev.type == "cuda" else "gloo")
-    return Dist(rank, world, local, dev)
+        if dev.type == "cuda" and world > 1:
+            cpu_group = distributed.new_group(backend="gloo")
+    return Dist(rank, world, local, dev, cpu_group)
 
 
 def leave_process_group() -> None:
@@ -198,14 +205,19 @@ def wrap_model(model: torch.nn.Module, dist: Dist, fsdp: bool, precision: str) -
     return model
 
 
+def gathered(dist: Dist, value) -> list:
+    """`value` from every process, by rank (a collective under torchrun; [value] in one process)."""
+    if dist.world_size == 1:
+        return [value]
+    values = [None] * dist.world_size
+    distributed.all_gather_object(values, value)
+    return values
+
+
 def skipped_videos(dist: Dist, dataset) -> int:
     """How many videos any process has skipped as unreadable so far (for the epoch's log line), with the
     max_bad_fraction limit checked on that count: each process alone sees only its share of the videos."""
-    bad = dataset.bad_videos()
-    if dist.world_size > 1:
-        every = [None] * dist.world_size
-        distributed.all_gather_object(every, bad)
-        bad = sorted(set().union(*every))
+    bad = sorted(set().union(*gathered(dist, dataset.bad_videos())))
     dataset.check_bad_fraction(bad)
     return len(bad)
 
@@ -213,11 +225,7 @@ def skipped_videos(dist: Dist, dataset) -> int:
 def file_share(dist: Dist) -> data.Share:
     """The processes split the checks of listed video files (data.Share): each checks every world_size-th
     file, then they exchange what they found, so every process knows every bad file."""
-    def gather(found: list) -> list[list]:
-        shares = [None] * dist.world_size
-        distributed.all_gather_object(shares, found)
-        return shares
-    return data.Share(dist.rank, dist.world_size, gather if dist.world_size > 1 else None)
+    return data.Share(dist.rank, dist.world_size, lambda found: gathered(dist, found))
 
 
 def grad_sync(model: torch.nn.Module, enabled: bool) -> None:
@@ -244,15 +252,18 @@ class Trainer:
     accum_iter: int = 1  # micro-batches per optimizer step
     clip_grad: float | None = None  # max gradient norm
     log_every: int = 20  # optimizer steps between loss read-outs
+    save_every_steps: int = 0  # a step checkpoint every n optimizer steps (0: at epoch ends only)
+    args: dict = field(default_factory=dict)  # what its checkpoints store under `args` (run_args)
+    extra: dict = field(default_factory=dict)  # the recipe's own entries in its checkpoints (best_acc1)
+    resume_at: dict | None = None  # where a step checkpoint stopped in its epoch, until the loop is back there
     last_good: str = "none: no epoch has finished yet"  # the newest checkpoint of this run, for error messages
 
 
 def build_trainer(model: torch.nn.Module, dist: Dist, precision: str, out: Path, *, weight_decay: float, betas,
                   eps: float, layer_decay: float | None = None, fsdp: bool = False, compile: bool = False,
                   **loop) -> Trainer:
-    """Wrap the model for the processes (DDP, or FSDP with --fsdp), compile it if asked, and build AdamW and
-    the fp16 loss scaler. The optimizer comes last: FSDP replaces the parameters with sharded ones, and
-    those are the ones it must hold. `loop`: Trainer's seed, accum_iter, clip_grad, log_every."""
+    """Wrap the model for the processes (DDP, or FSDP with --fsdp), compile it if asked, then build AdamW (on
+    the parameters FSDP sharded) and the fp16 loss scaler. `loop`: the Trainer's loop settings."""
     model = wrap_model(model, dist, fsdp, precision)
     raw_model = model.module if isinstance(model, DDP) else model
     if compile:
@@ -263,24 +274,45 @@ def build_trainer(model: torch.nn.Module, dist: Dist, precision: str, out: Path,
     return Trainer(model, optimizer, scaler, dist, precision, Path(out), **loop)
 
 
+class ResumableSampler(torch.utils.data.DistributedSampler):
+    """Each process's shuffled share of an epoch, which can start part-way: a run resumed from a step
+    checkpoint skips the items its epoch had already taken (data.py draws every item's augmentation from
+    the epoch's seed and the item's index, so the rest are the same items, augmented the same way)."""
+    skip = 0
+
+    def __iter__(self):
+        return itertools.islice(super().__iter__(), self.skip, None)
+
+    def __len__(self) -> int:
+        return super().__len__() - self.skip
+
+
 class Batches(NamedTuple):
-    sampler: torch.utils.data.DistributedSampler
+    sampler: ResumableSampler
     loader: torch.utils.data.DataLoader
     steps_per_epoch: int  # optimizer steps
     clips_per_step: int  # over all processes and micro-batches, num_sample repeats included
 
 
+def ignore_stop_signals(worker_id: int) -> None:
+    """A data worker leaves SIGTERM and SIGUSR1 to the training process, which stops after its step: a
+    scheduler signals every process of a job, and a worker killed by it would end the run at once."""
+    for stop in STOP_SIGNALS:
+        signal.signal(stop, signal.SIG_IGN)
+
+
 def train_loader(dataset, batch_size: int, trainer: Trainer, num_workers: int) -> Batches:
     """Each process takes its own shuffled share of the dataset, whole batches only."""
     dist = trainer.dist
-    sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=dist.world_size, rank=dist.rank, shuffle=True,
-                                                  seed=trainer.seed, drop_last=True)
+    sampler = ResumableSampler(dataset, num_replicas=dist.world_size, rank=dist.rank, shuffle=True, seed=trainer.seed,
+                               drop_last=True)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=True,
-                                         num_workers=num_workers, pin_memory=dist.device.type == "cuda")
+                                         num_workers=num_workers, pin_memory=dist.device.type == "cuda",
+                                         worker_init_fn=ignore_stop_signals)
     steps_per_epoch = len(loader) // trainer.accum_iter
     if steps_per_epoch == 0:
-        raise RunError(f"--batch_size {batch_size} x --accum_iter {trainer.accum_iter} x {dist.world_size} processes is more "
-                       f"than the {len(dataset)} videos of the dataset: not one step per epoch")
+        raise RunError(f"--batch_size {batch_size} x --accum_iter {trainer.accum_iter} x {dist.world_size} processes "
+                       f"is more than the {len(dataset)} videos of the dataset: not one step per epoch")
     clips = batch_size * trainer.accum_iter * dist.world_size * dataset.num_sample
     return Batches(sampler, loader, steps_per_epoch, clips)
 
@@ -300,17 +332,26 @@ def train_epoch(trainer: Trainer, batches: Batches, loss_of: Callable, epoch: in
     """One epoch of optimizer steps, the same in both recipes. loss_of(batch) is the recipe: the loss of one
     micro-batch from the loader, computed here under autocast. Each step accumulates trainer.accum_iter
     micro-batches (DDP syncs gradients on the last only), unscales and clips gradients if asked, and steps
-    AdamW at that step's learning rate and weight decay."""
+    AdamW at that step's learning rate and weight decay. After a step, a stop signal or --save_every_steps
+    writes a step checkpoint; an epoch resumed from one goes on from its step as if never stopped."""
     dist, model, optimizer, scaler = trainer.dist, trainer.model, trainer.optimizer, trainer.scaler
     seed_everything(trainer.seed + (epoch + 1) * dist.world_size + dist.rank)  # augmentations and masks, per epoch
+    batches.loader.dataset.seed = (trainer.seed, epoch)  # each item's augmentation: from (these, its index)
     batches.sampler.set_epoch(epoch)
+    at = trainer.resume_at if trainer.resume_at and trainer.resume_at["epoch"] == epoch else None
+    trainer.resume_at = None
+    first = at["steps"] if at else 0  # optimizer steps of this epoch done before a stop
+    batches.sampler.skip = first * trainer.accum_iter * batches.loader.batch_size
     model.train()
-    loss_sum = torch.zeros((), device=dist.device)
-    first_bad = torch.full((), -1, device=dist.device, dtype=torch.long)  # first step with a non-finite loss
-    start = time.time()
-    bar = tqdm(total=batches.steps_per_epoch, desc=f"epoch {epoch}", disable=not dist.is_main, dynamic_ncols=True)
-    micro_batches = iter(batches.loader)
-    for i in range(batches.steps_per_epoch):
+    micro_batches = iter(batches.loader)  # (draws the workers' seed: before a stopped epoch's state comes back)
+    loss_sum = torch.full((), at["loss_sum"][dist.rank] if at else 0.0, device=dist.device)
+    first_bad = torch.full((), at["first_bad"][dist.rank] if at else -1, device=dist.device)  # non-finite loss at
+    if at:
+        set_random_state(at["random"][dist.rank], dist.device)
+    start = time.time() - (at["seconds"] if at else 0)
+    bar = tqdm(total=batches.steps_per_epoch, initial=first, desc=f"epoch {epoch}", disable=not dist.is_main,
+               dynamic_ncols=True)
+    for i in range(first, batches.steps_per_epoch):
         step = epoch * batches.steps_per_epoch + i
         set_schedules(optimizer, lr_schedule[step], wd_schedule[step])
         for micro in range(trainer.accum_iter):
@@ -330,9 +371,21 @@ def train_epoch(trainer: Trainer, batches: Batches, loss_of: Callable, epoch: in
         optimizer.zero_grad(set_to_none=True)
         if (i + 1) % trainer.log_every == 0 or i + 1 == batches.steps_per_epoch:
             check_finite(first_bad, lr_schedule, trainer)
-            bar.set_postfix(loss=f"{loss_sum.item() / ((i + 1) * trainer.accum_iter):.4f}", lr=f"{lr_schedule[step]:.2e}",
-                            clips_s=f"{(i + 1) * batches.clips_per_step / (time.time() - start):.1f}")
+            bar.set_postfix(loss=f"{loss_sum.item() / ((i + 1) * trainer.accum_iter):.4f}",
+                            lr=f"{lr_schedule[step]:.2e}",
+                            clips_s=f"{(i + 1 - first) * batches.clips_per_step / (time.time() - start):.1f}")
         bar.update(1)
+        stop = stop_requested(dist)  # a signal to any process: all stop after this same step
+        due = trainer.save_every_steps and (step + 1) % trainer.save_every_steps == 0
+        if (stop or due) and i + 1 < batches.steps_per_epoch:  # (the epoch's end writes its own checkpoint)
+            check_finite(first_bad, lr_schedule, trainer)
+            save_step(trainer, step + 1, dict(epoch=epoch, steps=i + 1, seconds=time.time() - start,
+                                              random=random_state(dist.device), loss_sum=loss_sum.item(),
+                                              first_bad=int(first_bad)))
+            if stop:
+                raise Preempted(f"stopped by {STOP.signal or 'a signal to another process'} after optimizer step "
+                                f"{i + 1} of {batches.steps_per_epoch} of epoch {epoch}; {trainer.out}/"
+                                "checkpoint-last.pth holds it. Run the same command again to continue from there")
     bar.close()
     del micro_batches  # let this epoch's workers exit
     seconds = time.time() - start
@@ -351,9 +404,65 @@ def check_finite(first_bad: torch.Tensor, lr_schedule, trainer: Trainer) -> None
         first_bad = torch.where(first_bad == never, -1, first_bad)
     bad = int(first_bad)
     if bad >= 0:
-        raise RunError(f"loss became non-finite at optimizer step {bad} (lr {lr_schedule[bad]:.3g}); stopping without "
-                       f"saving. The last good checkpoint is {trainer.last_good}. Try --precision bf16 or fp32, a lower "
-                       "--lr, or --clip_grad.")
+        raise RunError(f"loss became non-finite at optimizer step {bad} (lr {lr_schedule[bad]:.3g}); stopping "
+                       f"without saving. The last good checkpoint is {trainer.last_good}. Try --precision bf16 or "
+                       "fp32, a lower --lr, or --clip_grad.")
+
+
+# -----------------------------------------------------------------------------------------------------
+# Stopping on a scheduler's signal, and step checkpoints
+
+PREEMPTED = 3  # the exit code of a run stopped by a signal after writing its step checkpoint
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # what a scheduler sends before a kill, or ahead of a time limit
+
+
+class Preempted(Exception):
+    """A run stopped by SIGTERM or SIGUSR1 after an optimizer step, its step checkpoint written."""
+
+
+class StopFlag:
+    """The stop signal this process received (None until one arrives), set by `run`'s handler."""
+    signal: str | None = None
+
+    def handle(self, number: int, frame) -> None:
+        self.signal = signal.Signals(number).name
+        print(f"{self.signal}: stopping after this optimizer step, with a checkpoint", file=sys.stderr, flush=True)
+
+
+STOP = StopFlag()
+
+
+def stop_requested(dist: Dist) -> bool:
+    """Whether any process has received a stop signal. Under torchrun they agree on it after every step (a
+    host-side all-reduce of one number over the CPU group: no wait for the GPU), so all stop together."""
+    if dist.world_size == 1:
+        return STOP.signal is not None
+    flag = torch.tensor([STOP.signal is not None], dtype=torch.int32)
+    distributed.all_reduce(flag, op=distributed.ReduceOp.MAX, group=dist.cpu_group)
+    return bool(flag)
+
+
+def random_state(device: torch.device) -> dict:
+    """This process's generators, as a step checkpoint keeps them (masks, drop path, mixup draw from these)."""
+    return dict(python=random.getstate(), torch=torch.get_rng_state(),
+                cuda=torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
+
+
+def set_random_state(state: dict, device: torch.device) -> None:
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def save_step(trainer: Trainer, step: int, at: dict) -> None:
+    """A step checkpoint: checkpoint-last.pth with the weights after this step and `resume_at`, where in the
+    epoch it is, with every process's random state and partial loss, so that a rerun continues the epoch
+    exactly. Its `epoch` is the last finished one, as in every checkpoint. Collective."""
+    at.update({key: gathered(trainer.dist, at[key]) for key in ("random", "loss_sum", "first_bad")})  # by rank
+    state = training_state(trainer, at["epoch"] - 1, step, resume_at=at)
+    commit(trainer, state, f"step {at['steps']} of epoch {at['epoch']}", [])
+    trainer.dist.print(f"wrote {trainer.out / 'checkpoint-last.pth'} at step {at['steps']} of epoch {at['epoch']}")
 
 
 # -----------------------------------------------------------------------------------------------------
@@ -363,9 +472,8 @@ LOCK = ".lock"  # in the output folder: "pid <pid> on <host>" while a run writes
 
 
 def on_main(dist: Dist, fn: Callable, *args):
-    """fn(*args) on rank 0 alone (the files are its job); a RunError or OSError there is raised on every
-    process as a RunError, so none is left waiting for rank 0 in a collective. Returns fn's result on rank 0,
-    None elsewhere."""
+    """fn(*args) on rank 0 alone (the files are its job), its result there (None elsewhere); a RunError or
+    OSError there is raised on every process, so none is left waiting for rank 0 in a collective."""
     result, error = None, None
     if dist.is_main:
         try:
@@ -382,13 +490,9 @@ def on_main(dist: Dist, fn: Callable, *args):
 
 
 def same_everywhere(dist: Dist, value, what: str, hint: str) -> None:
-    """Raise a RunError on every process unless each sees the same `value` (a small picklable summary of
-    `what`): processes that disagree about, say, the file they resume from would train different steps and
-    then wait for each other forever."""
-    if dist.world_size == 1:
-        return
-    values = [None] * dist.world_size
-    distributed.all_gather_object(values, value)
+    """Raise a RunError on every process unless each sees the same `value` (a summary of `what`): processes
+    that disagree about, say, the file they resume from would train apart and then wait for each other."""
+    values = gathered(dist, value)
     odd = [rank for rank, v in enumerate(values) if v != values[0]]
     if odd:
         raise RunError(f"the processes do not see the same {what}: rank 0 {values[0]}, "
@@ -409,18 +513,9 @@ def output_folder(out: Path, dist: Dist):
 
 def take_folder(out: Path) -> int:
     """The lock is a POSIX lock on out/.lock: the system drops it when its process dies, however it dies, and
-    processes forked from it (DataLoader workers) do not hold it. The file names the holder for the message.
-    Returns the lock's file descriptor."""
-    me = f"pid {os.getpid()} on {socket.gethostname()}"
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        fd = os.open(out / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
-        probe = os.open(out / f".write-test.{os.getpid()}.tmp", os.O_WRONLY | os.O_CREAT, 0o644)
-        os.write(probe, b"x")
-        os.close(probe)
-        os.unlink(out / f".write-test.{os.getpid()}.tmp")
-    except OSError as e:
-        raise RunError(f"--output_dir {out}: cannot write there ({e.strerror})") from None
+    processes forked from it (DataLoader workers) do not hold it; the file names the holder. Returns its fd."""
+    writable_folder(out)
+    fd = os.open(out / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
     holder = os.read(fd, 200).decode(errors="replace").strip()
     try:
         fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -434,13 +529,29 @@ def take_folder(out: Path) -> int:
     if holder:  # the system let go of the lock, so its holder is gone
         print(f"note: {out / LOCK}: taking over from a run that ended without releasing it ({holder})")
     os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{me}\n".encode(), 0)
-    stale = list(out.glob(".*.tmp*"))  # half-written files of a killed run: never under a real name
+    os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+    clear_temporaries(out)
+    return fd
+
+
+def writable_folder(out: Path) -> None:
+    """Create --output_dir if needed and check that a file can be written there, or stop naming it."""
+    probe = out / f".write-test.{os.getpid()}.tmp"
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT, 0o644))
+        probe.unlink()
+    except OSError as e:
+        raise RunError(f"--output_dir {out}: cannot write there ({e.strerror})") from None
+
+
+def clear_temporaries(out: Path) -> None:
+    """Remove the half-written files a killed run left anywhere in `out` (never under a real name)."""
+    stale = list(out.rglob(".*.tmp*"))
     for path in stale:
         path.unlink()
     if stale:
         print(f"note: removed {len(stale)} temporary file(s) a killed run left in {out}")
-    return fd
 
 
 def release_folder(fd: int) -> None:
@@ -458,9 +569,13 @@ def check_space(trainer: Trainer) -> None:
         need = 3 * 4 * sum(p.numel() for p in trainer.model.parameters()) + (1 << 20)
         free = shutil.disk_usage(trainer.out).free
         if free < need:
-            raise RunError(f"--output_dir {trainer.out}: {free / 2 ** 30:.2f} GiB free, but a checkpoint of this model "
-                           f"needs about {need / 2 ** 30:.2f} GiB; free some space or pick another folder")
+            raise RunError(f"--output_dir {trainer.out}: {size(free)} free, but a checkpoint of this model needs about "
+                           f"{size(need)}; free some space or pick another folder")
     on_main(trainer.dist, check)
+
+
+def size(nbytes: int) -> str:
+    return f"{nbytes / 2 ** 30:.2f} GiB" if nbytes >= 2 ** 30 else f"{nbytes / 2 ** 20:.1f} MiB"
 
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
@@ -472,10 +587,11 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         write(tmp)
         os.replace(tmp, path)
-    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError ("unexpected pos")
+    except Exception as e:  # whatever the writer raises for a full disk (torch.save: RuntimeError; safetensors its own)
         raise RunError(write_failure(path, e)) from e
     finally:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # (no folder to clean up: the error above says why)
+            tmp.unlink(missing_ok=True)
 
 
 def write_failure(path: Path, e: Exception) -> str:
@@ -525,7 +641,7 @@ def set_aside(out: Path) -> None:
     them into a sub-folder of their own, so the two runs neither mix nor overwrite each other's files."""
     old = [p for p in [out / "log.txt", *out.glob("checkpoint-*.pth")] if p.exists()]
     if old:
-        aside = out / f"replaced-{time.strftime('%Y%m%dist-%H%M%S')}-{os.getpid()}"
+        aside = out / f"replaced-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
         aside.mkdir()
         for path in old:
             os.replace(path, aside / path.name)
@@ -541,17 +657,17 @@ FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)  # one plain sta
 # --allow_resume_changes; so must the number of processes and the list of videos.
 RESUME_FREE = {"output_dir", "resume", "auto_resume", "allow_resume_changes", "finetune", "label_map", "eval",
                "data_path", "data_root", "num_workers", "device", "precision", "compile", "with_checkpoint", "fsdp",
-               "log_every", "skip_bad_videos", "max_bad_fraction", "save_ckpt_freq", "normalize_on_device",
-               "probe_every", "probe_data", "probe_size", "probe_pooling"}  # the probe only reads the encoder
+               "log_every", "save_every_steps", "skip_bad_videos", "max_bad_fraction", "save_ckpt_freq",
+               "normalize_on_device", "probe_every", "probe_data", "probe_size", "probe_pooling"}  # the probe reads
 
 
-def training_state(trainer: Trainer, epoch: int, step: int, run_args: dict, **extra) -> dict:
-    """The reference's layout (model, optimizer, epoch, scaler, args) plus the optimizer step. Model and
-    optimizer are gathered into plain, unsharded state dicts with clean names (no `module.` or
-    `_orig_mod.` prefixes), so the file loads anywhere. Collective under FSDP: call on every rank."""
+def training_state(trainer: Trainer, epoch: int, step: int, **more) -> dict:
+    """The reference's layout (model, optimizer, epoch, scaler, args) plus the optimizer step and the recipe's
+    extras. Model and optimizer are gathered into plain, unsharded state dicts with clean names (no `module.`
+    or `_orig_mod.` prefixes), so the file loads anywhere. Collective under FSDP: call on every rank."""
     return dict(model=get_model_state_dict(trainer.model, options=FULL),
                 optimizer=get_optimizer_state_dict(trainer.model, trainer.optimizer, options=FULL),
-                scaler=trainer.scaler.state_dict(), epoch=epoch, step=step, args=run_args, **extra)
+                scaler=trainer.scaler.state_dict(), epoch=epoch, step=step, args=trainer.args, **trainer.extra, **more)
 
 
 def run_args(args: argparse.Namespace, dist: Dist, *datasets) -> dict:
@@ -565,9 +681,11 @@ def resume_training(trainer: Trainer, resume: str | None, auto_resume: bool, arg
                     allow_changes: bool = False) -> dict | None:
     """Continue from `resume`, or else from the output folder's checkpoint-last.pth (with auto_resume):
     weights, optimizer and scaler restored, after checking that the file is a training checkpoint of this
-    model (every tensor, every shape), with finite weights, of the same run (`args` against the stored
-    ones: each difference outside RESUME_FREE is an error, or with allow_changes a note in the log).
-    Returns the checkpoint, or None when the run starts fresh. log.txt keeps the lines of finished epochs."""
+    model (every tensor, every shape), finite, of the same run (`args` against the stored ones: each
+    difference outside RESUME_FREE is an error, or with allow_changes a note in the log); a step checkpoint
+    also gives the loop its place in the epoch. Returns the checkpoint, or None when the run starts fresh.
+    log.txt keeps the lines of finished epochs. `args` (run_args) is what this run's checkpoints store."""
+    trainer.args = args
     last = trainer.out / "checkpoint-last.pth"
     path = resume or (last if auto_resume and last.exists() else None)
     seen = None if path is None else Path(path).stat().st_size if Path(path).is_file() else "no such file"
@@ -595,6 +713,13 @@ def resume_training(trainer: Trainer, resume: str | None, auto_resume: bool, arg
         raise RunError(f"{path} was trained with other settings, and resuming would mix two runs:\n  "
                        + "\n  ".join(changes) + "\nUse the checkpoint's values, another --output_dir (or "
                        "--no-auto_resume) to start afresh, or --allow_resume_changes to continue anyway")
+    start, at = state["epoch"] + 1, state.get("resume_at")
+    if start >= args["epochs"] and at is None and changes:
+        raise RunError(f"{path} has done {start} epochs and --epochs is {args['epochs']}: no epoch is left for "
+                       "--allow_resume_changes to change; pass a larger --epochs to train on")
+    if at is not None and len(at["random"]) != trainer.dist.world_size:
+        raise RunError(f"{path} stopped inside epoch {at['epoch']} with {len(at['random'])} process(es): resume it "
+                       f"with as many (this run has {trainer.dist.world_size})")
     try:
         options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=False)
         set_model_state_dict(trainer.model, state["model"], options=options)
@@ -604,9 +729,12 @@ def resume_training(trainer: Trainer, resume: str | None, auto_resume: bool, arg
     except (KeyError, ValueError, RuntimeError) as e:
         raise RunError(f"cannot resume from {path}: its optimizer state does not fit this run ({type(e).__name__}: "
                        f"{e})") from e
+    trainer.resume_at = at
     trainer.last_good = f"{path} (epoch {state['epoch']})"
-    start = state["epoch"] + 1
-    trainer.dist.print(f"resumed from {path}: epoch {state['epoch']} done, continuing at epoch {start}")
+    where = f"at step {at['steps']} of epoch {start}" if at else f"at epoch {start}"
+    trainer.dist.print(f"resumed from {path}: epoch {state['epoch']} done, continuing {where}"
+                       if start < args["epochs"] else f"note: {path} has done all {args['epochs']} epochs; nothing "
+                       "left to train")
     on_main(trainer.dist, trim_log, trainer.out, start)
     if changes:
         trainer.dist.print("--allow_resume_changes: continuing with\n  " + "\n  ".join(changes))
@@ -625,13 +753,11 @@ def check_fits(state: dict, model: torch.nn.Module, path) -> None:
     if problems:
         raise RunError(f"cannot resume from {path}: it does not fit this model (a checkpoint of another model, size "
                        "or recipe, or an incomplete file): " + "; ".join(problems))
-    bad = checkpoints.nonfinite(weights)
-    if bad:
-        raise RunError(f"cannot resume from {path}: non-finite weights in {checkpoints.listed(bad)}")
-    bad = checkpoints.nonfinite(state["optimizer"].get("state", {}))
-    if bad:
-        raise RunError(f"cannot resume from {path}: non-finite optimizer state in {checkpoints.listed(bad)} (the run "
-                       "that wrote it diverged); resume from an earlier checkpoint-N.pth with --resume")
+    for what, tensors in (("weights", weights), ("optimizer state", state["optimizer"].get("state", {}))):
+        bad = checkpoints.nonfinite(tensors)
+        if bad:
+            raise RunError(f"cannot resume from {path}: non-finite {what} in {checkpoints.listed(bad)} (the run that "
+                           "wrote it diverged); resume from an earlier checkpoint-N.pth with --resume")
 
 
 def changed_args(saved: dict, now: dict) -> list[str]:
@@ -640,28 +766,36 @@ def changed_args(saved: dict, now: dict) -> list[str]:
             for k, v in now.items() if k in saved and k not in RESUME_FREE and saved[k] != v]
 
 
-def end_of_epoch(trainer: Trainer, stats: dict, args: dict, *, keep: bool, best: bool = False, **extra) -> dict:
-    """An epoch's outputs: checkpoint-<epoch>.pth when `keep`, checkpoint-best.pth when `best`, the epoch's
-    line of log.txt (stats as JSON), and last checkpoint-last.pth, which commits the epoch: a kill before it
-    leaves the previous epoch's checkpoint-last, and the rerun does this epoch again and rewrites the rest.
-    The weights are checked finite first. Collective (the state is gathered on every rank); rank 0 writes.
-    Returns the state saved; `extra` goes into it (e.g. best_acc1)."""
-    state = training_state(trainer, stats["epoch"], stats["steps"], args, **extra)
-
+def commit(trainer: Trainer, state: dict, when: str, files: list[str], log: dict | None = None) -> None:
+    """Write `state` (gathered from every process) to each of `files` in the output folder, the epoch's line
+    to log.txt if given, and checkpoint-last.pth last: a kill before it leaves the previous checkpoint-last
+    whole, and the rerun does this part again. The weights are checked finite first. Collective; rank 0
+    writes. `when`: 'epoch 3' or 'step 40 of epoch 3', for the messages."""
     def write():
         bad = checkpoints.nonfinite(state["model"])
         if bad:
-            raise RunError(f"the weights became non-finite in epoch {stats['epoch']} ({checkpoints.listed(bad)}), though the "
-                           f"loss was finite; stopping without saving. The last good checkpoint is {trainer.last_good}. "
-                           "Try a lower --lr or --clip_grad.")
-        if keep:
-            save_checkpoint(trainer.out / f"checkpoint-{stats['epoch']}.pth", state)
-        if best:
-            save_checkpoint(trainer.out / "checkpoint-best.pth", state)
-        append_log(trainer.out, stats)
+            raise RunError(f"the weights became non-finite in {when} ({checkpoints.listed(bad)}), though the loss was "
+                           f"finite; stopping without saving. The last good checkpoint is {trainer.last_good}. Try a "
+                           "lower --lr or --clip_grad.")
+        for name in files:
+            save_checkpoint(trainer.out / name, state)
+        if log is not None:
+            append_log(trainer.out, log)
         save_checkpoint(trainer.out / "checkpoint-last.pth", state)
     on_main(trainer.dist, write)
-    trainer.last_good = f"{trainer.out / 'checkpoint-last.pth'} (epoch {stats['epoch']})"
+    trainer.last_good = f"{trainer.out / 'checkpoint-last.pth'} ({when})"
+
+
+def end_of_epoch(trainer: Trainer, stats: dict, *, keep: bool, best: bool = False) -> dict:
+    """An epoch's outputs: checkpoint-<epoch>.pth when `keep`, checkpoint-best.pth when `best`, the epoch's
+    line of log.txt (stats as JSON), then checkpoint-last.pth. Returns the state saved."""
+    state = training_state(trainer, stats["epoch"], stats["steps"])
+    files = [f"checkpoint-{stats['epoch']}.pth"] * keep + ["checkpoint-best.pth"] * best
+    commit(trainer, state, f"epoch {stats['epoch']}", files, log=stats)
+    if stop_requested(trainer.dist):  # a signal during the epoch's last step or its evaluation
+        raise Preempted(f"stopped by {STOP.signal or 'a signal to another process'} at the end of epoch "
+                        f"{stats['epoch']}; {trainer.out / 'checkpoint-last.pth'} holds it. Run the same command "
+                        "again to continue")
     return state
 
 
@@ -681,7 +815,8 @@ class Range:
     open_high: bool = False
 
     def __str__(self) -> str:
-        return f"{'(' if self.open_low else '['}{self.low}, {self.high}{')' if self.open_high or self.high == math.inf else ']'}"
+        closed_high = not self.open_high and self.high != math.inf
+        return f"{'(' if self.open_low else '['}{self.low}, {self.high}{']' if closed_high else ')'}"
 
     def __call__(self, text: str):
         try:
@@ -720,9 +855,9 @@ def frame_names(text: str) -> str:
     return text
 
 
-def add_shared_flags(p: argparse.ArgumentParser) -> None:
-    """The flags both recipes take with the same meaning: the model and the clip's shape, the data on disk,
-    the run and the machine. Each recipe adds its own (schedule, masks or classes, output_dir) around these."""
+def add_input_flags(p: argparse.ArgumentParser) -> None:
+    """The flags of every script that reads videos with a model: the model, the clip, the data on disk, the
+    machine."""
     a = p.add_argument
     a("--model", default="base", help="small, base, large, huge, giant, demo (the laptop size), or a reference name "
       "(pretrain_videomae_base_patch16_224, vit_base_patch16_224, ...); with a checkpoint to start from, the "
@@ -730,22 +865,30 @@ def add_shared_flags(p: argparse.ArgumentParser) -> None:
     a("--num_frames", type=Range(int, 1, 1024), default=16)
     a("--sampling_rate", type=Range(int, 1), default=4, help="take every n-th frame")
     a("--input_size", type=Range(int, 1, 4096), default=224)
-    a("--tubelet_size", type=Range(int, 1), default=2)
     a("--data_root", default="", help="prefix for relative paths in --data_path's lists")
     a("--fname_tmpl", type=frame_names, default="img_{:05}.jpg", help="file names of extracted frames")
     a("--skip_bad_videos", action="store_true", help="skip unreadable videos (logged and counted) instead of stopping")
     a("--max_bad_fraction", type=Range(float, 0, 1), default=0.01, help="with --skip_bad_videos, stop once more "
       "than this share of the dataset was unreadable")
+    a("--num_workers", type=Range(int, 0), default=10)
+    a("--device", type=device_name, default="cuda" if torch.cuda.is_available() else "cpu")
+    a("--precision", default=None, choices=["bf16", "fp16", "fp32"], help="default: bf16 on GPUs that have it, "
+      "else fp32")
+
+
+def add_run_flags(p: argparse.ArgumentParser) -> None:
+    """The flags both recipes take for the run itself: resuming, logging, checkpoints, speed, sharding."""
+    a = p.add_argument
+    a("--tubelet_size", type=Range(int, 1), default=2)
     a("--auto_resume", action=argparse.BooleanOptionalAction, default=True)
     a("--allow_resume_changes", action="store_true", help="resume even where flags, data or processes differ from "
       "the checkpoint's (each difference is printed and logged); without it such a resume stops")
     a("--log_every", type=Range(int, 1), default=20, help="optimizer steps between loss read-outs (each waits for "
       "the GPU)")
-    a("--num_workers", type=Range(int, 0), default=10)
+    a("--save_every_steps", type=Range(int, 0), default=0, help="also write checkpoint-last.pth every n optimizer "
+      "steps, for long epochs (a rerun continues from the step); 0 = at epoch ends only. SIGTERM or SIGUSR1 "
+      "writes one at the next step's end and stops (exit code 3)")
     a("--seed", type=Range(int, 0, 2 ** 32 - 1), default=0)
-    a("--device", type=device_name, default="cuda" if torch.cuda.is_available() else "cpu")
-    a("--precision", default=None, choices=["bf16", "fp16", "fp32"], help="default: bf16 on GPUs that have it, "
-      "else fp32")
     a("--compile", action="store_true", help="torch.compile the model")
     a("--with_checkpoint", action="store_true", help="activation checkpointing per block (less memory, ~30%% slower)")
     a("--fsdp", action="store_true", help="shard parameters, gradients and optimizer state (launch with torchrun)")
@@ -789,6 +932,19 @@ def checkpoint_flags(start: checkpoints.Checkpoint | None) -> dict:
         return {}
     flags = {flag[2:]: start.sizes[field] for field, flag in FLAGS.items() if field in start.sizes}
     return dict(flags, model=start.preset or "custom")
+
+
+def tool_start(parser: argparse.ArgumentParser, argv: list[str] | None,
+               args: argparse.Namespace) -> tuple[checkpoints.Checkpoint, vmae.VideoMAEConfig]:
+    """For the tools: --checkpoint, read once, and the model it holds at the input the file states unless
+    --input_size / --num_frames are given (a --model given must agree with the file), or a parser error."""
+    start = read_start(parser, args.checkpoint)
+    given = resolve(parser, argv, args, checkpoint_flags(start))
+    try:
+        return start, checkpoints.config_from_checkpoint(start, args.model if "model" in given else None,
+                                                         img_size=args.input_size, num_frames=args.num_frames)
+    except ValueError as e:  # CheckpointError, ConfigError
+        parser.error(as_flags(str(e)))
 
 
 def config_from_flags(parser: argparse.ArgumentParser, args: argparse.Namespace, given: set[str],
@@ -846,8 +1002,11 @@ USER_ERRORS = (RunError, checkpoints.CheckpointError, vmae.ConfigError, masking.
 
 
 def run(main: Callable, argv=None) -> None:
-    """Run a command-line `main`, turning a user error into `error: <message>` on stderr and exit code 2.
-    Under torchrun the other processes are stopped by torchrun when this one exits."""
+    """Run a command-line `main`, turning a user error into `error: <message>` on stderr and exit code 2, and
+    a stop by SIGTERM or SIGUSR1 (after its step checkpoint) into exit code PREEMPTED. Under torchrun the
+    other processes are stopped by torchrun when this one exits."""
+    before = {number: signal.signal(number, STOP.handle) for number in STOP_SIGNALS}
+    STOP.signal = None
     try:
         main(argv)
     except USER_ERRORS as e:
@@ -856,3 +1015,9 @@ def run(main: Callable, argv=None) -> None:
             message = message.rstrip().rsplit(f"{type(e).__name__}: ", 1)[-1]
         print(f"error: {message}", file=sys.stderr)
         sys.exit(2)
+    except Preempted as e:
+        print(f"preempted: {e}", file=sys.stderr)
+        sys.exit(PREEMPTED)
+    finally:
+        for number, handler in before.items():
+            signal.signal(number, handler)

@@ -128,19 +128,15 @@ def with_positions(encoder: Tensor, decoder: Tensor | None, num_visible: int, nu
     return Masks(encoder, decoder, visible, queries, encoder.gather(1, queries))
 
 
-def kept_per_row(mask: Tensor) -> int:
-    """How many positions each row of a mask keeps (False); rows that disagree are an error."""
-    kept = (~mask).sum(dim=1)
-    if not bool((kept == kept[0]).all()):
-        raise MaskError(f"every row of a mask must hide the same number of tokens; got per-row kept counts "
-                        f"{kept.tolist()}")
-    return int(kept[0])
-
-
 def from_masks(encoder: Tensor, decoder: Tensor | None = None) -> Masks:
     """Masks made elsewhere (e.g. the reference's), with the counts read off them: a host sync, so not for
-    a training step."""
-    return with_positions(encoder, decoder, kept_per_row(encoder), 0 if decoder is None else kept_per_row(decoder))
+    a training step. Every row of a mask must keep as many positions as the others."""
+    kept = [(~mask).sum(dim=1) for mask in (encoder, decoder) if mask is not None]  # (B,) each
+    for counts in kept:
+        if not bool((counts == counts[0]).all()):
+            raise MaskError(f"every row of a mask must hide the same number of tokens; got per-row kept counts "
+                            f"{counts.tolist()}")
+    return with_positions(encoder, decoder, int(kept[0][0]), int(kept[-1][0]))
 
 
 @dataclass(frozen=True)

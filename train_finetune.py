@@ -1,20 +1,16 @@
 """Fine-tune VideoMAE V2: a pretrained encoder becomes a video classifier, tested on several views per video.
 
-The classifier (vmae.VideoClassifier) runs the encoder on all tokens, mean-pools them into a LayerNorm and a
-linear head; there is no CLS token. The recipe is the reference's: AdamW with layer-wise
-learning-rate decay (block k of L learns at layer_decay^(L - k) times the head's rate, the cube embedding
-at layer_decay^(L + 1)), warmup then cosine, stochastic depth, RandAugment, random resized crop, flip and
-random erasing per clip, two augmented clips per decoded video, and mixup/cutmix with label smoothing on
-the batch. Every epoch scores the centre view of each validation video (top-1/top-5) and keeps
-checkpoint-best.pth. At the end, or with --eval, the multi-view test takes test_num_segment windows x
-test_num_crop crops of every video ("16x5x3"), averages their softmax per video and reports clip-level
-(each view alone) and video-level accuracy, a per-class table and a confusion matrix.
+The classifier (vmae.VideoClassifier) mean-pools the encoder's tokens into a LayerNorm and a linear head (no
+CLS token). The recipe is the reference's: AdamW with layer-wise learning-rate decay (block k of L at
+layer_decay^(L - k) times the head's rate, the cube embedding at layer_decay^(L + 1)), warmup then cosine,
+stochastic depth, data.py's augmentation of two clips per decoded video, mixup/cutmix and label smoothing.
+Every epoch scores each validation video's centre view and keeps checkpoint-best.pth. At the end, or with
+--eval, the multi-view test averages the softmax of test_num_segment windows x test_num_crop crops ("16x5x3")
+per video: clip- and video-level accuracy, a per-class table and a confusion matrix.
 
-With no --data_path it fine-tunes on the built-in synthetic clips, whose label is the direction the main
-shape moves (8 classes). --finetune takes every public VideoMAE checkpoint (ours, the reference's V1/V2,
-Hugging Face V1 and V2, mmaction2's: vmae.py's "Checkpoint formats"); the model is the one the file holds,
-and its input size and frame count are the defaults. A file that would leave any encoder weight untrained
-stops the run.
+With no --data_path it fine-tunes on the built-in synthetic clips, labelled by the direction the main shape
+moves (8 classes). --finetune takes every public VideoMAE checkpoint (checkpoints.py); the model is the file's,
+its input size and frame count the defaults. A file that would leave an encoder weight untrained stops the run.
 
     python train_finetune.py --finetune output/pretrain/checkpoint-last.pth        # the demo
     python train_finetune.py --eval --finetune output/finetune/checkpoint-best.pth  # multi-view test only
@@ -23,9 +19,8 @@ stops the run.
     python train_finetune.py --linear_probe --finetune ...      # frozen encoder, only the head learns
     torchrun --standalone --nproc_per_node=8 train_finetune.py ...   # one machine, 8 GPUs (DDP; --fsdp shards)
 
---batch_size is per process and micro-step; the learning rate is --lr x batch_size x accum_iter x processes
-/ 256, as in pretraining (the --num_sample repeats are not counted, as in the reference). The optimizer,
-processes, checkpoints and the loop are engine.py's, shared with pretraining.
+The learning rate is --lr x batch_size (per process and micro-step) x accum_iter x processes / 256, the
+--num_sample repeats not counted (as in the reference). The optimizer, processes, checkpoints and loop are engine.py's.
 """
 import argparse
 import json
@@ -36,8 +31,8 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
-from torch import distributed
 import torch.nn.functional as F
+from torch import distributed
 from tqdm import tqdm
 
 import checkpoints
@@ -49,14 +44,12 @@ import vmae
 # The demo that runs without --data_path: the pretraining demo's model on the built-in classes (a --finetune
 # checkpoint's own size wins over these, and explicit flags win over both). No mixup, cutmix or
 # RandAugment: the labels are directions of motion, and 25 epochs of 64 steps are a short schedule.
-DEMO = dict(**engine.DEMO_CLIPS, nb_classes=8, batch_size=16,
-            epochs=25, warmup_epochs=5, lr=1e-2, aa="none", mixup=0.0, cutmix=0.0, synthetic_size=1024,
-            test_num_segment=2, num_workers=2)
+DEMO = dict(**engine.DEMO_CLIPS, nb_classes=8, batch_size=16, epochs=25, warmup_epochs=5, lr=1e-2, aa="none",
+            mixup=0.0, cutmix=0.0, synthetic_size=1024, test_num_segment=2, num_workers=2)
 # --linear_probe: the usual protocol (MAE's): no stochastic depth, regularisation or heavy augmentation.
 LINEAR_PROBE = dict(drop_path=0.0, weight_decay=0.0, smoothing=0.0, mixup=0.0, cutmix=0.0, reprob=0.0, aa="none")
-# What --data_set sets, by the reference's names: Something-Something's classes depend on direction and
-# order, so it takes one frame per segment (TSN sampling) and is never flipped; the others take dense
-# windows and flip. --sparse_sample and --flip set the same switches directly.
+# What --data_set sets, by the reference's names: Something-Something's classes depend on direction and order,
+# so it takes one frame per segment (TSN sampling) and no flips; the others dense windows and flips.
 DENSE, SEGMENTS = dict(sparse_sample=False, flip=True), dict(sparse_sample=True, flip=False)
 DATA_SETS = {"Kinetics-400": DENSE, "Kinetics-600": DENSE, "Kinetics-700": DENSE, "Kinetics-710": DENSE,
              "SSV2": SEGMENTS, "UCF101": DENSE, "HMDB51": DENSE, "Diving48": DENSE, "MIT": DENSE}
@@ -92,8 +85,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     a("--mixup", type=Range(float, 0), default=0.8, help="mixup alpha; 0 = off")
     a("--cutmix", type=Range(float, 0), default=1.0, help="cutmix alpha; 0 = off")
     a("--mixup_prob", type=Range(float, 0, 1), default=1.0, help="chance that a batch is mixed at all")
-    a("--mixup_switch_prob", type=Range(float, 0, 1), default=0.5, help="chance of cutmix rather than mixup when "
-      "both are on")
+    a("--mixup_switch_prob", type=Range(float, 0, 1), default=0.5, help="chance of cutmix, not mixup, when both are on")
     a("--aa", default="rand-m7-n4-mstd0.5-inc1", help="video RandAugment, or none")
     a("--reprob", type=Range(float, 0, 1), default=0.25, help="random erasing probability")
     a("--num_sample", type=Range(int, 1), default=2, help="augmented clips per decoded video (repeated augmentation)")
@@ -104,23 +96,21 @@ def get_args_parser() -> argparse.ArgumentParser:
     a("--data_path", default=None, help="folder with train.csv / val.csv (/ test.csv), or with train/ val/ "
       "folders of class sub-folders; omitted: the built-in synthetic clips")
     a("--data_set", default="Kinetics-400", choices=list(DATA_SETS), help="sets --sparse_sample and --flip: "
-      "SSV2 one frame per segment and no flip (left and right are different classes), the others dense windows "
-      "and flips")
+      "SSV2 one frame per segment and no flip (left and right are different classes), the others dense windows, flips")
     a("--sparse_sample", action=argparse.BooleanOptionalAction, default=None,
       help="one frame from each of --num_frames equal segments (default: from --data_set)")
     a("--flip", action=argparse.BooleanOptionalAction, default=None, help="random horizontal flips in training "
       "(default: from --data_set; never for the built-in clips, whose labels are directions)")
-    a("--synthetic_size", type=Range(int, 1), default=1024, help="built-in training videos (a quarter as many "
-      "held out)")
+    a("--synthetic_size", type=Range(int, 1), default=1024, help="built-in training videos (+ a quarter held out)")
     a("--output_dir", default="output/finetune")
     a("--resume", default=None, help="checkpoint to resume from (default: checkpoint-last.pth in --output_dir)")
-    engine.add_shared_flags(p)
+    engine.add_input_flags(p)
+    engine.add_run_flags(p)
     return p
 
 
 class Setup(NamedTuple):
-    """What the command line asks for, resolved: the flags, the model, the checkpoint whose weights it starts
-    from (--finetune, or --eval's file), read once, and --label_map's rows."""
+    """The command line resolved: flags, model, the checkpoint it starts from (read once), --label_map's rows."""
     args: argparse.Namespace
     cfg: vmae.VideoMAEConfig
     start: checkpoints.Checkpoint | None
@@ -158,10 +148,7 @@ def parse_args(argv=None) -> Setup:
         parser.error("--eval tests given weights: pass --finetune CHECKPOINT (or --resume CHECKPOINT)")
     if args.label_map and not (args.finetune or args.eval):
         parser.error("--label_map picks rows of the --finetune checkpoint's head: it needs --finetune")
-    try:
-        label_map = read_label_map(args.label_map, args.nb_classes) if args.label_map else None
-    except engine.RunError as e:
-        parser.error(str(e))
+    label_map = read_label_map(parser, args.label_map, args.nb_classes) if args.label_map else None
     return Setup(args, cfg, start if args.finetune or args.eval else None, label_map)
 
 
@@ -169,15 +156,15 @@ def parse_args(argv=None) -> Setup:
 # Model and data
 
 
-def read_label_map(path: str, nb_classes: int) -> list[int]:
-    """--label_map: a JSON list of nb_classes row numbers of the checkpoint's head."""
+def read_label_map(parser: argparse.ArgumentParser, path: str, nb_classes: int) -> list[int]:
+    """--label_map: a JSON list of nb_classes row numbers of the checkpoint's head (else a parser error)."""
     try:
         rows = json.loads(Path(path).read_text())
     except (OSError, ValueError) as e:
-        raise engine.RunError(f"--label_map {path}: cannot be read as JSON ({e})") from e
+        parser.error(f"--label_map {path}: cannot be read as JSON ({e})")
     if not (isinstance(rows, list) and len(rows) == nb_classes and all(isinstance(r, int) and r >= 0 for r in rows)):
-        raise engine.RunError(f"--label_map {path}: expected a JSON list of {nb_classes} row numbers (one per class "
-                              "of --nb_classes), like the reference's misc/label_710to400.json")
+        parser.error(f"--label_map {path}: expected a JSON list of {nb_classes} row numbers (one per class of "
+                     "--nb_classes), like the reference's misc/label_710to400.json")
     return rows
 
 
@@ -204,22 +191,17 @@ def build_dataset(mode: str, args, dist: engine.Dist) -> data.FinetuneDataset:
         num_sample=args.num_sample, test_num_segment=args.test_num_segment, test_num_crop=args.test_num_crop,
         sparse_sample=args.sparse_sample, flip=args.flip, aa=args.aa, reprob=args.reprob,
         fname_tmpl=args.fname_tmpl, skip_bad_videos=args.skip_bad_videos, max_bad_fraction=args.max_bad_fraction,
-        synthetic_videos=args.synthetic_size, share=engine.file_share(dist))
+        synthetic_videos=args.synthetic_size, share=engine.file_share(dist), num_workers=args.num_workers)
 
 
 class Shard(torch.utils.data.Dataset):
-    """One process's share of an evaluation set: items rank, rank + world, ... Every share is padded to the
-    same length by repeating items (FSDP's forward is collective, so all processes must run the same number
-    of batches); a repeat comes with keep = False and counts nowhere. (DistributedSampler pads the same way
-    but cannot say which items are repeats, so they would be counted twice.) With --skip_bad_videos an
-    unreadable video's items come from a stand-in video; they get keep = False too, so the stand-in is not
-    counted twice and the unreadable video has no views (video-level results leave it out).
-    Items: (clip, label, video index, keep)."""
+    """One process's share of an evaluation set, items rank, rank + world, ...: (clip, label, video index, keep).
+    Shares are padded to one length (FSDP's forward is collective) by repeats with keep = False, which count nowhere
+    (DistributedSampler's count twice), as do the items of a video skipped as unreadable, read from a stand-in."""
 
     def __init__(self, dataset: data.FinetuneDataset, rank: int, world: int):
         self.dataset = dataset
-        padded = world * math.ceil(len(dataset) / world)
-        self.indices = range(rank, padded, world)
+        self.indices = range(rank, world * math.ceil(len(dataset) / world), world)  # padded to a multiple of world
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -228,7 +210,6 @@ class Shard(torch.utils.data.Dataset):
         index = self.indices[i]
         item = index % len(self.dataset)
         clip, label, *video = self.dataset[item]  # test items add (video, view)
-        # a repeat, or (with --skip_bad_videos) a stand-in for an unreadable video, counts nowhere
         keep = index < len(self.dataset) and not self.dataset.skipped(item // self.dataset.num_views)
         return clip, label, video[0] if video else item, keep
 
@@ -252,15 +233,14 @@ def topk_hits(scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate(model, dataset: data.FinetuneDataset, batch_size: int, num_classes: int, num_workers: int,
-             dist: engine.Dist, precision: str, desc: str) -> dict:
-    """Score every item of an evaluation set exactly once, split over the processes, summed on the device
-    and read once at the end. Returns, the same on every process: probs (V, K) each video's softmax summed
-    over its views, views (V,) how many, labels (V,), and over single clips: loss, top-1 and top-5 hits, clips.
-    Views are summed per video in a tensor, in one process or many (docs/reference.md, traps 14 and 18)."""
+def evaluate(model, dataset: data.FinetuneDataset, args, dist: engine.Dist, precision: str, desc: str) -> dict:
+    """Score every item of an evaluation set exactly once, split over the processes, summed per video in tensors on
+    the device (docs/reference.md, traps 14 and 18). Returns, the same on every process: probs (V, K), each video's
+    softmax summed over its views; views (V,), how many; labels (V,); over single clips, loss, acc1, acc5, clips."""
+    batch_size = int(1.5 * args.batch_size)  # no gradients to keep: evaluation takes larger batches
     loader = torch.utils.data.DataLoader(Shard(dataset, dist.rank, dist.world_size), batch_size=batch_size,
-                                         num_workers=num_workers, pin_memory=dist.device.type == "cuda")
-    videos, k, dev = len(dataset.source), num_classes, dist.device
+                                         num_workers=args.num_workers, pin_memory=dist.device.type == "cuda")
+    videos, k, dev = len(dataset.source), args.nb_classes, dist.device
     probs, views = torch.zeros(videos, k, device=dev), torch.zeros(videos, device=dev)
     labels = torch.full((videos,), -1, device=dev)
     sums = torch.zeros(4, device=dev)  # loss, top-1 hits, top-5 hits, clips
@@ -285,8 +265,8 @@ def evaluate(model, dataset: data.FinetuneDataset, batch_size: int, num_classes:
 
 
 def video_level(result: dict) -> tuple[dict, torch.Tensor]:
-    """Top-1/top-5 of each video's averaged softmax, and the confusion matrix (K, K) (rows: true class,
-    columns: predicted). Videos with no views (all skipped as unreadable) are left out."""
+    """Top-1/top-5 of each video's averaged softmax, and the confusion matrix (K, K) (rows: true class, columns:
+    predicted). Videos with no views (all skipped as unreadable) are left out."""
     seen = result["views"] > 0
     mean = result["probs"][seen] / result["views"][seen, None]  # (V, K)
     labels, k = result["labels"][seen], mean.shape[1]
@@ -295,25 +275,19 @@ def video_level(result: dict) -> tuple[dict, torch.Tensor]:
     return dict(test_video_acc1=100 * top1, test_video_acc5=100 * top5, test_videos=int(seen.sum())), confusion
 
 
-def per_class_table(confusion: torch.Tensor) -> str:
-    lines = ["class  videos  correct  top-1 %"]
-    for c, (total, right) in enumerate(zip(confusion.sum(1).tolist(), confusion.diag().tolist())):
-        lines.append(f"{c:5d}  {total:6d}  {right:7d}  " + (f"{100 * right / total:7.2f}" if total else "      -"))
-    return "\n".join(lines)
-
-
 def multi_view_test(model, test_set: data.FinetuneDataset, args, dist: engine.Dist, precision: str, out: Path) -> dict:
-    """The final test: every video as test_num_segment x test_num_crop views, their softmax averaged. Rank 0
-    prints and writes the results, per_class_accuracy.txt and confusion.png. One window or one crop is fine
-    (data.py centres a single view: docs/reference.md, trap 15)."""
+    """The final test: each video's test_num_segment x test_num_crop views (data.py centres a single one:
+    docs/reference.md, trap 15), softmax averaged. Rank 0 prints, writes per_class_accuracy.txt, confusion.png."""
     views = f"{args.num_frames}x{args.test_num_segment}x{args.test_num_crop}"
-    result = evaluate(model, test_set, eval_batch(args), args.nb_classes, args.num_workers, dist, precision,
-                      f"test {views}")
+    result = evaluate(model, test_set, args, dist, precision, f"test {views}")
     stats, confusion = video_level(result)
     stats = dict(test_views=views, test_clip_acc1=result["acc1"], test_clip_acc5=result["acc5"],
                  test_clips=result["clips"], **stats)
     if dist.is_main:
-        table = per_class_table(confusion)
+        rows = ["class  videos  correct  top-1 %"]  # the per-class table
+        for c, (total, right) in enumerate(zip(confusion.sum(1).tolist(), confusion.diag().tolist())):
+            rows.append(f"{c:5d}  {total:6d}  {right:7d}  " + (f"{100 * right / total:7.2f}" if total else "      -"))
+        table = "\n".join(rows)
         print(f"test ({views}: frames x windows x crops): clip-level (each view alone) "
               f"top-1 {stats['test_clip_acc1']:.2f}% top-5 {stats['test_clip_acc5']:.2f}% over {stats['test_clips']} "
               f"clips; video-level (softmax averaged over its views) top-1 {stats['test_video_acc1']:.2f}% "
@@ -330,10 +304,6 @@ def multi_view_test(model, test_set: data.FinetuneDataset, args, dist: engine.Di
 
 # -----------------------------------------------------------------------------------------------------
 # Training
-
-
-def eval_batch(args) -> int:
-    return int(1.5 * args.batch_size)  # no gradients to keep: evaluation takes larger batches
 
 
 def main(argv=None):
@@ -357,13 +327,13 @@ def finetune(setup: Setup, dist: engine.Dist) -> None:
     n_params = sum(p.numel() for p in model.parameters())
     n_trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
     trainer = engine.build_trainer(model, dist, precision, Path(args.output_dir), weight_decay=args.weight_decay,
-                                   betas=args.opt_betas, eps=args.opt_eps, layer_decay=args.layer_decay,
-                                   fsdp=args.fsdp, compile=args.compile, seed=args.seed, accum_iter=args.accum_iter,
-                                   clip_grad=args.clip_grad, log_every=args.log_every)
+                                   betas=args.opt_betas, eps=args.opt_eps, fsdp=args.fsdp, compile=args.compile,
+                                   accum_iter=args.accum_iter, clip_grad=args.clip_grad, log_every=args.log_every,
+                                   layer_decay=args.layer_decay, seed=args.seed, save_every_steps=args.save_every_steps)
     dist.print(f"model {args.model}: {n_params / 1e6:.1f}M parameters ({n_trained / 1e6:.2f}M trained), "
                f"{cfg.num_frames}x{cfg.img_size}, {cfg.num_tokens} tokens, {args.nb_classes} classes | {dist.device}, "
-               f"{precision}, {dist.world_size} process(es)" + (", FSDP" if args.fsdp else "")
-               + (", compiled" if args.compile else ""))
+               f"{precision}, {dist.world_size} process(es){', FSDP' if args.fsdp else ''}"
+               f"{', compiled' if args.compile else ''}")
     if not args.eval:
         train(trainer, args, *sets[:2])
     multi_view_test(trainer.model, sets[-1], args, dist, precision, trainer.out)  # the final weights, as the reference
@@ -381,17 +351,17 @@ def train(trainer: engine.Trainer, args, train_set: data.FinetuneDataset, val_se
                                          args.epochs, batches.steps_per_epoch, args.warmup_epochs)
     run_args = engine.run_args(args, dist, train_set, val_set)
     state = engine.resume_training(trainer, args.resume, args.auto_resume, run_args, args.allow_resume_changes)
-    start_epoch, best = (0, -1.0) if state is None else (state["epoch"] + 1, state.get("best_acc1", 0.0))
-    mixing = args.mixup > 0 or args.cutmix > 0
-    dist.print(f"data: {'built-in synthetic clips' if args.data_path is None else args.data_path} ({len(train_set)} "
-            f"training videos, {len(val_set)} validation videos) | init: {args.finetune or 'random (no --finetune)'}"
-            + (" | linear probe: only the head learns" if args.linear_probe else ""))
-    dist.print(f"effective batch {videos_per_step} videos = {args.batch_size} x accum {args.accum_iter} x {dist.world_size} "
-            f"process(es); x num_sample {args.num_sample} = {batches.clips_per_step} clips per step")
-    dist.print(f"lr {args.lr:g} x {videos_per_step} / 256 = {args.lr * videos_per_step / 256:.3g}, layer decay "
-            f"{args.layer_decay}, {batches.steps_per_epoch} steps per epoch, {args.epochs} epochs | loss: "
-            + (f"mixup {args.mixup} / cutmix {args.cutmix} (p {args.mixup_prob}), " if mixing else "")
-            + f"label smoothing {args.smoothing}")
+    start_epoch = 0 if state is None else state["epoch"] + 1
+    trainer.extra["best_acc1"] = -1.0 if state is None else state.get("best_acc1", 0.0)  # in every checkpoint
+    dist.print(f"data: {args.data_path or 'built-in synthetic clips'} ({len(train_set)} training videos, "
+               f"{len(val_set)} validation videos) | init: {args.finetune or 'random (no --finetune)'}"
+               + (" | linear probe: only the head learns" if args.linear_probe else ""))
+    mixing = f"mixup {args.mixup} / cutmix {args.cutmix} (p {args.mixup_prob}), " if args.mixup or args.cutmix else ""
+    dist.print(f"effective batch {videos_per_step} videos = {args.batch_size} x accum {args.accum_iter} x "
+               f"{dist.world_size} process(es); x num_sample {args.num_sample} = {batches.clips_per_step} clips "
+               f"per step\nlr {args.lr:g} x {videos_per_step} / 256 = {args.lr * videos_per_step / 256:.3g}, layer "
+               f"decay {args.layer_decay}, {batches.steps_per_epoch} steps per epoch, {args.epochs} epochs | loss: "
+               f"{mixing}label smoothing {args.smoothing}")
 
     def loss_of(batch):  # clips (B, num_sample, 3, T, H, W), labels (B, num_sample)
         clips, labels = (x.to(dist.device, non_blocking=True).flatten(0, 1) for x in batch)
@@ -401,16 +371,15 @@ def train(trainer: engine.Trainer, args, train_set: data.FinetuneDataset, val_se
     weight_decay = np.full(len(lr_schedule), args.weight_decay)
     for epoch in range(start_epoch, args.epochs):
         loss, steps, seconds = engine.train_epoch(trainer, batches, loss_of, epoch, lr_schedule, weight_decay)
-        val = evaluate(trainer.model, val_set, eval_batch(args), args.nb_classes, args.num_workers, dist, trainer.precision,
-                       "validation")
+        val = evaluate(trainer.model, val_set, args, dist, trainer.precision, "validation")
         stats = dict(epoch=epoch, train_loss=loss, train_lr=float(lr_schedule[steps - 1]), val_loss=val["loss"],
                      val_acc1=val["acc1"], val_acc5=val["acc5"], steps=steps, epoch_time_s=round(seconds, 1),
                      skipped_videos=engine.skipped_videos(dist, train_set))
-        improved = val["acc1"] > best
-        best = max(best, val["acc1"])
-        engine.end_of_epoch(trainer, stats, run_args, keep=False, best=improved, best_acc1=best)
+        improved = val["acc1"] > trainer.extra["best_acc1"]
+        trainer.extra["best_acc1"] = max(trainer.extra["best_acc1"], val["acc1"])
+        engine.end_of_epoch(trainer, stats, keep=False, best=improved)
         dist.print(f"epoch {epoch}: train loss {loss:.4f}, validation (centre view) top-1 {val['acc1']:.2f}% "
-                f"top-5 {val['acc5']:.2f}% (best {best:.2f}%), {seconds:.0f} s")
+                   f"top-5 {val['acc5']:.2f}% (best {trainer.extra['best_acc1']:.2f}%), {seconds:.0f} s")
 
 
 if __name__ == "__main__":

@@ -119,7 +119,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     a("--probe_size", type=Range(int, 2 * probe.NUM_FOLDS), default=512, help="built-in clips in the probe's set")
     a("--probe_pooling", default="slots", choices=probe.POOLINGS, help="tokens -> one vector per clip: the mean "
       "of each temporal slot, concatenated in time order, or one mean over all tokens")
-    engine.add_shared_flags(p)
+    engine.add_input_flags(p)
+    engine.add_run_flags(p)
     return p
 
 
@@ -192,7 +193,7 @@ def pretrain(setup: Setup, dist: engine.Dist) -> None:
     trainer = engine.build_trainer(model, dist, precision, Path(args.output_dir), weight_decay=args.weight_decay,
                                    betas=args.opt_betas, eps=args.opt_eps, fsdp=args.fsdp, compile=args.compile,
                                    seed=args.seed, accum_iter=args.accum_iter, clip_grad=args.clip_grad,
-                                   log_every=args.log_every)
+                                   log_every=args.log_every, save_every_steps=args.save_every_steps)
     engine.check_space(trainer)
     batches = engine.train_loader(dataset, args.batch_size, trainer, args.num_workers)
 
@@ -217,7 +218,8 @@ def pretrain(setup: Setup, dist: engine.Dist) -> None:
                f"{masks.num_queries}" + (f" ({args.decoder_mask_type} {args.decoder_mask_ratio})" if masks.dual
                                          else " (V1)") + f", loss on {int(one.in_loss.sum())}")
     dist.print(f"effective batch {videos_per_step} videos = {args.batch_size} x accum {args.accum_iter} x "
-               f"{dist.world_size} process(es); x num_sample {args.num_sample} = {batches.clips_per_step} clips per step")
+               f"{dist.world_size} process(es); x num_sample {args.num_sample} = {batches.clips_per_step} clips per "
+               "step")
     warmup = int(np.argmax(lr_schedule)) + 1 if args.warmup_epochs or args.warmup_steps > 0 else 0
     dist.print(f"lr {args.lr:g} x {videos_per_step} / 256 = {args.lr * scale:.3g} (min {args.min_lr * scale:.3g}), "
                f"warmup {warmup} steps; {batches.steps_per_epoch} steps per epoch, {args.epochs} epochs "
@@ -234,22 +236,24 @@ def pretrain(setup: Setup, dist: engine.Dist) -> None:
         dist.print(f"probe: linear {result['probe_acc1']:.1f} %, k-NN {result['probe_knn_acc1']:.1f} % top-1 "
                    f"({len(probe_set.dataset)} clips, {result['probe_time_s']} s)")
         return result
-    # before training: the random encoder's score, the level pretraining has to beat (in epoch 0's log line)
-    at_start = {}
-    if probe_set and not start_epoch:  # logged as probe_init_acc1, probe_init_knn_acc1, probe_init_time_s
-        at_start = {k.replace("probe_", "probe_init_", 1): v for k, v in probed().items()}
+    # before training: the random encoder's score, the level pretraining has to beat (in epoch 0's log line,
+    # as probe_init_acc1, ...; kept in the checkpoints until then, for a run stopped inside epoch 0)
+    trainer.extra["probe_init"] = state.get("probe_init", {}) if state else {}
+    if probe_set and not start_epoch and not trainer.extra["probe_init"]:
+        trainer.extra["probe_init"] = {k.replace("probe_", "probe_init_", 1): v for k, v in probed().items()}
     for epoch in range(start_epoch, args.epochs):
         loss, steps, seconds = engine.train_epoch(trainer, batches, loss_of, epoch, lr_schedule, wd_schedule)
         stats = dict(epoch=epoch, train_loss=loss, train_lr=float(lr_schedule[steps - 1]),
                      train_wd=float(wd_schedule[steps - 1]), steps=steps, epoch_time_s=round(seconds, 1),
                      clips_per_s=round(batches.steps_per_epoch * batches.clips_per_step / seconds, 2),
-                     skipped_videos=engine.skipped_videos(dist, dataset), **(at_start if epoch == 0 else {}))
+                     skipped_videos=engine.skipped_videos(dist, dataset),
+                     **(trainer.extra["probe_init"] if epoch == 0 else {}))
         dist.print(f"epoch {epoch}: loss {loss:.4f}, {stats['clips_per_s']} clips/s, {seconds:.0f} s")
         if probe_set and ((epoch + 1) % args.probe_every == 0 or epoch + 1 == args.epochs):
             stats.update(probed())
         keep = (epoch + 1) % args.save_ckpt_freq == 0 or epoch + 1 == args.epochs
-        state = engine.end_of_epoch(trainer, stats, run_args, keep=keep)
-    if dist.is_main and args.epochs > start_epoch:
+        state = engine.end_of_epoch(trainer, stats, keep=keep)
+    if dist.is_main and (args.epochs > start_epoch or not (trainer.out / "recon.png").exists()):  # (a kill before)
         final_figures(state["model"], setup, trainer.out)
 
 

@@ -4,6 +4,7 @@ import os
 import sys
 from pathlib import Path
 
+import cv2
 import pytest
 import torch
 
@@ -14,6 +15,23 @@ os.environ.setdefault("MPLBACKEND", "Agg")  # figures without a screen
 import vmae  # noqa: E402
 
 GOLDEN = Path(__file__).resolve().parent / "golden"
+
+
+def export_videos(videos, root, split: str = "train", fps: int = 25) -> str:
+    """Write built-in videos (a data.SyntheticVideos) as root/split/video_NNNNN.mp4 and the list root/split.csv
+    (`path label` lines, relative to root), as real files for the tests that read videos; returns the list."""
+    os.makedirs(os.path.join(root, split), exist_ok=True)
+    lines = []
+    for i in range(len(videos)):
+        name = f"{split}/video_{videos.first_index + i:05d}.mp4"
+        writer = cv2.VideoWriter(os.path.join(root, name), cv2.VideoWriter_fourcc(*"mp4v"), fps,
+                                 (videos.width, videos.height))
+        for frame in videos.render(i, range(videos.length)):
+            writer.write(cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))
+        writer.release()
+        lines.append(f"{name} {videos.label(i)}\n")
+    Path(root, f"{split}.csv").write_text("".join(lines))
+    return os.path.join(root, f"{split}.csv")
 
 
 @functools.cache

@@ -15,6 +15,7 @@ import torch
 from torch.utils.data import DataLoader
 
 import data
+from conftest import export_videos
 from vmae import IMAGENET_MEAN, IMAGENET_STD
 
 H, W = 48, 64
@@ -211,7 +212,7 @@ def test_files_are_checked_before_training_all_problems_at_once(files, tmp_path)
     assert "img_00009.jpg: missing, so" in message and "garbage" not in message
     val = tmp_path / "val.csv"
     val.write_text(f"{files['mp4']} 0\n{garbage} 1\n")
-    with pytest.raises(data.VideoError, match="garbage.mp4: OpenCV cannot open"):  # held-out sets: opened too
+    with pytest.raises(data.VideoError, match="garbage.mp4: OpenCV cannot open"):  # held-out sets: decoded too
         data.build_finetune_dataset("validation", str(val), nb_classes=2, num_frames=4, input_size=32,
                                     short_side_size=32)
     ds = data.build_pretrain_dataset(str(lst), num_frames=4, sampling_rate=1, input_size=32, skip_bad_videos=True,
@@ -225,7 +226,7 @@ def test_files_are_checked_before_training_all_problems_at_once(files, tmp_path)
     checked = []
     problem = data.VideoList.problem
     with pytest.MonkeyPatch.context() as m:
-        m.setattr(data.VideoList, "problem", lambda self, i, o: checked.append(i) or problem(self, i, o))
+        m.setattr(data.VideoList, "problem", lambda self, i: checked.append(i) or problem(self, i))
         with pytest.raises(data.VideoError):
             data.build_pretrain_dataset(str(lst), num_frames=4, sampling_rate=1, input_size=32,
                                         share=data.Share(0, 2, lambda mine: [found.setdefault(0, mine), []]))
@@ -474,7 +475,7 @@ def test_rand_augment_point_ops_match_pil_formulas():
     pixels = stretched[0].reshape(-1, 3)
     assert pixels.min(0).tolist() == [0, 0, 0] and pixels.max(0).tolist() == [255, 255, 255]
     assert (stretched[1, ..., 2] == 77).all() and stretched[1, ..., :2].max() == 255
-    brighter = data._enhance(frames, 0.7, rng, degenerate=data._black).astype(int)
+    brighter = data._enhance(frames, 0.7, rng, degenerate=data._DEGENERATE["brightness"]).astype(int)
     assert any(np.abs(brighter - np.clip(frames * factor, 0, 255)).max() <= 1 for factor in (1.63, 0.37))
 
 
@@ -545,8 +546,8 @@ def test_synthetic_is_deterministic_balanced_and_moves_by_label():
 
 def test_synthetic_export_round_trips_through_the_file_path(tmp_path):
     train = data.SyntheticVideos(4, 2, length=24, height=32, width=40)
-    list_file = train.export(str(tmp_path), "train")
-    data.SyntheticVideos(2, 2, length=24, height=32, width=40, first_index=4).export(str(tmp_path), "val")
+    list_file = export_videos(train, str(tmp_path), "train")
+    export_videos(data.SyntheticVideos(2, 2, length=24, height=32, width=40, first_index=4), str(tmp_path), "val")
     with open(list_file) as f:
         lines = f.read().split("\n")
     assert lines[:2] == ["train/video_00000.mp4 0", "train/video_00001.mp4 1"]

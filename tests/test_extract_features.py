@@ -11,6 +11,7 @@ import data
 import engine
 import extract_features as ef
 import vmae
+from conftest import export_videos
 from test_train_pretrain import MICRO, run_processes, torchrun_env
 
 
@@ -18,7 +19,7 @@ from test_train_pretrain import MICRO, run_processes, torchrun_env
 def setup(tmp_path, monkeypatch):
     """Three 24-frame videos (and their `path label` list), and a micro classifier's checkpoint."""
     monkeypatch.setitem(vmae.SIZES, "micro", dict(MICRO))
-    listed = data.SyntheticVideos(3, length=24, height=36, width=48).export(str(tmp_path), "videos")
+    listed = export_videos(data.SyntheticVideos(3, length=24, height=36, width=48), str(tmp_path), "videos")
     model = vmae.VideoClassifier(vmae.config("micro", img_size=32, num_frames=4), 5)
     with torch.no_grad():
         for p in model.parameters():
@@ -83,9 +84,9 @@ def test_a_rerun_writes_nothing_new(setup, tmp_path):
     assert all(after[name] == before[name] for name in before)
     printed = run(setup, out, "--data_path", str(setup["folder"]))
     assert "3 already done; 0 to go" in printed and not any(".tmp" in p.name for p in out.iterdir())
-    with pytest.raises(engine.RunError, match="other settings .*test_num_crop: 1 then, 3 now"):
+    with pytest.raises(engine.RunError, match="other weights or settings .*test_num_crop: 1 then, 3 now"):
         run(setup, out, "--data_path", str(setup["folder"]), "--test_num_crop", "3")
-    with pytest.raises(engine.RunError, match="other settings .*precision: 'fp32' then, 'bf16' now"):
+    with pytest.raises(engine.RunError, match="other weights or settings .*precision: 'fp32' then, 'bf16' now"):
         run(setup, out, "--data_path", str(setup["folder"]), "--precision", "bf16")
 
 

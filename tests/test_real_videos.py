@@ -9,6 +9,7 @@ import data
 import train_finetune as tf
 import train_pretrain as tp
 import vmae
+from conftest import export_videos
 from test_train_pretrain import MICRO
 
 SMALL = ["--model", "micro", "--input_size", "32", "--num_frames", "4", "--sampling_rate", "2", "--batch_size", "2",
@@ -19,8 +20,8 @@ SMALL = ["--model", "micro", "--input_size", "32", "--num_frames", "4", "--sampl
 def videos(tmp_path_factory):
     """root/train/*.mp4 (8 videos, 4 classes) with root/train.csv, root/val/*.mp4 (4) with root/val.csv."""
     root = tmp_path_factory.mktemp("videos")
-    data.SyntheticVideos(8, 4, length=12, height=32, width=40).export(str(root), "train")
-    data.SyntheticVideos(4, 4, length=12, height=32, width=40, first_index=8).export(str(root), "val")
+    export_videos(data.SyntheticVideos(8, 4, length=12, height=32, width=40), str(root), "train")
+    export_videos(data.SyntheticVideos(4, 4, length=12, height=32, width=40, first_index=8), str(root), "val")
     return root
 
 

@@ -24,6 +24,7 @@ import data
 import engine
 import train_pretrain as tp
 import vmae
+from conftest import export_videos
 from test_train_pretrain import MICRO, cli, micro, refused, run_processes, torchrun_env  # noqa: F401 (micro: a fixture)
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -164,13 +165,6 @@ def test_a_read_only_output_folder_fails_before_the_first_step(micro, tmp_path, 
         monkeypatch.setattr(os, "open", read_only)
     err = refused(tp.main, cli(out), capsys, monkeypatch)
     assert f"--output_dir {out}: cannot write there" in err
-
-
-def test_too_little_space_for_a_checkpoint_fails_before_the_first_step(micro, tmp_path, capsys, monkeypatch):
-    real = shutil.disk_usage
-    monkeypatch.setattr(shutil, "disk_usage", lambda path: real(path)._replace(free=100_000))
-    err = refused(tp.main, cli(tmp_path), capsys, monkeypatch)
-    assert f"--output_dir {tmp_path}: 0.00 GiB free, but a checkpoint of this model needs about" in err
 
 
 def test_a_full_disk_is_named_and_replaces_nothing(micro, tmp_path, capsys, monkeypatch):
@@ -358,3 +352,280 @@ def test_skipped_videos_are_counted_over_every_process_and_limited_there(tmp_pat
     for rank in (0, 1):
         first, second = (tmp_path / f"rank{rank}.txt").read_text().split("\n")
         assert first == "1" and second.startswith("3 of 10 videos are unreadable, more than max_bad_fraction=0.25")
+
+
+# -----------------------------------------------------------------------------------------------------
+# The tools keep the recipes' promises: each case of a reliability probe, with what it must do now
+
+def tool_inputs(tmp_path: Path) -> dict:
+    """Three tiny videos, a micro classifier's checkpoint, the same with NaN weights, and another one."""
+    videos = tmp_path / "videos"
+    export_videos(data.SyntheticVideos(3, length=24, height=36, width=48), str(tmp_path), "videos")
+    args = {"model": "micro", "input_size": 32, "num_frames": 4}
+    model = vmae.VideoClassifier(vmae.config("micro", img_size=32, num_frames=4), 5)
+    torch.save({"model": model.state_dict(), "args": args}, tmp_path / "ckpt.pth")
+    nan = {k: v.clone().fill_(float("nan")) if v.is_floating_point() else v for k, v in model.state_dict().items()}
+    torch.save({"model": nan, "args": args}, tmp_path / "nan.pth")
+    other = {k: v + 1 if v.is_floating_point() else v for k, v in model.state_dict().items()}
+    torch.save({"model": other, "args": args}, tmp_path / "other.pth")
+    (tmp_path / "a_file").write_text("")
+    return dict(videos=str(videos), ckpt=str(tmp_path / "ckpt.pth"), nan=str(tmp_path / "nan.pth"),
+                other=str(tmp_path / "other.pth"), a_file=str(tmp_path / "a_file"))
+
+
+def extract(paths, out, checkpoint="ckpt") -> list[str]:
+    return ["--checkpoint", paths[checkpoint], "--data_path", paths["videos"], "--output_dir", str(out),
+            "--num_workers", "0", "--device", "cpu"]
+
+
+def export(paths, out, checkpoint="ckpt", *extra) -> list[str]:
+    return ["--checkpoint", paths[checkpoint], "--output_dir", str(out), *extra]
+
+
+def first(run: list) -> None:
+    """Steps before the case: tool runs that must succeed."""
+    import export_hf
+    import extract_features
+    for tool, argv in run:
+        engine.run({"extract": extract_features.main, "export": export_hf.main}[tool], argv)
+
+
+# (case, steps before it, the tool and its argv, what stderr must say, what the output folder must not hold)
+TOOL_CASES = [
+    ("extraction from NaN weights", [], ("extract", lambda p, o: extract(p, o, "nan")),
+     "non-finite weights (NaN or infinity) in", "*.npy"),
+    ("export of NaN weights", [], ("export", lambda p, o: export(p, o, "nan")),
+     "non-finite weights (NaN or infinity) in", "*.safetensors"),
+    ("extraction resumed with other weights under the same path",
+     [("extract", lambda p, o: extract(p, o))], ("extract", lambda p, o: extract(p, o, "other")),
+     "holds features made from other weights or settings (weights: ", ".*.tmp*"),
+    ("export into another model's folder", [], ("export", lambda p, o: export(p, o)),
+     "holds other files (preprocessor_config.json, pytorch_model.bin): from_pretrained could read a mix",
+     "model.safetensors"),
+    ("extraction into a file", [], ("extract", lambda p, o: extract(p, Path(p["a_file"]))),
+     "a_file: cannot write there", "*"),
+    ("export into a file", [], ("export", lambda p, o: export(p, Path(p["a_file"]))),
+     "a_file: cannot write there", "*"),
+]
+
+
+@pytest.mark.parametrize("case, before, tool, message, absent", TOOL_CASES, ids=[c[0] for c in TOOL_CASES])
+def test_the_tools_refuse_by_name_and_leave_nothing_wrong(case, before, tool, message, absent, tmp_path, capsys,
+                                                          monkeypatch):
+    import export_hf
+    import extract_features
+    monkeypatch.setitem(vmae.SIZES, "micro", MICRO)
+    paths, out = tool_inputs(tmp_path), tmp_path / "out"
+    if case == "export into another model's folder":
+        out.mkdir()
+        (out / "pytorch_model.bin").write_bytes(b"someone else's weights")
+        (out / "preprocessor_config.json").write_text("{}")
+    first([(name, argv(paths, out)) for name, argv in before])
+    capsys.readouterr()
+    name, argv = tool
+    with pytest.raises(SystemExit) as stop:
+        engine.run({"extract": extract_features.main, "export": export_hf.main}[name], argv(paths, out))
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and message in err and "Traceback" not in err, err
+    if out.is_dir() and absent != "*":
+        assert not (set(out.glob(absent)) - set(out.glob("**/video_*.npy")) if before else list(out.glob(absent)))
+
+
+def test_an_export_overwrite_removes_what_from_pretrained_would_read(tmp_path, monkeypatch):
+    """--overwrite clears another model's weights, config and preprocessor from the folder before writing;
+    a rerun into our own earlier export replaces it without being told."""
+    import export_hf
+    monkeypatch.setitem(vmae.SIZES, "micro", MICRO)
+    paths, out = tool_inputs(tmp_path), tmp_path / "hf"
+    out.mkdir()
+    for name in ("pytorch_model.bin", "preprocessor_config.json", "README.md"):
+        (out / name).write_text("another model's")
+    export_hf.main(export(paths, out, "ckpt", "--overwrite"))
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "model.safetensors"]
+    (out / "README.md").unlink()
+    export_hf.main(export(paths, out, "other"))  # our own export: replaced
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+
+
+def test_an_export_on_a_full_disk_is_a_message(tmp_path, capsys, monkeypatch):
+    import safetensors.torch
+    import export_hf
+    monkeypatch.setitem(vmae.SIZES, "micro", MICRO)
+    paths = tool_inputs(tmp_path)
+
+    def disk_full(weights, filename, metadata=None):
+        Path(filename).write_bytes(b"\0" * 10)
+        raise safetensors.SafetensorError("Error while serializing: IoError(Os { code: 28, kind: StorageFull })")
+    monkeypatch.setattr(safetensors.torch, "save_file", disk_full)
+    real = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: real(path)._replace(free=0))
+    with pytest.raises(SystemExit) as stop:
+        engine.run(export_hf.main, export(paths, tmp_path / "hf"))
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and "model.safetensors: no space left on the device" in err and "Traceback" not in err
+    assert not list((tmp_path / "hf").iterdir())
+
+
+def test_a_killed_extraction_leaves_nothing_a_rerun_keeps(tmp_path, capsys, monkeypatch):
+    """A temporary .npy a kill left (anywhere below the folder) is removed by the rerun; a start that failed
+    before any feature was written does not bind the folder to its settings."""
+    import extract_features
+    monkeypatch.setitem(vmae.SIZES, "micro", MICRO)
+    paths, out = tool_inputs(tmp_path), tmp_path / "features"
+    (out / "sub").mkdir(parents=True)
+    (out / "sub" / ".video_00000.mp4.12345.tmp.npy").write_bytes(b"half")
+    (out / "extraction.json").write_text('{"num_frames": 16, "weights": "from a start that failed"}')
+    extract_features.main(extract(paths, out))
+    assert not list(out.rglob(".*.tmp*")) and "removed 1 temporary file(s)" in capsys.readouterr().out
+    assert len(list(out.glob("*.npy"))) == 3
+
+
+def test_a_list_line_with_spaces_in_its_path_says_why(tmp_path):
+    (tmp_path / "list.csv").write_text("my video.mp4 0 -1\n")
+    with pytest.raises(data.ListError, match="'video.mp4' is not a number: if it is part of the path"):
+        data.read_pretrain_list(str(tmp_path / "list.csv"))
+
+
+# -----------------------------------------------------------------------------------------------------
+# The recipes' edges
+
+def test_a_kill_before_the_final_figures_is_mended_by_the_rerun(micro, tmp_path):
+    tp.main(cli(tmp_path, "--epochs", "1"))
+    for name in ("loss.png", "recon.png"):
+        (tmp_path / name).unlink()  # as if killed after the last checkpoint
+    tp.main(cli(tmp_path, "--epochs", "1"))
+    assert (tmp_path / "loss.png").exists() and (tmp_path / "recon.png").exists() and len(rows(tmp_path)) == 1
+
+
+def test_no_epoch_left_is_said_and_changes_nothing(micro, tmp_path, capsys, monkeypatch):
+    tp.main(cli(tmp_path, "--epochs", "2"))
+    tp.main(cli(tmp_path, "--epochs", "2"))
+    assert "has done all 2 epochs; nothing left to train" in capsys.readouterr().out
+    err = refused(tp.main, cli(tmp_path, "--epochs", "1", "--allow_resume_changes"), capsys, monkeypatch)
+    assert "has done 2 epochs and --epochs is 1: no epoch is left" in err and len(rows(tmp_path)) == 2
+
+
+def test_nonfinite_optimizer_state_is_refused_on_resume(micro, tmp_path, capsys, monkeypatch):
+    tp.main(cli(tmp_path, "--epochs", "1"))
+    state = torch.load(tmp_path / "checkpoint-last.pth", weights_only=True)
+    moments = next(iter(state["optimizer"]["state"].values()))
+    moments["exp_avg_sq"].fill_(float("nan"))
+    torch.save(state, tmp_path / "checkpoint-last.pth")
+    err = refused(tp.main, cli(tmp_path, "--epochs", "2"), capsys, monkeypatch)
+    assert "non-finite optimizer state in" in err and "exp_avg_sq" in err
+
+
+def test_a_file_that_fits_nothing_is_not_called_an_encoder(micro, tmp_path, capsys, monkeypatch):
+    torch.save({"model": {"something.else": torch.zeros(3)}}, tmp_path / "alien.pth")
+    err = refused(tp.main, cli(tmp_path / "out", "--finetune", str(tmp_path / "alien.pth")), capsys, monkeypatch)
+    assert "holds no VideoMAE weights under any name the loader knows" in err and "an encoder" not in err
+
+
+def test_too_little_space_is_said_in_a_unit_that_shows_it(micro, tmp_path, capsys, monkeypatch):
+    real = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: real(path)._replace(free=100_000))
+    err = refused(tp.main, cli(tmp_path), capsys, monkeypatch)
+    assert f"--output_dir {tmp_path}: 0.1 MiB free, but a checkpoint of this model needs about" in err
+    assert "about 0.00 GiB" not in err
+
+
+# -----------------------------------------------------------------------------------------------------
+# Preemption: a scheduler's signal costs the step in progress, not the epoch
+
+
+def at_step(step: int, then):
+    """engine.set_schedules, which runs at the start of every optimizer step, doing then() at global `step`."""
+    real, calls = engine.set_schedules, [0]
+
+    def schedules(optimizer, lr, weight_decay):
+        if calls[0] == step:
+            then()
+        calls[0] += 1
+        return real(optimizer, lr, weight_decay)
+    return schedules
+
+
+def same_run(a: Path, b: Path) -> None:
+    """The two runs' final checkpoints hold the same weights and optimizer state, bit for bit, and their logs
+    the same epochs and losses."""
+    first, second = (torch.load(run / "checkpoint-last.pth", weights_only=True) for run in (a, b))
+    assert (first["epoch"], first["step"]) == (second["epoch"], second["step"]) and "resume_at" not in second
+    for key in first["model"]:
+        assert torch.equal(first["model"][key], second["model"][key]), key
+    for x, y in zip(first["optimizer"]["state"].values(), second["optimizer"]["state"].values()):
+        assert all(torch.equal(x[k], y[k]) for k in x)
+    epochs = lambda run: [(r["epoch"], r["train_loss"]) for r in rows(run) if "epoch" in r]  # noqa: E731
+    assert epochs(a) == epochs(b)
+
+
+def test_sigterm_stops_after_the_step_and_the_rerun_ends_bit_identical(micro, tmp_path, capsys, monkeypatch):
+    """16 videos in batches of 4: four steps an epoch. SIGTERM arrives during step 1 of epoch 1: the step
+    finishes, checkpoint-last.pth holds it, the exit code is PREEMPTED; the same command again continues at
+    step 2 and ends where the uninterrupted run ends."""
+    flags = ("--epochs", "2", "--mask_ratio", "0.5")
+    tp.main(cli(tmp_path / "straight", *flags))
+    monkeypatch.setattr(engine, "set_schedules", at_step(5, lambda: signal.raise_signal(signal.SIGTERM)))
+    with pytest.raises(SystemExit) as stop:
+        engine.run(tp.main, cli(tmp_path / "stopped", *flags))
+    err = capsys.readouterr().err
+    assert stop.value.code == engine.PREEMPTED
+    assert "SIGTERM: stopping after this optimizer step" in err and "after optimizer step 2 of 4 of epoch 1" in err
+    state = torch.load(tmp_path / "stopped" / "checkpoint-last.pth", weights_only=True)
+    assert state["epoch"] == 0 and state["resume_at"]["steps"] == 2 and len(rows(tmp_path / "stopped")) == 1
+    monkeypatch.undo()
+    monkeypatch.setitem(vmae.SIZES, "micro", MICRO)
+    engine.run(tp.main, cli(tmp_path / "stopped", *flags))
+    assert "continuing at step 2 of epoch 1" in capsys.readouterr().out
+    same_run(tmp_path / "straight", tmp_path / "stopped")
+
+
+def test_step_checkpoints_every_n_steps_resume_a_crashed_run_exactly(micro, tmp_path, monkeypatch):
+    """--save_every_steps 3 writes checkpoint-last.pth after global steps 3 and 6; a crash in step 7 loses
+    one step, and the rerun ends where the uninterrupted run ends (fine-tuning: mixup's draws included)."""
+    import train_finetune as tf
+
+    def tf_cli(out: Path) -> list[str]:
+        return ["--model", "micro", "--input_size", "32", "--num_frames", "4", "--batch_size", "4", "--epochs", "2",
+                "--synthetic_size", "16", "--num_workers", "0", "--device", "cpu", "--test_num_segment", "1",
+                "--test_num_crop", "1", "--output_dir", str(out), "--save_every_steps", "3", "--mixup", "0.8",
+                "--cutmix", "1.0"]
+    tf.main(tf_cli(tmp_path / "straight"))
+
+    def crash():
+        raise RuntimeError("the machine went away")
+    monkeypatch.setattr(engine, "set_schedules", at_step(6, crash))
+    with pytest.raises(RuntimeError, match="went away"):
+        tf.main(tf_cli(tmp_path / "crashed"))
+    state = torch.load(tmp_path / "crashed" / "checkpoint-last.pth", weights_only=True)
+    assert (state["epoch"], state["resume_at"]["epoch"], state["resume_at"]["steps"]) == (0, 1, 2)
+    monkeypatch.undo()
+    monkeypatch.setitem(vmae.SIZES, "micro", MICRO)
+    tf.main(tf_cli(tmp_path / "crashed"))
+    same_run(tmp_path / "straight", tmp_path / "crashed")
+
+
+def stopped_on_rank_one(rank: int, world: int, port: int, out: str, stop_at: int):
+    """A two-process run in which only rank 1 receives SIGTERM, during global step `stop_at` (-1: never)."""
+    torchrun_env(rank, world, port)
+    vmae.SIZES["micro"] = MICRO
+    if rank == 1 and stop_at >= 0:
+        engine.set_schedules = at_step(stop_at, lambda: engine.STOP.handle(signal.SIGTERM, None))
+    try:
+        tp.main(cli(out, "--epochs", "2", "--mask_ratio", "0.5"))
+    except engine.Preempted:
+        Path(out, f"preempted{rank}").write_text("")
+    gc.collect()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def test_a_signal_to_one_of_two_processes_stops_both_at_one_step_and_resumes_exactly(tmp_path):
+    """Under torchrun a scheduler's signal may reach the processes at different moments: they agree after
+    every step, so both stop after the same one, and the rerun ends as the uninterrupted two-process run."""
+    run_processes(stopped_on_rank_one, 2, str(tmp_path / "straight"), -1, timeout=300)
+    run_processes(stopped_on_rank_one, 2, str(tmp_path / "stopped"), 2, timeout=300)  # 2 steps an epoch: epoch 1
+    assert (tmp_path / "stopped" / "preempted0").exists() and (tmp_path / "stopped" / "preempted1").exists()
+    state = torch.load(tmp_path / "stopped" / "checkpoint-last.pth", weights_only=True)
+    assert state["resume_at"]["steps"] == 1 and len(state["resume_at"]["random"]) == 2
+    run_processes(stopped_on_rank_one, 2, str(tmp_path / "stopped"), -1, timeout=300)
+    same_run(tmp_path / "straight", tmp_path / "stopped")

@@ -10,13 +10,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import checkpoints
 import data
 import engine
 import masking
 import train_finetune as tf
-import checkpoints
 import vmae
-from conftest import assert_probe, config_from_reference, golden, golden_video
+from conftest import assert_probe, config_from_reference, export_videos, golden, golden_video
 from test_train_pretrain import micro, refused  # noqa: F401 (micro is a fixture)
 from test_train_pretrain import MICRO, run_processes, torchrun_env
 
@@ -223,7 +223,7 @@ def ft_inputs(trained, tmp_path_factory):
     that does not open, a frame folder with an empty JPEG, a label map, and checkpoints with one flaw."""
     d = tmp_path_factory.mktemp("ft_inputs")
     good = data.SyntheticVideos(4, length=24, height=32, width=40)
-    good.export(str(d / "good"), "train")
+    export_videos(good, str(d / "good"), "train")
     videos = sorted(str(v) for v in (d / "good" / "train").iterdir())
     (d / "garbage.mp4").write_bytes(bytes(range(256)) * 20)
     frames = d / "frames"

@@ -14,12 +14,12 @@ import torch
 import torch.distributed
 import torch.multiprocessing as mp
 
+import checkpoints
 import engine
 import masking
 import train_pretrain as tp
-import checkpoints
 import vmae
-from conftest import config_from_reference, golden
+from conftest import config_from_reference, export_videos, golden
 
 MICRO = dict(embed_dim=32, depth=2, num_heads=2, decoder_embed_dim=16, decoder_num_heads=2)
 
@@ -217,7 +217,7 @@ def bad_inputs(tmp_path_factory):
     folder, a finished one-epoch run and bad variants of its checkpoint, a folder another run holds."""
     import data
     d = tmp_path_factory.mktemp("bad_inputs")
-    good = data.SyntheticVideos(2, length=24, height=32, width=40).export(str(d), "good")  # 2 real .mp4
+    good = export_videos(data.SyntheticVideos(2, length=24, height=32, width=40), str(d), "good")  # 2 real .mp4
     video = d / "good" / "video_00000.mp4"
     (d / "empty.mp4").write_bytes(b"")
     (d / "garbage.mp4").write_bytes(os.urandom(5000))

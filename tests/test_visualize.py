@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 import torch
 
+import checkpoints
 import engine
 import masking
 import train_pretrain as tp
 import visualize
-import checkpoints
 import vmae
 
 MICRO = dict(embed_dim=32, depth=1, num_heads=2, decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=2)
