@@ -1,7 +1,7 @@
-"""README.md cannot rot: every command in its ```bash blocks (and every `python ...` / `torchrun ...` quoted
-in its text) is checked against the code, every link points
-to a file, every `file.py:name` in it is defined there, its ```python snippets run, and the messages it
-quotes are the ones the loader prints.
+"""The docs cannot rot: in README.md and every docs/*.md page, every command in a ```bash block (and every
+`python ...` / `torchrun ...` quoted in the text) is checked against the code, every link points to a
+file (and an anchor to a heading of it), every `file.py:name` is defined there, the ```python snippets
+run, and the loader messages quoted are the ones the loader prints.
 
 - `python X.py ...` (also after `torchrun ... X.py`): the script's own parse_args runs on the command's
   flags, with argparse's prefix matching turned off (so a renamed flag fails here) and paths the command
@@ -31,26 +31,27 @@ import torch
 
 import checkpoints
 import vmae
+from conftest import export_videos
 from test_train_pretrain import MICRO
 
 ROOT = Path(__file__).resolve().parent.parent
-README = (ROOT / "README.md").read_text()
-SCRIPTS = {"train_pretrain.py", "train_finetune.py", "visualize.py", "bench.py", "study.py", "extract_features.py",
-           "export_hf.py"}
+PAGES = {p.relative_to(ROOT).as_posix(): p.read_text() for p in [ROOT / "README.md", *sorted(ROOT.glob("docs/*.md"))]}
+SCRIPTS = {"train_pretrain.py", "train_finetune.py", "visualize.py", "bench.py", "gpu_suite.py", "study.py",
+           "extract_features.py", "export_hf.py"}
 # flags whose value is a file or folder that parse_args may check or read
 PATH_FLAGS = {"--data_path", "--finetune", "--resume", "--checkpoint", "--checkpoints", "--label_map", "--video",
               "--frames"}
 SHELL_VARIABLES = {"NODE_RANK": "0", "HOST": "localhost", "MASTER_HOST": "localhost"}
 
 
-def fenced(language: str) -> list[str]:
-    return re.findall(rf"^```{language}\n(.*?)^```", README, flags=re.S | re.M)
+def fenced(language: str, text: str) -> list[str]:
+    return re.findall(rf"^```{language}\n(.*?)^```", text, flags=re.S | re.M)
 
 
-def bash_commands() -> list[str]:
+def bash_commands(text: str) -> list[str]:
     """Every command of every ```bash block: continuation lines joined, comments dropped, split at &&."""
     commands = []
-    for block in fenced("bash"):
+    for block in fenced("bash", text):
         for line in block.replace("\\\n", " ").splitlines():
             line = line.strip()
             if line and not line.startswith("#"):
@@ -58,16 +59,25 @@ def bash_commands() -> list[str]:
     return commands
 
 
-def inline_commands() -> list[str]:
+def inline_commands(text: str) -> list[str]:
     """Commands quoted in running text and tables, e.g. `python bench.py --flops`."""
-    return re.findall(r"`((?:python|torchrun) [^`]+)`", README)
+    return re.findall(r"`((?:python|torchrun) [^`]+)`", text)
 
 
-COMMANDS = list(dict.fromkeys(bash_commands() + inline_commands()))
+COMMANDS = {}  # each command once, with the first page that runs it
+for page, text in PAGES.items():
+    for command in bash_commands(text) + inline_commands(text):
+        COMMANDS.setdefault(command, page)
+SNIPPETS = [(page, snippet) for page, text in PAGES.items() for snippet in fenced("python", text)]
+CODE_REFERENCE = r"`(\w+\.py):(\w+)`"
 
 
-def test_the_readme_has_commands_and_snippets():
-    assert len(COMMANDS) >= 20 and fenced("python"), "the README's fenced blocks were not found"
+def test_the_pages_have_commands_and_snippets():
+    """What the checks below read is found: a changed fence or quoting style must not leave them nothing."""
+    readme = PAGES["README.md"]
+    assert len(bash_commands(readme)) >= 4 and len(inline_commands(readme)) >= 4 and fenced("python", readme)
+    assert len(re.findall(CODE_REFERENCE + r"\]\(", readme)) >= 15, "the README's reading path was not found"
+    assert len(COMMANDS) >= 50 and len(SNIPPETS) >= 3 and "docs/training.md" in PAGES
 
 
 # -----------------------------------------------------------------------------------------------------
@@ -87,7 +97,7 @@ def strict_argparse(monkeypatch):
 
 
 def stand_in(flag: str, value: str, tmp_path: Path, model: str) -> str:
-    """An existing path of the right kind for a path flag of a README command."""
+    """An existing path of the right kind for a path flag of a documented command."""
     path = tmp_path / "stand_in" / flag.strip("-") / value.strip("/").replace("/", "_")
     path.parent.mkdir(parents=True, exist_ok=True)
     if flag in ("--data_path", "--frames") and (value.endswith("/") or "." not in Path(value).name):
@@ -116,13 +126,13 @@ def substitute(argv: list[str], tmp_path: Path) -> list[str]:
 
 def expand_variables(command: str) -> str:
     def value(match):
-        assert match.group(1) in SHELL_VARIABLES, f"README uses ${match.group(1)}: give it a value in SHELL_VARIABLES"
+        assert match.group(1) in SHELL_VARIABLES, f"the docs use ${match.group(1)}: give it a value in SHELL_VARIABLES"
         return SHELL_VARIABLES[match.group(1)]
     return re.sub(r"\$(\w+)", value, command)
 
 
 def check_script(script: str, argv: list[str], tmp_path: Path, monkeypatch) -> argparse.Namespace:
-    assert script in SCRIPTS, f"README runs {script}, which this test does not know"
+    assert script in SCRIPTS, f"the docs run {script}, which this test does not know"
     module = __import__(script.removesuffix(".py"))
     if "--fsdp" in argv:
         monkeypatch.setenv("WORLD_SIZE", "8")  # what torchrun sets; --fsdp demands it
@@ -179,7 +189,7 @@ def check_ffmpeg(argv: list[str], tmp_path: Path) -> None:
     binary = ffmpeg_binary()
     if binary is None:
         pytest.skip("no ffmpeg binary here (install ffmpeg or imageio-ffmpeg to check this command)")
-    listed = Path(data.SyntheticVideos(2, length=12, height=48, width=64).export(str(tmp_path), "train"))
+    listed = Path(export_videos(data.SyntheticVideos(2, length=12, height=48, width=64), str(tmp_path), "train"))
     video = listed.read_text().split()[0]
     video = video if os.path.isabs(video) else str(listed.parent / video)
     output = tmp_path / "resized.mp4"
@@ -193,7 +203,7 @@ def check_ffmpeg(argv: list[str], tmp_path: Path) -> None:
     assert len(data.read_video(str(output), lambda n: range(n))) == 12
 
 
-@pytest.mark.parametrize("command", COMMANDS, ids=[c[:70] for c in COMMANDS])
+@pytest.mark.parametrize("command", COMMANDS, ids=[f"{page}: {c[:70]}" for c, page in COMMANDS.items()])
 def test_command(command, tmp_path, monkeypatch, strict_argparse):
     argv = shlex.split(expand_variables(command), comments=True)
     if argv[:3] == ["pip", "install", "-r"]:
@@ -201,6 +211,7 @@ def test_command(command, tmp_path, monkeypatch, strict_argparse):
         check_requirements()
     elif argv[:3] == ["python", "-m", "pytest"]:
         assert "pytest" in requirement_names() and (ROOT / "pytest.ini").is_file() and (ROOT / "tests").is_dir()
+        assert all((ROOT / a).is_file() for a in argv[3:] if a.endswith(".py")), f"{command}: no such test file"
     elif argv[0] == "python":
         check_script(argv[1], argv[2:], tmp_path, monkeypatch)
     elif argv[0] == "torchrun":
@@ -210,7 +221,7 @@ def test_command(command, tmp_path, monkeypatch, strict_argparse):
     elif argv[0] == "ffmpeg":
         check_ffmpeg(argv, tmp_path)
     else:
-        pytest.fail(f"README command {command!r}: this test does not know how to check it; add a case")
+        pytest.fail(f"{COMMANDS[command]}: command {command!r}: this test does not know how to check it; add a case")
 
 
 def test_a_renamed_flag_fails(tmp_path, monkeypatch, strict_argparse):
@@ -224,28 +235,37 @@ def test_a_renamed_flag_fails(tmp_path, monkeypatch, strict_argparse):
 # Links and the reading path
 
 
-def test_relative_links_point_to_files():
-    targets = re.findall(r"\]\(([^)\s]+)\)", README) + re.findall(r'src="([^"]+)"', README)
-    slugs = {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-")
-             for h in re.findall(r"^#+ (.*)$", README, flags=re.M)}
+def headings(text: str) -> set[str]:
+    """GitHub's anchors for a page's headings (lines in fenced blocks are not headings)."""
+    text = re.sub(r"^```.*?^```", "", text, flags=re.S | re.M)
+    return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-") for h in re.findall(r"^#+ (.*)$", text, flags=re.M)}
+
+
+@pytest.mark.parametrize("page", PAGES)
+def test_links_point_to_files_and_headings(page):
+    text, here = PAGES[page], (ROOT / page).parent
+    targets = re.findall(r"\]\(([^)\s]+)\)", text) + re.findall(r'src="([^"]+)"', text)
+    assert targets, f"no links found in {page}"
     for target in targets:
         if target.startswith(("http://", "https://")):
             continue
-        if target.startswith("#"):
-            assert target[1:] in slugs, f"README links to #{target[1:]}, which is no heading"
-        else:
-            assert (ROOT / target.split("#")[0]).exists(), f"README links to {target}, which does not exist"
+        path, _, anchor = target.partition("#")
+        file = (here / path).resolve() if path else ROOT / page
+        assert file.exists(), f"{page} links to {target}, which does not exist"
+        if anchor:
+            assert file.suffix == ".md" and anchor in headings(file.read_text()), \
+                f"{page} links to {target}, which is no heading of {file.name}"
 
 
-def test_reading_path_names_exist():
-    names = re.findall(r"`(\w+\.py):(\w+)`\]\((\S+?)\)", README)
-    assert len(names) >= 30, "the reading path's links were not found"
-    for file, name, link in names:
-        assert link == file, f"[{file}:{name}] links to {link}"
+@pytest.mark.parametrize("page", PAGES)
+def test_code_references_are_defined(page):
+    """Every `file.py:name` (the reading path's and any other) is defined in that file, and links to it."""
+    text, here = PAGES[page], (ROOT / page).parent
+    for file, name, link in re.findall(CODE_REFERENCE + r"\]\(([^)\s]+)\)", text):
+        assert (here / link).resolve() == ROOT / file, f"{page}: [{file}:{name}] links to {link}"
+    for file, name in re.findall(CODE_REFERENCE, text):
         source = (ROOT / file).read_text()
-        assert re.search(rf"^\s*(def|class) {name}\b", source, flags=re.M), f"{file} defines no {name}"
-    for file, name in re.findall(r"`(\w+\.py):(\w+)`", README):  # also those outside links
-        assert re.search(rf"^\s*(def|class) {name}\b", (ROOT / file).read_text(), flags=re.M), f"{file}: no {name}"
+        assert re.search(rf"^\s*(def|class) {name}\b", source, flags=re.M), f"{page}: {file} defines no {name}"
 
 
 # -----------------------------------------------------------------------------------------------------
@@ -271,7 +291,7 @@ def hugging_face_pretraining_weights(cfg: vmae.VideoMAEConfig) -> dict:
     return transformers.VideoMAEForPreTraining(hf).state_dict()
 
 
-# The files the README's snippets name, and how to make a stand-in of each (under tiny_sizes).
+# The files the docs' snippets name, and how to make a stand-in of each (under tiny_sizes).
 FILES = {
     "output/pretrain/checkpoint-last.pth": lambda: {
         "model": vmae.PretrainVideoMAE(vmae.config("small", img_size=96, num_frames=8)).state_dict(),
@@ -284,12 +304,12 @@ FILES = {
 }
 
 
-@pytest.mark.parametrize("index", range(len(fenced("python"))))
+@pytest.mark.parametrize("index", range(len(SNIPPETS)), ids=[f"{page}: {i}" for i, (page, _) in enumerate(SNIPPETS)])
 def test_python_snippet_runs(index, tiny_sizes, tmp_path, monkeypatch, capsys):
-    snippet = fenced("python")[index]
+    page, snippet = SNIPPETS[index]
     monkeypatch.chdir(tmp_path)
     for name in set(re.findall(r'"([^"]+\.(?:pth|bin|safetensors|json))"', snippet)):
-        assert name in FILES, f"a README snippet loads {name}: add a stand-in for it to FILES"
+        assert name in FILES, f"a snippet of {page} loads {name}: add a stand-in for it to FILES"
         Path(name).parent.mkdir(parents=True, exist_ok=True)
         content = FILES[name]()
         if name.endswith(".json"):
@@ -297,7 +317,7 @@ def test_python_snippet_runs(index, tiny_sizes, tmp_path, monkeypatch, capsys):
         else:
             torch.save(content, name)
     namespace = {}
-    exec(compile(snippet, f"README.md python block {index}", "exec"), namespace)
+    exec(compile(snippet, f"{page}, python block {index}", "exec"), namespace)
     if "pred" in namespace:  # the method snippet: its shape comment and a finite loss
         assert tuple(namespace["pred"].shape) == (2, 784, 1536)
         assert torch.isfinite(namespace["loss"])
@@ -305,7 +325,7 @@ def test_python_snippet_runs(index, tiny_sizes, tmp_path, monkeypatch, capsys):
 
 
 def loader_output(tmp_path: Path) -> list[str]:
-    """What the loader says in every situation the README explains: its report lines and its errors."""
+    """What the loader says in every situation the docs explain: its report lines and its errors."""
     cfg = vmae.config("small", **MICRO, img_size=32, num_frames=4)
     pretrain, classifier = vmae.PretrainVideoMAE(cfg).state_dict(), vmae.VideoClassifier(cfg, 710).state_dict()
     files = {"pretrain.pth": {"model": pretrain}, "classifier.pth": {"model": classifier},
@@ -336,10 +356,10 @@ def loader_output(tmp_path: Path) -> list[str]:
 
 
 def test_quoted_loader_messages_are_what_it_prints(tmp_path):
-    blocks = [b for b in fenced("text") if "(read as <layout>)" in b]
-    assert len(blocks) == 2, "the README's blocks of loader messages (reports, stops) were not found"
+    blocks = [b for text in PAGES.values() for b in fenced("text", text) if "(read as <layout>)" in b]
+    assert len(blocks) == 2, "the docs' blocks of loader messages (reports, stops) were not found"
     printed = loader_output(tmp_path)
     for line in "".join(blocks).strip().splitlines():
         pattern = ".+?".join(re.escape(part) for part in re.split(r"<[^>]+>", line.strip()))
         assert any(re.fullmatch(pattern, p) for p in printed), \
-            f"README quotes a loader message that load_weights does not print:\n  {line}\nit prints:\n  " + "\n  ".join(printed)
+            f"the docs quote a loader message that load_weights does not print:\n  {line}\nit prints:\n  " + "\n  ".join(printed)
