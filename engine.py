@@ -138,8 +138,7 @@ class Dist:
     def is_main(self) -> bool:
         return self.rank == 0
 
-    def print(self, *args, **kwargs) -> None:
-        """print on rank 0 only."""
+    def print(self, *args, **kwargs) -> None:  # on rank 0 only
         if self.is_main:
             print(*args, **kwargs)
 
@@ -163,8 +162,7 @@ def setup_distributed(device: str) -> Dist:
 
 
 def leave_process_group() -> None:
-    """End of a run: wait until every process is done (rank 0 may still be writing figures), then take
-    the process group down, so no process exits while a peer still talks to it."""
+    """End of a run: wait for every process (rank 0 may still be writing), then take the group down."""
     if distributed.is_initialized():
         distributed.barrier()
         distributed.destroy_process_group()
@@ -215,16 +213,15 @@ def gathered(dist: Dist, value) -> list:
 
 
 def skipped_videos(dist: Dist, dataset) -> int:
-    """How many videos any process has skipped as unreadable so far (for the epoch's log line), with the
-    max_bad_fraction limit checked on that count: each process alone sees only its share of the videos."""
+    """How many videos any process has skipped as unreadable so far, with max_bad_fraction checked on that
+    count: each process alone sees only its share of the videos."""
     bad = sorted(set().union(*gathered(dist, dataset.bad_videos())))
     dataset.check_bad_fraction(bad)
     return len(bad)
 
 
 def file_share(dist: Dist) -> data.Share:
-    """The processes split the checks of listed video files (data.Share): each checks every world_size-th
-    file, then they exchange what they found, so every process knows every bad file."""
+    """The processes split the checks of listed files (data.Share) and exchange what they found."""
     return data.Share(dist.rank, dist.world_size, lambda found: gathered(dist, found))
 
 
@@ -276,8 +273,8 @@ def build_trainer(model: torch.nn.Module, dist: Dist, precision: str, out: Path,
 
 class ResumableSampler(torch.utils.data.DistributedSampler):
     """Each process's shuffled share of an epoch, which can start part-way: a run resumed from a step
-    checkpoint skips the items its epoch had already taken (data.py draws every item's augmentation from
-    the epoch's seed and the item's index, so the rest are the same items, augmented the same way)."""
+    checkpoint skips the items already taken (each item's augmentation depends on the epoch and its index
+    alone, so the rest come out as they would have)."""
     skip = 0
 
     def __iter__(self):
@@ -395,8 +392,7 @@ def train_epoch(trainer: Trainer, batches: Batches, loss_of: Callable, epoch: in
 
 
 def check_finite(first_bad: torch.Tensor, lr_schedule, trainer: Trainer) -> None:
-    """Stop at the first optimizer step whose loss was not finite on any process (all stop together: one that
-    stopped alone would leave the others waiting in their next gradient all-reduce)."""
+    """Stop at the first optimizer step whose loss was not finite on any process, all processes together."""
     if trainer.dist.world_size > 1:
         never = torch.iinfo(torch.long).max
         first_bad = torch.where(first_bad < 0, never, first_bad)
@@ -421,7 +417,7 @@ class Preempted(Exception):
 
 
 class StopFlag:
-    """The stop signal this process received (None until one arrives), set by `run`'s handler."""
+    """The stop signal this process received (None until one arrives); `run` installs `handle`."""
     signal: str | None = None
 
     def handle(self, number: int, frame) -> None:
@@ -433,8 +429,8 @@ STOP = StopFlag()
 
 
 def stop_requested(dist: Dist) -> bool:
-    """Whether any process has received a stop signal. Under torchrun they agree on it after every step (a
-    host-side all-reduce of one number over the CPU group: no wait for the GPU), so all stop together."""
+    """Whether any process has received a stop signal: under torchrun they agree after every step (a host-side
+    all-reduce over the CPU group, no wait for the GPU), so all stop together."""
     if dist.world_size == 1:
         return STOP.signal is not None
     flag = torch.tensor([STOP.signal is not None], dtype=torch.int32)
@@ -456,9 +452,8 @@ def set_random_state(state: dict, device: torch.device) -> None:
 
 
 def save_step(trainer: Trainer, step: int, at: dict) -> None:
-    """A step checkpoint: checkpoint-last.pth with the weights after this step and `resume_at`, where in the
-    epoch it is, with every process's random state and partial loss, so that a rerun continues the epoch
-    exactly. Its `epoch` is the last finished one, as in every checkpoint. Collective."""
+    """checkpoint-last.pth after this step, with `resume_at`: where in the epoch, and every process's random
+    state and partial loss, for a rerun to continue exactly. Its `epoch` is the last finished one."""
     at.update({key: gathered(trainer.dist, at[key]) for key in ("random", "loss_sum", "first_bad")})  # by rank
     state = training_state(trainer, at["epoch"] - 1, step, resume_at=at)
     commit(trainer, state, f"step {at['steps']} of epoch {at['epoch']}", [])
@@ -501,8 +496,8 @@ def same_everywhere(dist: Dist, value, what: str, hint: str) -> None:
 
 @contextmanager
 def output_folder(out: Path, dist: Dist):
-    """Hold the output folder for this run: created if needed, checked writable, locked against a second
-    run (which stops at once, naming the first), and cleared of temporary files a killed run left."""
+    """Hold the output folder for this run: created, checked writable, locked against a second run (which
+    stops at once, naming the first), and cleared of the temporary files a killed run left."""
     lock = on_main(dist, take_folder, Path(out))
     try:
         yield
@@ -563,8 +558,8 @@ def release_folder(fd: int) -> None:
 
 
 def check_space(trainer: Trainer) -> None:
-    """Before the first step: room in the output folder for one more checkpoint (the weights and AdamW's two
-    moments, in fp32), since the new one is written beside the old before replacing it."""
+    """Before the first step: room for one more checkpoint (weights and AdamW's two moments in fp32), which is
+    written beside the old one before replacing it."""
     def check():
         need = 3 * 4 * sum(p.numel() for p in trainer.model.parameters()) + (1 << 20)
         free = shutil.disk_usage(trainer.out).free
@@ -579,9 +574,8 @@ def size(nbytes: int) -> str:
 
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """write(tmp) to a temporary file in the same folder, then rename it to `path`: a crash or a full disk
-    mid-write leaves the previous file whole, never a truncated one under the real name (and another process
-    never reads one)."""
+    """write(tmp) to a temporary file beside `path`, then rename it: a crash or a full disk mid-write leaves the
+    previous file whole, never a truncated one under the real name."""
     tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")  # same suffix: writers that go by it
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -610,15 +604,15 @@ def save_checkpoint(path: Path, state: dict) -> None:
 
 
 def append_log(out: Path, stats: dict) -> None:
-    """One JSON line more in out/log.txt (the file is rewritten and renamed: no half line on a full disk)."""
+    """One JSON line more in out/log.txt (rewritten and renamed: no half line on a full disk)."""
     path = out / "log.txt"
     old = path.read_text() if path.exists() else ""
     atomic_write(path, lambda tmp: tmp.write_text(old + json.dumps(stats) + "\n"))
 
 
 def trim_log(out: Path, start_epoch: int) -> None:
-    """Drop log.txt's lines of epochs from start_epoch on (and any unreadable line): a killed run can have
-    written them before its checkpoint-last.pth, and this run does those epochs again."""
+    """Drop log.txt's lines of epochs from start_epoch on (and unreadable ones): a killed run can have written
+    them before its checkpoint-last.pth, and this run does those epochs again."""
     path = out / "log.txt"
     if not path.exists():
         return
@@ -637,8 +631,8 @@ def trim_log(out: Path, start_epoch: int) -> None:
 
 
 def set_aside(out: Path) -> None:
-    """A run started afresh (--no-auto_resume) in a folder holding another run's log.txt and checkpoints moves
-    them into a sub-folder of their own, so the two runs neither mix nor overwrite each other's files."""
+    """A run started afresh (--no-auto_resume) moves the folder's earlier log.txt and checkpoints into a
+    sub-folder of their own, so two runs neither mix nor overwrite each other's files."""
     old = [p for p in [out / "log.txt", *out.glob("checkpoint-*.pth")] if p.exists()]
     if old:
         aside = out / f"replaced-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
@@ -663,28 +657,26 @@ RESUME_FREE = {"output_dir", "resume", "auto_resume", "allow_resume_changes", "f
 
 def training_state(trainer: Trainer, epoch: int, step: int, **more) -> dict:
     """The reference's layout (model, optimizer, epoch, scaler, args) plus the optimizer step and the recipe's
-    extras. Model and optimizer are gathered into plain, unsharded state dicts with clean names (no `module.`
-    or `_orig_mod.` prefixes), so the file loads anywhere. Collective under FSDP: call on every rank."""
+    extras, gathered into plain state dicts with clean names (no `module.` or `_orig_mod.`): the file loads
+    anywhere. Collective under FSDP."""
     return dict(model=get_model_state_dict(trainer.model, options=FULL),
                 optimizer=get_optimizer_state_dict(trainer.model, trainer.optimizer, options=FULL),
                 scaler=trainer.scaler.state_dict(), epoch=epoch, step=step, args=trainer.args, **trainer.extra, **more)
 
 
 def run_args(args: argparse.Namespace, dist: Dist, *datasets) -> dict:
-    """What a checkpoint stores under `args`: the command line's flags as resolved (plain values, so the file
-    loads with weights_only), the number of processes, and a fingerprint of the videos (so a resume notices
-    other data under the same flags)."""
+    """What a checkpoint stores under `args`: the resolved flags, the number of processes, and a fingerprint of
+    the videos (so a resume notices other data under the same flags)."""
     return dict(vars(args), processes=dist.world_size, data=" | ".join(ds.digest() for ds in datasets))
 
 
 def resume_training(trainer: Trainer, resume: str | None, auto_resume: bool, args: dict,
                     allow_changes: bool = False) -> dict | None:
-    """Continue from `resume`, or else from the output folder's checkpoint-last.pth (with auto_resume):
-    weights, optimizer and scaler restored, after checking that the file is a training checkpoint of this
-    model (every tensor, every shape), finite, of the same run (`args` against the stored ones: each
-    difference outside RESUME_FREE is an error, or with allow_changes a note in the log); a step checkpoint
-    also gives the loop its place in the epoch. Returns the checkpoint, or None when the run starts fresh.
-    log.txt keeps the lines of finished epochs. `args` (run_args) is what this run's checkpoints store."""
+    """Continue from `resume`, or else the output folder's checkpoint-last.pth (with auto_resume): weights,
+    optimizer and scaler restored after checking that the file is a finite training checkpoint of this model
+    and run (`args`, what this run's checkpoints store, against its own: each difference outside RESUME_FREE
+    is an error, or with allow_changes a note in the log); a step checkpoint also gives the loop its place.
+    Returns the checkpoint, or None for a fresh start. log.txt keeps the lines of finished epochs."""
     trainer.args = args
     last = trainer.out / "checkpoint-last.pth"
     path = resume or (last if auto_resume and last.exists() else None)
@@ -767,10 +759,9 @@ def changed_args(saved: dict, now: dict) -> list[str]:
 
 
 def commit(trainer: Trainer, state: dict, when: str, files: list[str], log: dict | None = None) -> None:
-    """Write `state` (gathered from every process) to each of `files` in the output folder, the epoch's line
-    to log.txt if given, and checkpoint-last.pth last: a kill before it leaves the previous checkpoint-last
-    whole, and the rerun does this part again. The weights are checked finite first. Collective; rank 0
-    writes. `when`: 'epoch 3' or 'step 40 of epoch 3', for the messages."""
+    """Write `state` to each of `files` in the output folder, `log` to log.txt, and checkpoint-last.pth last: a
+    kill before it leaves the previous one whole, and the rerun does this part again. The weights are checked
+    finite first. Collective; rank 0 writes. `when` ('epoch 3', 'step 40 of epoch 3') is for messages."""
     def write():
         bad = checkpoints.nonfinite(state["model"])
         if bad:
@@ -787,12 +778,12 @@ def commit(trainer: Trainer, state: dict, when: str, files: list[str], log: dict
 
 
 def end_of_epoch(trainer: Trainer, stats: dict, *, keep: bool, best: bool = False) -> dict:
-    """An epoch's outputs: checkpoint-<epoch>.pth when `keep`, checkpoint-best.pth when `best`, the epoch's
-    line of log.txt (stats as JSON), then checkpoint-last.pth. Returns the state saved."""
+    """An epoch's outputs: checkpoint-<epoch>.pth when `keep`, checkpoint-best.pth when `best`, its log.txt line,
+    checkpoint-last.pth; then a stop signal received meanwhile stops the run. Returns the state saved."""
     state = training_state(trainer, stats["epoch"], stats["steps"])
     files = [f"checkpoint-{stats['epoch']}.pth"] * keep + ["checkpoint-best.pth"] * best
     commit(trainer, state, f"epoch {stats['epoch']}", files, log=stats)
-    if stop_requested(trainer.dist):  # a signal during the epoch's last step or its evaluation
+    if stop_requested(trainer.dist):
         raise Preempted(f"stopped by {STOP.signal or 'a signal to another process'} at the end of epoch "
                         f"{stats['epoch']}; {trainer.out / 'checkpoint-last.pth'} holds it. Run the same command "
                         "again to continue")
@@ -806,8 +797,7 @@ def end_of_epoch(trainer: Trainer, stats: dict, *, keep: bool, best: bool = Fals
 @dataclass(frozen=True)
 class Range:
     """An argparse `type` for a number: a `kind` (int or float) from `low` to `high`, each end included unless
-    it is open (an infinite end always is); nan never passes. A value outside is refused at parse time as
-    `argument --flag: must be in [0, 1), got 2`. Every numeric flag of every script takes one."""
+    open (an infinite end always is); nan never passes. Every numeric flag of every script takes one."""
     kind: type
     low: float
     high: float = math.inf
@@ -903,10 +893,9 @@ FLAGS = dict(img_size="--input_size", num_frames="--num_frames", tubelet_size="-
 
 def resolve(parser: argparse.ArgumentParser, argv: list[str] | None, args: argparse.Namespace,
             *layers: dict) -> set[str]:
-    """Give every flag its value in one order: the command line's, if argv names the flag; else the first of
-    `layers` (dicts such as what a checkpoint states, then the demo's values) that has it; else its default.
-    Returns the flags argv names. (Parsers take whole flag names, allow_abbrev=False, so a flag is named
-    only by its own spelling.)"""
+    """Give every flag its value in one order: the command line's, if argv names the flag (parsers take whole
+    names only, allow_abbrev=False); else the first of `layers` (dicts, such as what a checkpoint states, then
+    the demo's values) that has it; else its default. Returns the flags argv names."""
     argv = sys.argv[1:] if argv is None else argv
     given = {action.dest for action in parser._actions for option in action.option_strings
              if any(word == option or word.startswith(option + "=") for word in argv)}
@@ -926,8 +915,7 @@ def read_start(parser: argparse.ArgumentParser, path: str | None) -> checkpoints
 
 
 def checkpoint_flags(start: checkpoints.Checkpoint | None) -> dict:
-    """What a checkpoint to start from states, as flag values: its model, input size, frames, tubelet and
-    decoder depth."""
+    """What a checkpoint to start from states, as flag values: model, input size, frames, tubelet, decoder depth."""
     if start is None:
         return {}
     flags = {flag[2:]: start.sizes[field] for field, flag in FLAGS.items() if field in start.sizes}
@@ -949,9 +937,8 @@ def tool_start(parser: argparse.ArgumentParser, argv: list[str] | None,
 
 def config_from_flags(parser: argparse.ArgumentParser, args: argparse.Namespace, given: set[str],
                       start: checkpoints.Checkpoint | None = None, **fields) -> vmae.VideoMAEConfig:
-    """The model the flags ask for: the --model preset with the size flags applied (each recipe passes its own
-    extra fields), or with a checkpoint to start from, the model it holds, which a --model given on the
-    command line must agree with. A config that cannot be built is a parser error naming the flags."""
+    """The model the flags ask for: the --model preset with the size flags (and a recipe's `fields`) applied,
+    or the model a checkpoint to start from holds, which a --model given must agree with; or a parser error."""
     model_given = "model" in given
     if (model_given or start is None) and vmae.ALIASES.get(args.model, args.model) not in vmae.SIZES:
         parser.error(f"--model {args.model}: expected one of {', '.join(vmae.SIZES)} or a reference name "
@@ -1002,9 +989,8 @@ USER_ERRORS = (RunError, checkpoints.CheckpointError, vmae.ConfigError, masking.
 
 
 def run(main: Callable, argv=None) -> None:
-    """Run a command-line `main`, turning a user error into `error: <message>` on stderr and exit code 2, and
-    a stop by SIGTERM or SIGUSR1 (after its step checkpoint) into exit code PREEMPTED. Under torchrun the
-    other processes are stopped by torchrun when this one exits."""
+    """Run a command-line `main`: a user error becomes `error: <message>` on stderr and exit code 2, a stop by
+    SIGTERM or SIGUSR1 (after its step checkpoint) exit code PREEMPTED."""
     before = {number: signal.signal(number, STOP.handle) for number in STOP_SIGNALS}
     STOP.signal = None
     try:

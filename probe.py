@@ -1,26 +1,33 @@
 """The probe: do the encoder's features already tell a labelled set's classes apart, with the encoder frozen?
 
-The pretraining loss says how well the model paints hidden cubes, which is a poor judge of what it learned.
-The probe is the usual second opinion (MAE's linear probe, DINO's k-NN), cheap enough to run every few
-epochs of pretraining (train_pretrain.py --probe_every) and at the end of every study run (study.py).
+The pretraining loss says how well the model paints hidden cubes, a poor judge of what it learned. The probe
+is the usual second opinion (MAE's linear probe, DINO's k-NN, V-JEPA's attentive probe), cheap enough to run
+every few epochs of pretraining (train_pretrain.py --probe_every) and in every study run (study.py).
 
 The frozen encoder runs on every token of each clip of a small labelled set (centre window, centre crop;
-computed once and kept in memory when the set is small). Its tokens are pooled into one vector per clip.
-The default pooling, "slots", averages the tokens of each temporal slot and concatenates the slots in time
-order (T'·D values): mean pooling over all tokens, as the classifier does ("mean", D values), throws the
-order of time away, and the built-in labels are directions of motion. Two classifiers score the vectors,
-each by k-fold cross-validation over the set, so every clip is scored once by a classifier fitted on the
-other folds and the set needs no split:
+the clips are decoded once and kept in memory when the set is small; the tokens (V, N, D) stay on the device
+while they are scored). Three classifiers score them, each by k-fold cross-validation over the set, so every
+clip is scored once by a classifier fitted on the other folds and the set needs no split:
 
 - linear (`probe_acc1`): least squares onto one-hot labels with a small ridge, on standardised features;
   one linear solve per fold, milliseconds.
 - k-NN (`probe_knn_acc1`): cosine similarity; the k = 20 nearest clips of the other folds vote, each with
   weight exp(similarity / 0.07) (DINO's rule).
+- attentive (`probe_attentive_acc1`): one learned query reads the tokens themselves through one
+  cross-attention block, then an MLP and a linear head, trained by AdamW (300 steps per fold, from a fixed
+  seed: the same tokens give the same score on the same machine and thread count). It can weight the cubes
+  where the moving shape is.
+
+The first two read one vector per clip. The default pooling, "slots", averages the tokens of each temporal
+slot and concatenates the slots in time order (T'·D values): mean pooling over all tokens, as the
+classifier does ("mean", D values), throws the order of time away, and the built-in labels are directions
+of motion.
 """
 import time
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
@@ -85,10 +92,70 @@ def knn_predict(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tens
     return votes.argmax(1)
 
 
-def scores(x: torch.Tensor, y: torch.Tensor) -> dict:
-    """probe_acc1 (linear) and probe_knn_acc1, both cross-validated top-1 % of the pooled features x (V, F)."""
-    x = x.float()
-    return dict(probe_acc1=cross_validate(linear_predict, x, y), probe_knn_acc1=cross_validate(knn_predict, x, y))
+class AttentiveProbe(nn.Module):
+    """One cross-attention block with a single learned query over a clip's tokens, then an MLP and a linear
+    head. With one query, head h's attention logits are linear in the tokens, x·u_h (u_h: the query through
+    the key projection, scaled), and the block's output is one linear map of the heads' softmax-weighted
+    means of the tokens (the value and output projections folded, and the query added after attention in
+    its bias): each head learns where to look, at N·D work per clip."""
+
+    def __init__(self, dim: int, num_classes: int, num_heads: int = 4):
+        super().__init__()
+        self.logits = nn.Linear(dim, num_heads, bias=False)  # u_h; zero at start: every head a plain mean
+        nn.init.zeros_(self.logits.weight)
+        self.values = nn.Linear(num_heads * dim, dim)  # the heads' weighted means -> the updated query
+        self.mlp = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
+        self.head = nn.Linear(dim, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, N, D) standardised tokens -> (B, num_classes)
+        weights = self.logits(x).softmax(dim=1)  # (B, N, H): each head's attention over the tokens
+        read = self.values((weights.transpose(1, 2) @ x).flatten(1))  # (B, H, D) -> (B, D)
+        return self.head(read + self.mlp(read))
+
+
+def attentive_predict(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, steps: int = 300,
+                      batch_size: int = 128, lr: float = 2e-3, weight_decay: float = 0.05,
+                      seed: int = 0) -> torch.Tensor:
+    """An AttentiveProbe fitted to train tokens (n, N, D) by AdamW in float32 on their device (weights and
+    batches drawn from `seed` alone, the global random state untouched), argmax on test tokens (m, N, D). The
+    tokens are standardised per channel by the train tokens' statistics: a pretrained encoder's tokens share
+    a large common part, under which a per-token layer norm leaves too little to train on."""
+    flat = train_x.flatten(0, 1).float()  # (n·N, D)
+    mean, std = flat.mean(0), flat.std(0) + 1e-6
+
+    def standardised(x):
+        return (x.float() - mean) / std
+    with torch.random.fork_rng(devices=[]), torch.enable_grad():
+        torch.manual_seed(seed)
+        model = AttentiveProbe(train_x.shape[-1], int(train_y.max()) + 1).to(train_x.device)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+        for batch in torch.randint(len(train_x), (steps, batch_size)).to(train_x.device):
+            loss = F.cross_entropy(model(standardised(train_x[batch])), train_y[batch])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    with torch.no_grad():
+        return torch.cat([model(standardised(x)).argmax(1) for x in test_x.split(batch_size)])
+
+
+NAMES = {"probe_acc1": "linear", "probe_knn_acc1": "k-NN", "probe_attentive_acc1": "attentive"}  # scores' keys
+
+
+def scores(tokens: torch.Tensor, y: torch.Tensor, num_slots: int, pooling: str = "slots") -> dict:
+    """probe_acc1 (linear) and probe_knn_acc1 of the pooled tokens, probe_attentive_acc1 of the tokens
+    themselves (V, N, D): each the cross-validated top-1 %."""
+    x = torch.cat([pool(t.float(), num_slots, pooling).cpu() for t in tokens.split(256)])  # (V, F)
+    return dict(probe_acc1=cross_validate(linear_predict, x, y), probe_knn_acc1=cross_validate(knn_predict, x, y),
+                probe_attentive_acc1=cross_validate(attentive_predict, tokens, y.to(tokens.device)))
+
+
+def reading(now: dict, start: dict, margin: float = 2.0) -> str:
+    """One line: the probes on which the encoder now beats the random encoder it started from (`start`: the
+    probe_init_* scores) by more than `margin` points of top-1, or that it beats it on none."""
+    above = [name for key, name in NAMES.items() if now[key] > start[key.replace("probe_", "probe_init_")] + margin]
+    return (f"probe: above the random encoder it started from on {', '.join(above)}" if above else "probe: not above "
+            "the random encoder it started from on any probe: these frozen features do not show what pretraining "
+            "learned (early in pretraining they seldom do; fine-tuning does: docs/study.md)")
 
 
 # -----------------------------------------------------------------------------------------------------
@@ -137,22 +204,23 @@ class Probe:
 
     @torch.no_grad()
     def features(self, model: torch.nn.Module, device: torch.device, precision: str = "fp32"):
-        """(pooled features (V, F) float on the CPU, labels (V,)) of the whole set."""
+        """(tokens (V, N, D) on the device, as the encoder gives them under `precision`; labels (V,)) of the
+        whole set."""
         xs, ys = [], []
         encode, was_training = encoder_of(model), model.training
         model.eval()
         for clips, labels in self.batches():
             with engine.autocast(device, precision):
-                tokens = encode(clips.to(device, non_blocking=True))  # (B, N, D)
-            xs.append(pool(tokens.float(), self.num_slots, self.pooling).cpu())
+                xs.append(encode(clips.to(device, non_blocking=True)))  # (B, N, D)
             ys.append(labels)
         model.train(was_training)
         return torch.cat(xs), torch.cat(ys)
 
     def __call__(self, model: torch.nn.Module, device: torch.device, precision: str = "fp32") -> dict:
-        """probe_acc1, probe_knn_acc1 and probe_time_s (features and fits, wall clock) for the model now."""
+        """probe_acc1, probe_knn_acc1, probe_attentive_acc1 and probe_time_s (features and fits, wall clock)
+        for the model now."""
         start = time.time()
-        result = scores(*self.features(model, device, precision))
+        result = scores(*self.features(model, device, precision), self.num_slots, self.pooling)
         return dict(**result, probe_time_s=round(time.time() - start, 2))
 
 

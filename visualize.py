@@ -293,16 +293,19 @@ def probe_points(rows: list[dict], key: str) -> list[tuple[int, float]]:
 def curves_figure(paths: list) -> plt.Figure:
     """Loss and learning rate (and validation accuracy, and the frozen-encoder probe, if logged) per epoch,
     one line per log.txt, so runs with different batch sizes compare on the same x axis. The probe panel
-    draws the linear probe solid and the k-NN dashed, from the random encoder (epoch 0) on."""
+    draws the linear probe solid, the k-NN dashed and the attentive one dotted (the runs' colours are named in
+    the loss panel), from the random encoder (epoch 0) on: where a line rises above its epoch 0, pretraining
+    taught the encoder something that probe can read."""
     logs = {str(Path(p).parent.name or p): read_log(p) for p in paths}
     keys = ["train_loss", "train_lr"] + [k for k in ("val_acc1", "probe_acc1")
                                          if any(k in r for rs in logs.values() for r in rs)]
     fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.4), squeeze=False)
     for ax, key in zip(axes[0], keys):
         for i, (name, rows) in enumerate(logs.items()):
-            lines = ([(probe_points(rows, key), "-", f"{name} linear"), (probe_points(rows, "probe_knn_acc1"), "--",
-                      f"{name} k-NN")] if key == "probe_acc1"
-                     else [([(r["epoch"] + 1, r[key]) for r in rows if key in r], "-", name)])
+            probes = (("probe_acc1", "-", "linear"), ("probe_knn_acc1", "--", "k-NN"),
+                      ("probe_attentive_acc1", ":", "attentive"))
+            lines = ([(probe_points(rows, k), style, None if i else kind) for k, style, kind in probes]
+                     if key == "probe_acc1" else [([(r["epoch"] + 1, r[key]) for r in rows if key in r], "-", name)])
             for points, style, label in lines:
                 if points:
                     ax.plot(*zip(*points), style, marker=".", color=f"C{i}", label=label)

@@ -101,6 +101,8 @@ SIZES = {
     # 4 x 4 grid). It learns the built-in clips' labels within minutes on a CPU; a ViT-S needs far more
     # steps than a laptop run has before it leaves chance on them.
     "demo": dict(embed_dim=64, depth=4, num_heads=2, decoder_embed_dim=64, decoder_num_heads=2, patch_size=8),
+    # Not the paper's either: study.py's GPU setting, a 6-block 192-wide ViT on 8-pixel patches (112 px: 14 x 14).
+    "study": dict(embed_dim=192, depth=6, num_heads=3, decoder_embed_dim=96, decoder_num_heads=3, patch_size=8),
 }
 PAPER_SIZES = ("small", "base", "large", "huge", "giant")
 # The reference's model names, e.g. pretrain_videomae_base_patch16_224 and vit_giant_patch14_224.

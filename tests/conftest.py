@@ -1,6 +1,7 @@
 """Shared test helpers: the reference figures in tests/golden/ and how to compare against them."""
 import functools
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -32,6 +33,22 @@ def export_videos(videos, root, split: str = "train", fps: int = 25) -> str:
         lines.append(f"{name} {videos.label(i)}\n")
     Path(root, f"{split}.csv").write_text("".join(lines))
     return os.path.join(root, f"{split}.csv")
+
+
+@pytest.fixture(autouse=True)
+def fail_a_hung_test():
+    """A test still running after 10 minutes has hung (the slowest takes about 1.5): it fails with its stack,
+    and the suite goes on instead of running into CI's time limit."""
+    def hung(number, frame):
+        raise TimeoutError("this test ran for 10 minutes: it hung")
+    if not hasattr(signal, "SIGALRM"):  # Windows
+        yield
+        return
+    previous = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(600)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, previous)
 
 
 @functools.cache

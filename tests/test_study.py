@@ -1,6 +1,6 @@
-"""study.py: every arm's code path end to end on a micro model (two optimizer steps per run), the FLOP
-count against the paper's ViT-B figures, the statistics against closed forms and scipy, the verdicts, the
-tables, and bad flags."""
+"""study.py: every arm's code path end to end on the demo model at 16 px (two optimizer steps per run), the
+FLOP count against the paper's ViT-B figures, the statistics against scipy, the verdicts, the tables, and bad
+flags."""
 import json
 import math
 import re
@@ -13,12 +13,10 @@ import pytest
 import engine
 import study
 
-MICRO = dict(embed_dim=32, depth=2, num_heads=2, decoder_embed_dim=16, decoder_num_heads=2)
-# 32 px, 4 frames, patch 16: a 2 x 2 x 2 grid. 8 videos at batch 4 = two optimizer steps per run.
-TINY = replace(study.QUICK, size=MICRO, input_size=32, num_frames=4, mask_ratio=0.75, decoder_depth=1,
+# The demo size at 16 px, 4 frames, patch 8: a 2 x 2 x 2 grid. 8 videos at batch 4 = two optimizer steps per run.
+TINY = replace(study.QUICK, model="demo", input_size=16, num_frames=4, mask_ratio=0.75, decoder_depth=1,
                pretrain_videos=8, pretrain_epochs=2, pretrain_batch=4, probe_every=1, probe_videos=16,
-               finetune_arms=("cell50", "scratch"), finetune_videos=8, finetune_epochs=2, finetune_batch=4,
-               test_num_segment=1, test_num_crop=1)
+               finetune_videos=8, finetune_epochs=2, finetune_batch=4, test_num_segment=1, test_num_crop=1)
 
 
 def test_every_arm_runs_and_the_study_resumes(tmp_path, capsys):
@@ -26,19 +24,17 @@ def test_every_arm_runs_and_the_study_resumes(tmp_path, capsys):
     assert [r["arm"] for r in records] == study.ARM_NAMES
     for r in records:
         run = tmp_path / "runs" / f"{r['arm']}-seed0"
-        pretrained, tuned = r["arm"] != "scratch", r["arm"] in TINY.finetune_arms
-        assert (run / "pretrain").exists() == pretrained and (run / "finetune").exists() == tuned
-        if tuned:
-            log = [json.loads(line) for line in (run / "finetune" / "log.txt").read_text().splitlines()]
-            assert [e["steps"] for e in log[:2]] == [2, 4] and r["top1"] == log[-1]["test_video_acc1"]
-            assert r["val_curve"] == [[2, log[0]["val_acc1"]], [4, log[1]["val_acc1"]]]
-        else:
-            assert "top1" not in r
+        pretrained = r["arm"] != "scratch"
+        assert (run / "pretrain").exists() == pretrained and not list(run.glob("*/checkpoint-*.pth"))
+        log = [json.loads(line) for line in (run / "finetune" / "log.txt").read_text().splitlines()]
+        assert [e["steps"] for e in log[:2]] == [2, 4] and r["top1"] == log[-1]["test_video_acc1"]
+        assert r["val_curve"] == [[2, log[0]["val_acc1"]], [4, log[1]["val_acc1"]]]
         if pretrained:
             epochs = [json.loads(line) for line in (run / "pretrain" / "log.txt").read_text().splitlines()]
             assert epochs[-1]["steps"] == 4 and r["pretrain_loss"] == epochs[-1]["train_loss"]
             assert r["pretrain_time_s"] == sum(e["epoch_time_s"] for e in epochs) and r["peak_memory_mb"] >= 0
-            assert r["probe_acc1"] == epochs[-1]["probe_acc1"] and r["probe_init_acc1"] == epochs[0]["probe_init_acc1"]
+            assert all(r[k] == epochs[-1][k] for k in study.PROBES)
+            assert r["probe_init_attentive_acc1"] == epochs[0]["probe_init_attentive_acc1"]
             assert [x for x, _ in r["probe_curve"]] == [0, 1, 2]
         else:
             assert "pretrain_loss" not in r and "probe_acc1" not in r
@@ -62,49 +58,44 @@ def test_every_arm_runs_and_the_study_resumes(tmp_path, capsys):
 
 def test_a_failing_run_names_its_folder_and_shows_its_log(tmp_path):
     bad = replace(TINY, pretrain_batch=64)  # more than the 8 videos: the recipe stops with a message
-    with pytest.raises(RuntimeError, match=r"(?s)pretrain run in .*v1-seed0.*not one step per epoch"):
+    with pytest.raises(RuntimeError, match=r"(?s)train_pretrain.py in .*v1-seed0.*not one step per epoch"):
         study.run_study(bad, tmp_path, [0], study.ARMS[:1], "cpu", 1, 0, 1)
 
 
 def test_flops_match_the_papers_vit_b_figures():
-    """The paper's Table 1 (as reported there): ViT-B, 16 x 224, tube 90 %: 35.44 GMACs with encoder-only masking, 25.84 with a
-    running cell at 50 %, 21.03 at 75 %; the random decoder mask keeps as many tokens as the running cell.
+    """The paper's Table 1 (as reported there): ViT-B, 16 x 224, tube 90 %: 35.44 GMACs with encoder-only
+    masking, 25.84 with a running cell at 50 %, 21.03 at 75 %; the random decoder mask keeps as many tokens
+    as the running cell.
     Those figures embed all 1568 cubes, as the reference does; vmae embeds only the 160 visible ones, so
     (1568 - 160) cubes x 1536 pixels x 768 channels of multiply-adds come off each."""
-    base = replace(study.QUICK, size=dict(study.vmae.SIZES["base"]), input_size=224, num_frames=16, mask_ratio=0.9)
+    base = replace(study.QUICK, model="base", input_size=224, num_frames=16, mask_ratio=0.9)
     arms = {arm.name: arm for arm in study.ARMS}
-    cost = {name: study.pretrain_cost(study.model_config(base), study.mask_recipe(base, arms[name]))
-            for name in ("v1", "cell50", "cell75", "random50")}
+    cost = {name: study.pretrain_cost(base, arms[name]) for name in ("v1", "cell50", "cell75", "random50")}
     embed_saved = (1568 - 160) * 1536 * 768 / 1e9
     assert cost["v1"]["gflops_per_clip"] == pytest.approx(35.44 - embed_saved, abs=0.05)
     assert cost["cell50"]["gflops_per_clip"] == pytest.approx(25.84 - embed_saved, abs=0.05)
     assert cost["cell75"]["gflops_per_clip"] == pytest.approx(21.03 - embed_saved, abs=0.05)
     assert cost["random50"] == cost["cell50"]
-    assert (cost["v1"]["encoder_tokens"], cost["v1"]["decoder_tokens"], cost["cell50"]["decoder_tokens"]) == (160, 1568, 944)
+    v1, cell = cost["v1"], cost["cell50"]
+    assert (v1["encoder_tokens"], v1["decoder_tokens"], cell["decoder_tokens"]) == (160, 1568, 944)
 
 
 # -----------------------------------------------------------------------------------------------------
 # Statistics
 
 
-@pytest.mark.parametrize("p", [0.6, 0.9, 0.975, 0.995, 0.025])
-def test_t_quantile_equals_the_closed_forms_for_one_and_two_degrees_of_freedom(p):
-    assert study.t_quantile(p, 1) == pytest.approx(math.tan(math.pi * (p - 0.5)), rel=1e-7)  # Cauchy
-    assert study.t_quantile(p, 2) == pytest.approx((2 * p - 1) / math.sqrt(2 * p * (1 - p)), rel=1e-7)
-
-
-@pytest.mark.parametrize("df", [3, 4, 7, 19, 60])
-def test_t_quantile_equals_scipys(df):
+def test_the_t_table_is_the_student_t_quantile():
     stats = pytest.importorskip("scipy.stats")
-    for p in (0.6, 0.9, 0.975, 0.995):
-        assert study.t_quantile(p, df) == pytest.approx(stats.t.ppf(p, df), rel=1e-7)
+    assert len(study.T975) == study.MAX_SEEDS - 1
+    for df, t in enumerate(study.T975, start=1):
+        assert t == pytest.approx(stats.t.ppf(0.975, df), abs=5e-5)
 
 
 def test_interval_is_mean_plus_minus_t_times_the_standard_error():
-    values = [1.0, 2.0, 3.0, 4.0, 5.0]  # mean 3, s = sqrt(2.5), t(0.975, 4) = 2.7764451...
+    values = [1.0, 2.0, 3.0, 4.0, 5.0]  # mean 3, s = sqrt(2.5), t(0.975, 4) = 2.7764451... (the textbook value)
     mean, low, high = study.interval(values)
     half = 2.7764451051977987 * math.sqrt(2.5 / 5)
-    assert (mean, low, high) == pytest.approx((3.0, 3.0 - half, 3.0 + half), rel=1e-7)
+    assert (mean, low, high) == pytest.approx((3.0, 3.0 - half, 3.0 + half), abs=1e-4)  # the table's 4 decimals
     mean, low, high = study.interval([4.0])
     assert mean == 4.0 and math.isnan(low) and math.isnan(high)
 
@@ -117,13 +108,15 @@ def test_paired_interval_equals_scipys_paired_t_test():
     x, y = [a[s] for s in range(5)], [b[s] for s in range(5)]
     ci = stats.ttest_rel(x, y).confidence_interval(0.95)
     assert n == 5 and mean == pytest.approx(np.mean(np.subtract(x, y)))
-    assert (low, high) == pytest.approx((ci.low, ci.high), rel=1e-7)
+    assert (low, high) == pytest.approx((ci.low, ci.high), abs=1e-4)
     assert study.paired({0: 1.0}, {1: 2.0})[3] == 0
 
 
 @pytest.mark.parametrize("kind,low,high,expected", [
-    ("better", 0.5, 3.0, "held"), ("better", -1.0, 1.5, "did not hold"), ("better", -1.0, 3.0, "undecided at this scale"),
-    ("worse", -4.0, -0.1, "held"), ("worse", -1.5, 1.0, "did not hold"), ("worse", -3.0, 1.0, "undecided at this scale"),
+    ("better", 0.5, 3.0, "held"), ("better", -1.0, 1.5, "did not hold"),
+    ("better", -1.0, 3.0, "undecided at this scale"),
+    ("worse", -4.0, -0.1, "held"), ("worse", -1.5, 1.0, "did not hold"),
+    ("worse", -3.0, 1.0, "undecided at this scale"),
     ("same", -1.5, 1.9, "held"), ("same", -5.0, -2.5, "did not hold"), ("same", 2.5, 4.0, "did not hold"),
     ("same", -3.0, 1.0, "undecided at this scale"), ("same", math.nan, math.nan, "undecided at this scale")])
 def test_verdicts_follow_the_interval_and_the_margin(kind, low, high, expected):
@@ -145,7 +138,8 @@ def hand_made_records():
         records += [pre("v1", seed, 40.0 + seed), pre("cell50", seed, 40.0 + seed + wobble, top1=60.0 + seed,
                                                       val_curve=[[10, 30.0 + seed], [20, 60.0 + seed]]),
                     pre("random50", seed, 35.0 + seed + wobble),
-                    dict(arm="scratch", seed=seed, top1=50.0 + seed + wobble, val_curve=[[10, 20.0], [20, 50.0 + seed]])]
+                    dict(arm="scratch", seed=seed, top1=50.0 + seed + wobble,
+                         val_curve=[[10, 20.0], [20, 50.0 + seed]])]
     return records
 
 
@@ -154,7 +148,8 @@ def test_claims_get_the_paired_difference_its_interval_and_a_verdict():
     same = rows[("(ii) ", "frozen probe, linear")]
     assert same["difference"] == pytest.approx(0.02) and same["seeds"] == 5 and same["verdict"] == "held"
     worse = rows[("(iii)", "frozen probe, linear")]
-    assert worse["difference"] == pytest.approx(-5.0) and worse["low"] == pytest.approx(-5.0) and worse["verdict"] == "held"
+    assert worse["difference"] == pytest.approx(-5.0) and worse["low"] == pytest.approx(-5.0)
+    assert worse["verdict"] == "held"
     scratch = rows[("(i) p", "fine-tuned, test top-1 (all steps)")]
     assert scratch["difference"] == pytest.approx(10 - 0.02) and scratch["verdict"] == "held"
     assert rows[("(i) p", "fine-tuned, validation top-1 at half the steps")]["difference"] == pytest.approx(12.0)
@@ -185,7 +180,8 @@ def test_the_tables_have_every_column_and_claim():
     assert v1[7] == f"{mean:.1f} [{low:.1f}, {high:.1f}]" and v1[9] == "-" and cell[9].startswith("62.0 [")
     assert scratch[1:7] == ["-"] * 6 and scratch[7].startswith("22.0 [") and scratch[10] == "5"  # the initial encoders
     claims = study.claims_table(records)
-    assert "**held**" in claims and "70.15 vs 70.28" in claims and claims.count("\n") == 2 + len(study.claim_rows(records))
+    assert "**held**" in claims and "70.15 vs 70.28" in claims
+    assert claims.count("\n") == 2 + len(study.claim_rows(records))
 
 
 def test_the_report_writes_tables_and_figure(tmp_path):
@@ -196,7 +192,8 @@ def test_the_report_writes_tables_and_figure(tmp_path):
 
 
 @pytest.mark.parametrize("argv,flag", [(["--arms", "v1", "v3"], "--arms"), (["--seeds", "1", "1"], "--seeds"),
-                                       (["--threads", "0"], "--threads"), (["--num_workers", "-1"], "--num_workers")])
+                                       (["--threads", "0"], "--threads"), (["--num_workers", "-1"], "--num_workers"),
+                                       (["--seeds", *map(str, range(study.MAX_SEEDS + 1))], "--seeds")])
 def test_bad_flags_are_named(argv, flag, capsys):
     with pytest.raises(SystemExit):
         study.parse_args(argv)
