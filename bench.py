@@ -1,11 +1,10 @@
 """How fast vmae trains and infers, beside Hugging Face's VideoMAE and the reference implementation.
 
-A row per model size, masking (V2's dual, or V1's encoder-only) and precision times one full pretraining
-step (masks drawn on the device, forward, target, loss, backward, AdamW), then the classifier's forward:
-clips/s, the model FLOPs (PyTorch's FLOP counter on the meta device, 2 per multiply-add; the paper's
-"FLOPs" are forward multiply-adds, the GMAC of --flops) and their rate as a share of the measured matmul
-peak. Hugging Face's VideoMAE (if installed; V1 only) and the reference (--reference: a checkout of
-OpenGVLab/VideoMAEv2, timm importable) take turns with ours; "vs" is their time over ours.
+A row per model size, masking (V2's dual or V1's encoder-only) and precision times one pretraining step (masks drawn
+on the device, forward, target, loss, backward, AdamW), then the classifier's forward: clips/s, model FLOPs (PyTorch's
+meta-device counter, 2 per multiply-add; the paper's "FLOPs", the GMAC of --flops, are forward multiply-adds) and
+their share of the measured matmul peak. Hugging Face's VideoMAE (if installed; V1 only) and the reference
+(--reference: an OpenGVLab/VideoMAEv2 checkout, timm importable) take turns with ours; "vs": their time over ours.
 
     python bench.py                               # small and base, 16x224, batch 2, fp32 and bf16
     python bench.py --sizes base --batch_size 8 --precision bf16 --compile
@@ -16,7 +15,6 @@ import argparse
 import functools
 import statistics
 import sys
-import time
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -47,28 +45,13 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-# -----------------------------------------------------------------------------------------------------
-# Measuring
-
-
-def timed(fn, device: torch.device) -> float:
-    """Seconds of one call of fn, the GPU's queue drained before and after."""
-    sync = torch.cuda.synchronize if device.type == "cuda" else lambda device: None
-    sync(device)
-    start = time.perf_counter()
-    fn()
-    sync(device)
-    return time.perf_counter() - start
-
-
 def round_robin(contenders: dict, steps: int, warmup: int, device: torch.device) -> dict:
-    """Median seconds per call of each contender, the contenders taking turns call by call so that all of
-    them meet the same machine state (caches, the allocator's free pages, clocks). On a CPU, timing one
-    after the other swings their ratio by 20 % and more between runs; taking turns keeps it within a few %."""
+    """Median seconds per call of each contender, taking turns call by call to meet the same machine state (caches,
+    allocator, clocks): timed one after another on a CPU, their ratio swings by 20 % and more between runs."""
     times = {name: [] for name in contenders}
     for _ in range(warmup + steps):
         for name, fn in contenders.items():
-            times[name].append(timed(fn, device))
+            times[name].append(engine.timed(fn, device))
     return {name: statistics.median(t[warmup:]) for name, t in times.items()}
 
 
@@ -77,7 +60,7 @@ def peak_memory(fn, device: torch.device) -> str:
     if device.type != "cuda":
         return "-"
     torch.cuda.reset_peak_memory_stats(device)
-    timed(fn, device)
+    engine.timed(fn, device)
     return f"{torch.cuda.max_memory_allocated(device) / 2 ** 30:.2f}"
 
 
@@ -85,7 +68,7 @@ def matmul_peak(device: torch.device, dtype: torch.dtype) -> float:
     """FLOP/s of a large square matmul, the best of ten: the ceiling each row's share is measured against."""
     n = 4096 if device.type == "cuda" else 2048
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-    return 2 * n ** 3 / min(timed(functools.partial(torch.mm, a, b), device) for _ in range(10))
+    return 2 * n ** 3 / min(engine.timed(functools.partial(torch.mm, a, b), device) for _ in range(10))
 
 
 def infer_flops(cfg: vmae.VideoMAEConfig, batch: int) -> int:
@@ -110,10 +93,6 @@ def train_step(model, optimizer, loss_fn, video, precision: str) -> None:
     optimizer.zero_grad(set_to_none=True)
 
 
-# -----------------------------------------------------------------------------------------------------
-# The implementations: each a (pretraining model, classifier) pair, a loss and its classifier's inputs
-
-
 def hf_loss(model, video, masks: masking.MaskConfig):
     hidden = masking.tube_mask(video.shape[0], masks.grid, masks.mask_ratio, device=video.device)
     return model(pixel_values=video.transpose(1, 2), bool_masked_pos=hidden).loss  # HF wants (B, T, C, H, W)
@@ -130,10 +109,9 @@ def reference_models(path: str, size: str, cfg: vmae.VideoMAEConfig):
 
 
 def reference_loss(model, video, masks: masking.MaskConfig, patch_size: int):
-    """The reference model's forward on boolean masks (True = hidden / dropped, as ours), our loss, and the
-    target as the reference's training engine computes it: un-normalise the whole clip, cut every cube
-    channel-last with a tubelet of 2, normalise each with torch's unbiased std. Its formula is written out
-    here so that our faster target does not flatter the reference's timing."""
+    """The reference's forward on boolean masks (True = hidden / dropped, as ours), our loss, and the target as its
+    training engine computes it (written out: our faster target must not flatter its timing): un-normalise the clip,
+    cut every cube channel-last with a tubelet of 2, normalise each by torch's unbiased std."""
     drawn = masks.draw(video.shape[0], video.device)
     pred = model(video, drawn.encoder, drawn.decoder)  # (B, N_q, F)
     B, C, T, H, W = video.shape
@@ -148,7 +126,7 @@ def reference_loss(model, video, masks: masking.MaskConfig, patch_size: int):
 
 
 def build_models(size: str, cfg: vmae.VideoMAEConfig, device: torch.device, reference: str | None) -> dict:
-    """Each implementation at hand by name, ours first: Hugging Face's if transformers is installed."""
+    """(pretraining model, classifier) of each implementation by name: ours, HF's if installed, the reference's."""
     models = {"ours": (vmae.PretrainVideoMAE(cfg), vmae.VideoClassifier(cfg, 400))}
     try:
         import transformers
@@ -163,12 +141,11 @@ def build_models(size: str, cfg: vmae.VideoMAEConfig, device: torch.device, refe
 
 
 def train_contenders(models: dict, cfg, masks: masking.MaskConfig, video, precision: str, compile: bool) -> dict:
-    """A train step of each implementation that has this masking, by name, each with an AdamW of its own."""
+    """A train step, with an AdamW of its own, of each implementation that has this masking (HF: V1's alone)."""
     losses = {"ours": lambda model, video: train_pretrain.pretrain_step_loss(model, cfg, video, masks),
               "HF": functools.partial(hf_loss, masks=masks),
               "reference": functools.partial(reference_loss, masks=masks, patch_size=cfg.patch_size)}
-    runs = [(name, models[name][0], losses[name]) for name in models
-            if not (name == "HF" and masks.dual)]  # Hugging Face has no decoder masking
+    runs = [(name, models[name][0], losses[name]) for name in models if not (name == "HF" and masks.dual)]
     if compile:
         runs.append(("ours compiled", models["ours"][0], torch.compile(losses["ours"])))
     steps = {}
@@ -187,13 +164,8 @@ def infer_contenders(models: dict, video, compile: bool) -> dict:
     return runs
 
 
-# -----------------------------------------------------------------------------------------------------
-# The tables
-
-
 def print_rows(cells: tuple, contenders: dict, flops: int, peak: float, args, device: torch.device) -> None:
-    """Time the contenders in turns; a row for ours (and ours compiled), the peers as ratios of its time.
-    cells: the row's (model, step, masking, precision)."""
+    """Time the contenders in turns; rows (`cells`: model, step, masking, precision) for ours, peers as ratios."""
     seconds, batch = round_robin(contenders, args.steps, args.warmup, device), args.batch_size
     size, step, masking_name, precision = cells
     for ours in [name for name in seconds if name.startswith("ours")]:

@@ -1,10 +1,7 @@
-"""Checkpoint files in, and out: every published layout of VideoMAE weights (LAYOUTS) read into vmae.py's
-names, which are the reference's state_dict names.
-
-`read_checkpoint` reads any of them (a file or a Hugging Face folder) and works out the model's size from
-what the file says; `config_from_checkpoint` turns that into a config; `load_weights` loads it into a model
-under one policy: all of the encoder, finite, or an error naming the file. `to_hugging_face` and
-`hugging_face_config` write transformers' layout (export_hf.py).
+"""Checkpoint files in and out: every published layout of VideoMAE weights (LAYOUTS) read under vmae.py's names, the
+reference's. `read_checkpoint` reads any of them (a file or a Hugging Face folder) and the model's size the file says;
+`config_from_checkpoint` makes that a config; `load_weights` loads it under one policy: all of the encoder, finite, or
+an error naming the file. `to_hugging_face` and `hugging_face_config` write transformers' layout (export_hf.py).
 """
 import argparse
 import hashlib
@@ -26,19 +23,16 @@ class CheckpointError(ValueError):
 
 # The five layouts public VideoMAE weights come in, with the words messages use for them:
 #   vmae       {"model": weights, "args": {the run's flags}}, as train_*.py write them
-#   reference  weights under "model" or "module" (DeepSpeed) or bare, `args` an argparse Namespace; a compiled
-#              run prefixes every key with `_orig_mod.` (V1 MCG-NJU/VideoMAE and V2 alike)
+#   reference  weights under "model", "module" (DeepSpeed) or bare, `args` a Namespace, `_orig_mod.` if compiled
 #   hf_v1      transformers' VideoMAE* (MCG-NJU/videomae-*): videomae.* names, query/key/value apart
-#   hf_v2      the OpenGVLab/VideoMAEv2-* folders: config.json (`model_config`) and model.safetensors, the
-#              reference's encoder and fc_norm under `model.` (modeling_videomaev2.py); no head, no decoder
+#   hf_v2      OpenGVLab/VideoMAEv2-* folders: the reference's encoder and fc_norm under `model.`; no head, no decoder
 #   mmaction2  mmengine files {"state_dict", "meta"}: `backbone.` and mmcv's module names, cls_head.fc_cls
 LAYOUTS = {"vmae": "vmae's", "reference": "the reference's", "hf_v1": "Hugging Face V1 (transformers)",
            "hf_v2": "Hugging Face V2 release", "mmaction2": "mmaction2's"}
 
 
 def load_checkpoint(path: str | Path) -> dict:
-    """A checkpoint file as a dict: torch.load with weights_only=True (a file cannot run code), or a
-    .safetensors file (the safetensors package; transformers is not needed)."""
+    """A checkpoint file as a dict: torch.load, weights_only=True (a file cannot run code), or a .safetensors file."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path}: no such file")
@@ -61,8 +55,7 @@ def saved_args(checkpoint: dict) -> dict:
 
 
 def trained_on_normalized_targets(args: dict) -> bool:
-    """Whether a run with these saved arguments predicted per-cube normalised pixels (the reference spells
-    the flag normlize_target); True, the recipe's default, when they do not say."""
+    """Whether a run predicted per-cube normalised pixels (the reference spells it normlize_target; unsaid: True)."""
     return bool(args.get("normalize_target", args.get("normlize_target", True)))
 
 
@@ -89,9 +82,8 @@ HF_CONFIG_NAMES = dict(image_size="img_size", patch_size="patch_size", num_frame
 
 
 def from_hugging_face(weights: dict) -> dict:
-    """A transformers VideoMAE* state dict under the reference's names (encoder.* as in pretraining), query,
-    key and value stacked back into qkv. A key bias (some transformers 5 files store one) is dropped: q·(k + b)
-    adds q·b to every score of a query, the same for all keys, so the softmax takes it out again."""
+    """A transformers VideoMAE* state dict under the reference's names (encoder.*), query, key and value stacked into
+    qkv. A key bias (some transformers 5 files) is dropped: q·b is the same for every key, so softmax takes it out."""
     out, qkv = {}, {}
     for key, value in weights.items():
         if key.startswith(("embeddings.", "encoder.layer.", "layernorm.")):  # VideoMAEModel saved on its own
@@ -115,8 +107,7 @@ HF_WRITTEN = [(ours, hf) for hf, ours in reversed(HF_NAMES)
 
 
 def to_hugging_face(weights: dict) -> dict:
-    """The inverse of from_hugging_face: a pretraining model's or a classifier's state dict under transformers'
-    names, qkv split (the key without a bias, as theirs); tensors are copies, as safetensors wants them."""
+    """The inverse of from_hugging_face: a pretraining model's or classifier's state dict under transformers' names."""
     out = {}
     for key, value in weights.items():
         if key.startswith(("patch_embed.", "blocks.")):  # a classifier's encoder, named as in pretraining
@@ -129,17 +120,16 @@ def to_hugging_face(weights: dict) -> dict:
             new = f"{block}.attention.attention.{name}.weight" if name else key
             for ours, hf in HF_WRITTEN:
                 new = new.replace(ours, hf)
-            out[new] = tensor.clone().contiguous()
+            out[new] = tensor.clone().contiguous()  # copies, as safetensors wants them
     return out
 
 
 def hugging_face_config(cfg: vmae.VideoMAEConfig, architecture: str, num_labels: int | None = None,
                         use_mean_pooling: bool = True, norm_pix_loss: bool = True) -> dict:
-    """The config.json of a transformers VideoMAE folder for `cfg` (architecture: VideoMAEModel, ...). Giant
-    is patch_size 14 and an intermediate size of 48/11 · 1408 = 6144 (decoder 2234)."""
+    """The config.json of a transformers VideoMAE folder for `cfg` (architecture: VideoMAEModel, ...)."""
     hf = {theirs: getattr(cfg, ours) for theirs, ours in HF_CONFIG_NAMES.items()}
     hf.update(model_type="videomae", architectures=[architecture], num_channels=3, hidden_act="gelu",
-              intermediate_size=int(cfg.embed_dim * cfg.mlp_ratio),
+              intermediate_size=int(cfg.embed_dim * cfg.mlp_ratio),  # giant: 48/11 · 1408 = 6144 (decoder 2234)
               decoder_intermediate_size=int(cfg.decoder_embed_dim * cfg.mlp_ratio), layer_norm_eps=1e-6,
               qkv_bias=True, use_mean_pooling=use_mean_pooling, norm_pix_loss=norm_pix_loss,
               hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
@@ -156,21 +146,19 @@ MMACTION2_NAMES = [("patch_embed.projection.", "patch_embed.proj."), ("mlp.layer
 
 
 def from_mmaction2(weights: dict) -> dict:
-    """An mmaction2 VideoMAE / V2 state dict under the reference's names. It stores its fixed sin/cos
-    position table as a buffer (backbone.pos_embed); ours is rebuilt for the model's grid, so it is dropped."""
+    """An mmaction2 VideoMAE / V2 state dict under the reference's names, without its position table."""
     out = {}
     for key, value in weights.items():
         key = key.removeprefix("backbone.")
         for old, new in MMACTION2_NAMES:
             key = key.replace(old, new)
-        if key != "pos_embed":
+        if key != "pos_embed":  # a fixed sin/cos buffer; ours is built for the model's grid
             out[key] = value
     return out
 
 
 def unwrap(checkpoint: dict) -> dict:
-    """The state dict inside a checkpoint: under `model` (ours, the reference's), `module` (DeepSpeed),
-    `state_dict` (mmengine) or bare, without the `_orig_mod.` / `module.` prefixes of compiled or wrapped runs."""
+    """The state dict in a checkpoint (model, module, model_state, state_dict or bare), less compile/DDP prefixes."""
     inner = next((checkpoint[k] for k in ("model", "module", "model_state", "state_dict")
                   if isinstance(checkpoint.get(k), dict)), checkpoint)
     return {k.removeprefix("_orig_mod.").removeprefix("module."): v for k, v in inner.items()}
@@ -205,7 +193,6 @@ def has_decoder(weights: dict) -> bool:
 
 # -----------------------------------------------------------------------------------------------------
 # The model a file holds: its size read off the file
-
 
 MODEL_FIELDS = ("embed_dim", "depth", "num_heads", "patch_size", "mlp_ratio", "decoder_embed_dim",
                 "decoder_num_heads")  # what --model (an entry of the size table) decides
@@ -289,9 +276,8 @@ class Checkpoint:
 
 
 def read_checkpoint(path: str | Path) -> Checkpoint:
-    """A checkpoint in any of the LAYOUTS: a file, or a Hugging Face model folder. Its size is what the file
-    says: widths, depths, cube size and MLP ratio from the weights' shapes; head counts and input from its
-    stored arguments, its config.json, or else the size table."""
+    """A checkpoint in any of the LAYOUTS (a file or a Hugging Face folder) at the size the file says: widths, depths,
+    cube size, MLP ratio from the weights' shapes; heads and input from its arguments, config.json or the size table."""
     path = file = Path(path)
     if path.is_dir():
         file = next((path / n for n in ("model.safetensors", "pytorch_model.bin") if (path / n).is_file()), None)
@@ -322,9 +308,7 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
 
 
 def config_from_checkpoint(ckpt: Checkpoint, model: str | None = None, **overrides) -> vmae.VideoMAEConfig:
-    """The model a checkpoint holds: the sizes it states over the size-table entry they match. `model`
-    (--model) must agree with the file; it is needed only when the file cannot tell (a width the table does
-    not have, and no head count). `overrides` (input size, frames, drop path, ...) go on top."""
+    """The model a checkpoint holds: its sizes over the table entry they fit (`model` must agree), then `overrides`."""
     sizes = ckpt.sizes
     if model is None:
         needed = ["num_heads"] + (["decoder_num_heads"] if "decoder_embed_dim" in sizes else [])
@@ -352,8 +336,7 @@ def config_from_checkpoint(ckpt: Checkpoint, model: str | None = None, **overrid
 
 
 class Loaded(NamedTuple):
-    """What load_weights did: the model's tensors that start fresh (a classifier's new fc_norm and head), the
-    file's tensors the model has no place for, and the lines that tell the user (the caller prints them)."""
+    """What load_weights did: the model's tensors that start fresh, the file's that fit nothing, and lines to print."""
     missing_keys: list[str]
     unexpected_keys: list[str]
     lines: list[str]
@@ -367,8 +350,7 @@ def listed(keys: list[str], limit: int = 6) -> str:
 
 
 def compare(own: dict, weights: dict) -> tuple[list[str], list[str], list[str]]:
-    """A model's state dict against a file's weights: (the model's keys the file lacks, the file's keys the
-    model lacks, 'key: file (shape) vs model (shape)' for each tensor of another shape)."""
+    """A model's state dict against a file's weights: (keys the file lacks, keys the model lacks, shape mismatches)."""
     missing, unexpected = [k for k in own if k not in weights], [k for k in weights if k not in own]
     wrong = [f"{k}: file {tuple(v.shape)} vs model {tuple(own[k].shape)}" for k, v in weights.items()
              if k in own and v.shape != own[k].shape]
@@ -413,12 +395,10 @@ def require_decoder(ckpt: Checkpoint) -> None:
 
 
 def load_weights(model: nn.Module, source: "str | Path | Checkpoint", label_map: list[int] | None = None) -> Loaded:
-    """Initialise `model` from a checkpoint (a path, or read_checkpoint's result), or raise CheckpointError:
-    nothing of the encoder may stay at its random init. A pretraining model takes a pretraining checkpoint
-    whole. A classifier takes a classifier's weights, or a pretraining checkpoint's encoder as the reference's
-    fine-tuning does (decoder, mask token and final norm left out; fc_norm and head fresh). A head for another
-    class count is dropped, unless `label_map` picks its rows (new class i = row label_map[i], e.g. the
-    reference's misc/label_710to400.json). Returns what was done, as lines to print."""
+    """Initialise `model` from a checkpoint (a path, or read_checkpoint's result) or raise CheckpointError: nothing of
+    the encoder may stay at its random init. A pretraining model takes a pretraining checkpoint whole; a classifier, a
+    classifier's weights or a pretraining checkpoint's encoder (fc_norm and head fresh), a head for another class count
+    dropped unless `label_map` picks its rows (class i = row label_map[i], e.g. the reference's label_710to400.json)."""
     ckpt = source if isinstance(source, Checkpoint) else read_checkpoint(source)
     path, where = ckpt.path, f"{ckpt.path} (read as {LAYOUTS[ckpt.layout]})"
     classifier, lines = isinstance(model, vmae.VideoClassifier), []

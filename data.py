@@ -7,9 +7,8 @@ device: masking.py). Fine-tuning: a random 64-frame window (train), the centre o
 crops of each video (test, "16x5x3"), or with `sparse_sample` one frame per segment (TSN, for
 Something-Something, with `flip=False`); training clips get RandAugment, a random resized crop, a flip and
 random erasing, then mixup/cutmix on the batch (`mixup_cutmix`). `num_sample` K > 1: one decode, K clips.
-
-Decoding uses OpenCV instead of decord: one seek, then sequential grabs, which is frame-accurate. OpenCV runs
-single-threaded: the DataLoader workers are the parallelism, and its thread pool would not survive their fork.
+Decoding is OpenCV's, not decord's: one seek, then sequential grabs (frame-accurate), single-threaded: the
+DataLoader workers are the parallelism, and OpenCV's thread pool would not survive their fork.
 
 Sources (lists: space separated, no header, as the reference reads them; `data_root` prefixes every path):
   pretraining  `data_path` is a folder of videos (scanned recursively) or a list of `path`, `path label`,
@@ -20,10 +19,10 @@ Sources (lists: space separated, no header, as the reference reads them; `data_r
                videos per class (labels: the sorted class names); or it is one such list file.
   neither      the built-in `SyntheticVideos`, drawn on the fly (nothing downloaded).
 
-Bad input is never silent: every bad list line is named in one ListError, an unreadable video in a VideoError.
-The builders check every listed file before training (a stat; evaluation sets have every frame they will read
-decoded). With skip_bad_videos an unreadable video is logged, counted and replaced by another, up to
-max_bad_fraction of the dataset, past which the run stops and lists the bad files.
+Bad input is never silent: bad list lines are named in one ListError, an unreadable video in a VideoError, and
+every listed file is checked before training (a stat; evaluation sets decode every frame they will read). With
+skip_bad_videos an unreadable video is logged, counted and replaced by another, up to max_bad_fraction of the
+dataset, past which the run stops and lists the bad files.
 """
 import hashlib
 import logging
@@ -43,12 +42,9 @@ from torch import Tensor
 import vmae
 
 log = logging.getLogger(__name__)
-cv2.setNumThreads(1)  # see the module docstring: a DataLoader worker forked after a parallel OpenCV call hangs
+cv2.setNumThreads(1)  # a DataLoader worker forked after a parallel OpenCV call hangs
 
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mkv", ".webm", ".mov", ".m4v", ".mpg", ".mpeg", ".flv", ".wmv")
-# CAP_PROP_FRAME_COUNT is read from the container and can be a little high (often by one frame); a video
-# may end this much early (at least 2 frames) before it counts as truncated.
-FRAME_COUNT_SLACK = 0.05
 
 
 class VideoError(RuntimeError):
@@ -104,9 +100,8 @@ def _stack(frames: list[np.ndarray], path: str) -> np.ndarray:
 
 
 def read_video(path: str, choose: Callable[[int], Sequence[int]]) -> np.ndarray:
-    """Frames `choose(num_frames)` of a video file, (T, H, W, 3) uint8 RGB; num_frames is the container's count
-    (else counted). Past the real end the last real frame repeats; ending over FRAME_COUNT_SLACK early is an
-    error. Never one seek per frame: several times slower, and on some AVI/MPEG-4 files it lands wrong."""
+    """Frames `choose(num_frames)` of a video file, (T, H, W, 3) uint8 RGB; past the real end the last real frame
+    repeats. One seek, not one per frame: that is several times slower, and lands wrong on some AVI/MPEG-4 files."""
     cap = _open(path)
     num_frames = int(cap.get(cv2.CAP_PROP_FRAME_COUNT))
     if num_frames <= 0:  # no count in the header: count by decoding
@@ -115,7 +110,7 @@ def read_video(path: str, choose: Callable[[int], Sequence[int]]) -> np.ndarray:
         raise VideoError(f"{path}: no frames")
     indices = [int(i) for i in choose(num_frames)]
     first, last = min(indices), max(indices)
-    slack = max(2, int(FRAME_COUNT_SLACK * num_frames))
+    slack = max(2, int(0.05 * num_frames))  # the header's count can be a little high: allow ending this early
     keep = set(indices) | set(range(num_frames - slack - 1, last + 1))  # the last few stand in for missing ones
     frames, end = _decode(cap, first, last + 1, keep)
     if end == first > 0:  # the seek went past the real end: find the last frame from the start
@@ -163,12 +158,12 @@ def scan_videos(folder: str) -> list[str]:
     return found
 
 
-def _raise_problems(problems: list[str], error: type | None = None, limit: int = 20) -> None:
+def _raise_problems(problems: list[str], error: type = ListError, limit: int = 20) -> None:
     """One error listing every problem found (the first `limit` of them), rather than one per run."""
     if problems:
         lines = problems[:limit] + ([f"... and {len(problems) - limit} more"] if len(problems) > limit else [])
         message = lines[0] if len(problems) == 1 else f"{len(problems)} problems:\n  " + "\n  ".join(lines)
-        raise (error or ListError)(message)
+        raise error(message)
 
 
 def _read_list(list_file: str, counts: tuple[int, ...], expected: str,
@@ -333,12 +328,10 @@ _POLYGONS = (_polygon(3), _polygon(4), _polygon(5), _polygon(8, 0.45), _polygon(
 
 
 class SyntheticVideos:
-    """Videos of coloured shapes drifting and spinning over textured backgrounds, drawn on the fly. Video i is a
-    pure function of (seed, first_index + i): colour blobs and stripes, three small distractors moving at random,
-    and the main shape (the largest, on top) heading 2π·(label + u)/num_classes, u uniform in ±0.25 (label =
-    index mod num_classes), across about the short side, its path centred: telling the classes apart needs
-    motion. It moves fast so that a laptop-sized run learns the label (a small ViT from scratch still sits at
-    chance for several hundred steps). Only the frames asked for are drawn (a few ms for 16 at 224 px)."""
+    """Coloured shapes drifting and spinning over textured backgrounds; video i is a pure function of (seed,
+    first_index + i). The main shape (the largest, on top; three small distractors move at random) heads
+    2π·(label + u)/num_classes, u uniform in ±0.25, label = index mod num_classes, across about the short side,
+    path centred: only motion tells the classes apart. Fast, for a laptop-sized run; only asked-for frames drawn."""
 
     def __init__(self, num_videos: int = 1024, num_classes: int = 8, length: int = 80, height: int = 128,
                  width: int = 160, seed: int = 0, first_index: int = 0):
@@ -537,9 +530,8 @@ def to_tensor(frames: np.ndarray, out: Tensor | None = None) -> Tensor:
 
 
 def normalize(clips: Tensor) -> Tensor:
-    """uint8 clips (..., 3, T, H, W) (a pretraining dataset's with uint8=True) on the training device -> float32,
-    equal to to_tensor's on the CPU (the same float32 steps: x / 255, minus the mean, over the std). A uint8
-    clip is a quarter of the bytes through the loader's shared memory, pinning and host-to-device copy."""
+    """uint8 clips (..., 3, T, H, W) (PretrainDataset's with uint8=True: a quarter of the bytes to move) on the
+    device -> float32, equal to to_tensor's on the CPU (the same float32 steps)."""
     clips = clips.float().div_(255)
     mean, std = vmae.imagenet_stats(clips)  # (3,) each
     return clips.sub_(mean[:, None, None, None]).div_(std[:, None, None, None])
@@ -564,9 +556,8 @@ def random_erase(clip: Tensor, rng: np.random.Generator, prob: float = 0.25,
     return clip
 
 
-# RandAugment ('rand-m7-n4-mstd0.5-inc1'): num_ops ops drawn with replacement, each applied with probability 0.5
-# at magnitude ~ N(m, mstd) clipped to [0, 10]; the "increasing" set (a larger magnitude is a stronger change).
-# Each op mirrors PIL's, takes (frames, level = magnitude/10 in [0, 1], rng) and does the same to every frame.
+# RandAugment's ops, the "increasing" set (a larger magnitude is a stronger change): each mirrors PIL's, takes
+# (frames, level = magnitude/10 in [0, 1], rng) and does the same to every frame.
 
 
 def _signed(value: float, rng: np.random.Generator) -> float:
@@ -628,27 +619,23 @@ _solarize = _table_op(lambda v, level: np.where(v >= 256 - int(level * 256), 255
 _solarize_add = _table_op(lambda v, level: np.where(v < 128, v + int(level * 110), v))
 
 
-def _rotate(frames: np.ndarray, level: float, rng: np.random.Generator) -> np.ndarray:
-    h, w = frames.shape[1:3]
-    return _affine(frames, cv2.getRotationMatrix2D((w / 2, h / 2), _signed(30 * level, rng), 1.0))
+def _affine_op(strength: float, matrix: Callable[[float, int, int], np.ndarray]) -> Callable:
+    """An op that warps every frame by matrix(v, h, w), v = ±strength·level."""
+    def op(frames: np.ndarray, level: float, rng: np.random.Generator) -> np.ndarray:
+        h, w = frames.shape[1:3]
+        return _affine(frames, np.array(matrix(_signed(strength * level, rng), h, w), np.float64))
+    return op
 
 
-def _shear(frames: np.ndarray, level: float, rng: np.random.Generator, axis: int) -> np.ndarray:
-    matrix = np.eye(2, 3)
-    matrix[axis, 1 - axis] = _signed(0.3 * level, rng)
-    return _affine(frames, matrix)
-
-
-def _translate(frames: np.ndarray, level: float, rng: np.random.Generator, axis: int) -> np.ndarray:
-    matrix = np.eye(2, 3)
-    matrix[axis, 2] = _signed(0.45 * level, rng) * frames.shape[2 - axis]  # a fraction of the width / height
-    return _affine(frames, matrix)
-
+_rotate = _affine_op(30, lambda v, h, w: cv2.getRotationMatrix2D((w / 2, h / 2), v, 1.0))  # v degrees
+_shear_x = _affine_op(0.3, lambda v, h, w: [[1, v, 0], [0, 1, 0]])
+_shear_y = _affine_op(0.3, lambda v, h, w: [[1, 0, 0], [v, 1, 0]])
+_translate_x = _affine_op(0.45, lambda v, h, w: [[1, 0, v * w], [0, 1, 0]])  # v: a fraction of the width
+_translate_y = _affine_op(0.45, lambda v, h, w: [[1, 0, 0], [0, 1, v * h]])
 
 _RAND_OPS = (_auto_contrast, _equalize, _invert, _rotate, _posterize, _solarize, _solarize_add,
              *(partial(_enhance, degenerate=d) for d in _DEGENERATE.values()),
-             partial(_shear, axis=0), partial(_shear, axis=1), partial(_translate, axis=0),
-             partial(_translate, axis=1))
+             _shear_x, _shear_y, _translate_x, _translate_y)
 
 
 def parse_rand_augment(aa: str) -> tuple[float, int, float] | None:
@@ -664,7 +651,7 @@ def parse_rand_augment(aa: str) -> tuple[float, int, float] | None:
 
 def rand_augment(frames: np.ndarray, rng: np.random.Generator, magnitude: float = 7, num_ops: int = 4,
                  magnitude_std: float = 0.5) -> np.ndarray:
-    """Video RandAugment: the same ops, with the same magnitudes, on every frame of the clip."""
+    """Video RandAugment: num_ops ops (with replacement), each applied at p 0.5, the same on every frame."""
     for op in rng.choice(len(_RAND_OPS), num_ops):
         if rng.random() < 0.5:
             level = min(10.0, max(0.0, rng.normal(magnitude, magnitude_std))) / 10
@@ -685,9 +672,8 @@ class Share(NamedTuple):
 
 
 class _Clips(torch.utils.data.Dataset):
-    """Loading for both datasets, with the bad-video policy: raise, or skip (logged, counted, limited). Item i
-    draws its augmentation from a generator seeded by (seed, i), the same in any worker: a run repeats, and one
-    resumed mid-epoch draws what the uninterrupted one did. Training sets `seed` to (run seed, epoch)."""
+    """Loading for both datasets, with the bad-video policy: raise, or skip (logged, counted, limited). Item i draws
+    from a generator seeded by (seed, i), seed = (run seed, epoch) in training: a resumed run draws as the first did."""
     seed: tuple = (0,)
     num_views = 1  # items per video
     evaluated = False  # an evaluation set: check_files decodes what its evaluation reads (unreadable)
@@ -706,9 +692,8 @@ class _Clips(torch.utils.data.Dataset):
         return [self.source.name(int(i)) for i in np.flatnonzero(flags)]
 
     def check_files(self, share: Share = Share(), num_workers: int = 0) -> None:
-        """Before training: every listed video stat-checked (VideoList.problem), and for an evaluation set every
-        frame it reads decoded, in num_workers processes; with a `share`, each process its part. The problems are
-        one VideoError, or with skip_bad_videos those videos are skipped from the start (logged, counted, limited)."""
+        """Before training: each listed video stat-checked (VideoList.problem), an evaluation set's frames decoded
+        (num_workers processes), each process its `share`. Problems: one VideoError, or with skip_bad_videos skipped."""
         if not isinstance(self.source, VideoList):
             return
         mine = range(share.rank, len(self.source), share.world)
@@ -816,8 +801,7 @@ class FinetuneDataset(_Clips):
         self.evaluated = mode != "train"
 
     def unreadable(self, video: int) -> str | None:
-        """Why this video cannot be read for its evaluation, every frame it reads decoded (each test window;
-        its crops share them), or None."""
+        """Why this video cannot be read for evaluation (every frame it reads decoded), or None."""
         try:
             for segment in range(self.test_num_segment if self.mode == "test" else 1):
                 self.source.clip(video, lambda n: self._frame_indices(n, segment, None))
@@ -864,9 +848,8 @@ class FinetuneDataset(_Clips):
 
 def build_pretrain_dataset(data_path: str | None = None, data_root: str = "", *, fname_tmpl: str = "img_{:05}.jpg",
                            synthetic_videos: int = 1024, share: Share = Share(), **options) -> PretrainDataset:
-    """The pretraining dataset for data_path (a list file or a folder of videos), or synthetic_videos built-in
-    videos; `options` are PretrainDataset's (num_frames, sampling_rate, input_size, num_sample, skip_bad_videos,
-    max_bad_fraction, uint8). Every listed file is stat-checked first."""
+    """The pretraining dataset of data_path (a list file or a folder of videos), or of synthetic_videos built-in
+    videos, its files stat-checked; `options` are PretrainDataset's."""
     source = (VideoList(read_pretrain_list(data_path, data_root), fname_tmpl) if data_path else
               _synthetic(synthetic_videos, 8, 0, **options))
     dataset = PretrainDataset(source, **options)
@@ -877,9 +860,8 @@ def build_pretrain_dataset(data_path: str | None = None, data_root: str = "", *,
 def build_finetune_dataset(mode: str, data_path: str | None = None, data_root: str = "", *, nb_classes: int,
                            fname_tmpl: str = "img_{:05}.jpg", start_idx: int = 1, synthetic_videos: int = 1024,
                            share: Share = Share(), num_workers: int = 0, **options) -> FinetuneDataset:
-    """The split `mode` ('train', 'validation' or 'test') of data_path, or of the synthetic set (synthetic_videos
-    for training; validation and test share synthetic_videos // 4 others); `options` are FinetuneDataset's.
-    Its files are checked first (check_files: evaluation sets decoded in num_workers processes)."""
+    """The split `mode` of data_path, or of the synthetic set (synthetic_videos to train; validation and test share
+    synthetic_videos // 4 others), its files checked; `options` are FinetuneDataset's."""
     if data_path:
         source = VideoList(read_finetune_split(data_path, mode, data_root, nb_classes, start_idx), fname_tmpl)
     elif mode == "train":
@@ -892,11 +874,9 @@ def build_finetune_dataset(mode: str, data_path: str | None = None, data_root: s
 
 
 def held_out_clip(num_frames: int, input_size: int, sampling_rate: int, synthetic_size: int, index: int = 0) -> Tensor:
-    """A (3, T, H, W) clip of the built-in dataset that pretraining never saw (its videos come after the
-    first synthetic_size), centre window and centre crop."""
-    held_out = build_finetune_dataset("validation", nb_classes=8, synthetic_videos=synthetic_size,
-                                      num_frames=num_frames, sampling_rate=sampling_rate, input_size=input_size,
-                                      short_side_size=input_size)
+    """A (3, T, H, W) built-in clip pretraining never saw (after the first synthetic_size): centre window and crop."""
+    held_out = labelled_clips(None, num_frames=num_frames, sampling_rate=sampling_rate, input_size=input_size,
+                              first_index=synthetic_size)
     return held_out[index][0]
 
 
@@ -935,10 +915,9 @@ def _synthetic(num_videos: int, num_classes: int, first_index: int, num_frames: 
 def mixup_cutmix(clips: Tensor, labels: Tensor, num_classes: int, mixup_alpha: float = 0.8,
                  cutmix_alpha: float = 1.0, switch_prob: float = 0.5, smoothing: float = 0.1,
                  rng: np.random.Generator | None = None) -> tuple[Tensor, Tensor]:
-    """Mix a batch of clips (B, 3, T, H, W) in place with the batch reversed (timm's 'batch' mode); returns (clips,
-    targets (B, num_classes) float). One λ per batch ~ Beta(α, α). CutMix (p switch_prob when both are on) pastes
-    one box, about 1 - λ of the frame, from the partner clip into every frame, λ then the exact share left; Mixup
-    blends whole clips. Targets: one-hots smoothed to 1 - smoothing + smoothing/K and smoothing/K, mixed by λ."""
+    """Mix clips (B, 3, T, H, W) in place with the batch reversed (timm's 'batch' mode), one λ ~ Beta(α, α): CutMix
+    (p switch_prob when both are on) pastes a box, about 1 - λ of each frame, from the partner (λ then the exact
+    share left); Mixup blends whole clips. Returns (clips, targets (B, K)): smoothed one-hots mixed by λ."""
     rng = rng if rng is not None else np.random.default_rng(int(torch.randint(2 ** 62, ())))  # from torch's seed
     use_cutmix = cutmix_alpha > 0 and (mixup_alpha <= 0 or rng.random() < switch_prob)
     lam = 1.0

@@ -1,16 +1,13 @@
-"""What both training recipes share. train_pretrain.py and train_finetune.py each bring a model, a dataset
-and a loss; the rest of running them is here, once: AdamW with the reference's parameter groups and
-warmup + cosine schedules; one process per GPU under torchrun (DDP, or FSDP2 with --fsdp) and bf16 autocast;
-the loop (`train_epoch`: micro-batches accumulated per step, gradients clipped if asked, the loss read only
-every --log_every steps, since each read waits for the GPU); checkpoints in the reference's layout and
-log.txt; the command line (the shared flags, each number's `Range`, and `resolve`, the one order in which a
-flag takes its value); and `run`, which turns a user's mistake into `error: ...` and exit code 2.
+"""What both training recipes share: train_pretrain.py and train_finetune.py each bring a model, a dataset and a
+loss; the rest is here: AdamW with the reference's parameter groups and warmup + cosine schedules; one process per
+GPU under torchrun (DDP, or FSDP2 with --fsdp) and bf16 autocast; the loop (`train_epoch`); checkpoints in the
+reference's layout and log.txt; the shared flags, each number's `Range`, and `resolve`, the one order in which a
+flag takes its value; and `run`, which turns a user's mistake into `error: ...` and exit code 2.
 
-Nothing silent, nothing lost: the output folder has one writer (a lock file) and is checked writable and
-roomy enough before the first step; every file is written to a temporary file and renamed,
-checkpoint-last.pth last, so a kill at any moment leaves the previous state or the new one; SIGTERM or
-SIGUSR1 stops a run after its current step with a checkpoint it resumes from exactly. A resume continues the
-same run or stops: changed flags, other data, another model or non-finite numbers are named, not absorbed.
+Nothing silent, nothing lost: the output folder has one writer (a lock file) and room for a checkpoint; every file
+is written to a temporary file and renamed, checkpoint-last.pth last, so a kill leaves the old state or the new one;
+SIGTERM or SIGUSR1 stops a run after its current step with a checkpoint it resumes from exactly. A resume continues
+the same run or stops: changed flags, other data, another model or non-finite numbers are named.
 """
 import argparse
 import contextlib
@@ -26,7 +23,6 @@ import signal
 import socket
 import sys
 import time
-from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, NamedTuple
@@ -53,21 +49,18 @@ class RunError(RuntimeError):
 # -----------------------------------------------------------------------------------------------------
 # The optimizer and its schedules
 
-
 MAX_STEPS = 10 ** 7  # optimizer steps in one run (80 MB per schedule); the largest published run has ~2·10^5
 
 
 def cosine_schedule(base_value: float, final_value: float, epochs: int, niter_per_ep: int, warmup_epochs: int = 0,
                     start_warmup_value: float = 0.0, warmup_steps: int = -1) -> np.ndarray:
-    """One value per optimizer step: a linear warmup from start_warmup_value to base_value (both included),
-    then a half cosine from base_value towards final_value (reached one step after the end). The warmup
-    lasts warmup_steps if > 0, else warmup_epochs · niter_per_ep."""
+    """One value per optimizer step: a linear warmup (warmup_steps if > 0, else warmup_epochs epochs) from
+    start_warmup_value to base_value, then a half cosine towards final_value (reached one step after the end)."""
     total = epochs * niter_per_ep
     if total > MAX_STEPS:  # the schedule is an array: refuse before allocating gigabytes
         raise RunError(f"--epochs {epochs} x {niter_per_ep} steps per epoch = {total} optimizer steps, more than "
                        f"{MAX_STEPS:.0e}: is --epochs right?")
-    warmup_iters = warmup_steps if warmup_steps > 0 else warmup_epochs * niter_per_ep
-    warmup_iters = min(warmup_iters, total)
+    warmup_iters = min(warmup_steps if warmup_steps > 0 else warmup_epochs * niter_per_ep, total)
     warmup = np.linspace(start_warmup_value, base_value, warmup_iters)
     i = np.arange(total - warmup_iters)
     cosine = final_value + 0.5 * (base_value - final_value) * (1 + np.cos(np.pi * i / max(len(i), 1)))
@@ -84,10 +77,8 @@ def layer_id(name: str, num_layers: int) -> int:
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float, layer_decay: float | None = None) -> list[dict]:
-    """AdamW groups: no weight decay for 1-D parameters (biases, LayerNorm, q/v biases) and the mask token;
-    with `layer_decay`, block k's learning rate is scaled by layer_decay^(depth + 1 - (k + 1)).
-    Decided by the parameter object, not its name, so wrapping the model (DDP, torch.compile's `_orig_mod.`)
-    cannot change it (the reference's compiled runs decay the mask token: docs/reference.md, trap 10)."""
+    """AdamW groups: no weight decay for 1-D parameters and the mask token; with `layer_decay`, block k's lr scaled by
+    layer_decay^(depth - k). By the parameter, not its name, which wrapping changes (docs/reference.md, trap 10)."""
     no_decay = {id(p) for p in (getattr(model, "mask_token", None),) if p is not None}
     depth = len(model.blocks) if layer_decay is not None else 0
     groups: dict[str, dict] = {}
@@ -110,9 +101,8 @@ def param_groups(model: torch.nn.Module, weight_decay: float, layer_decay: float
 
 def make_optimizer(groups: list[dict], lr: float, betas, eps: float, device: torch.device) -> torch.optim.AdamW:
     """AdamW, fused into one kernel per step where the device has one."""
-    fused = device.type in ("cuda", "cpu")
     groups = [{k: v for k, v in g.items() if k != "param_names"} for g in groups]
-    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, fused=fused)
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, fused=device.type in ("cuda", "cpu"))
 
 
 def set_schedules(optimizer: torch.optim.Optimizer, lr: float, weight_decay: float) -> None:
@@ -177,13 +167,22 @@ def resolve_precision(precision: str | None, device: torch.device) -> str:
 
 def autocast(device: torch.device, precision: str):
     if precision == "fp32":
-        return nullcontext()
+        return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
 
 
+def timed(fn, device: torch.device) -> float:
+    """Seconds of one call of fn, the GPU's queue drained before and after."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else lambda device: None
+    sync(device)
+    start = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - start
+
+
 def seed_everything(seed: int) -> None:
-    """Seed every generator a run draws from; re-done at each epoch start from (seed, epoch, rank), so an
-    epoch replayed after a resume draws exactly what the uninterrupted run drew."""
+    """Seed every generator a run draws from (train_epoch reseeds them each epoch from seed, epoch and rank)."""
     random.seed(seed)
     np.random.seed(seed % 2 ** 32)
     torch.manual_seed(seed)
@@ -213,8 +212,7 @@ def gathered(dist: Dist, value) -> list:
 
 
 def skipped_videos(dist: Dist, dataset) -> int:
-    """How many videos any process has skipped as unreadable so far, with max_bad_fraction checked on that
-    count: each process alone sees only its share of the videos."""
+    """How many videos all processes together have skipped as unreadable, max_bad_fraction checked on that."""
     bad = sorted(set().union(*gathered(dist, dataset.bad_videos())))
     dataset.check_bad_fraction(bad)
     return len(bad)
@@ -234,7 +232,7 @@ def grad_sync(model: torch.nn.Module, enabled: bool) -> None:
 
 
 # -----------------------------------------------------------------------------------------------------
-# The trainer: a model ready to train, and how its steps run
+# The trainer: a model ready to train, its loop, and how a scheduler's signal stops it with a step checkpoint
 
 
 @dataclass
@@ -259,8 +257,7 @@ class Trainer:
 def build_trainer(model: torch.nn.Module, dist: Dist, precision: str, out: Path, *, weight_decay: float, betas,
                   eps: float, layer_decay: float | None = None, fsdp: bool = False, compile: bool = False,
                   **loop) -> Trainer:
-    """Wrap the model for the processes (DDP, or FSDP with --fsdp), compile it if asked, then build AdamW (on
-    the parameters FSDP sharded) and the fp16 loss scaler. `loop`: the Trainer's loop settings."""
+    """Wrap (DDP, or FSDP with --fsdp) and compile the model, then AdamW (on what FSDP sharded) and the fp16 scaler."""
     model = wrap_model(model, dist, fsdp, precision)
     raw_model = model.module if isinstance(model, DDP) else model
     if compile:
@@ -272,9 +269,8 @@ def build_trainer(model: torch.nn.Module, dist: Dist, precision: str, out: Path,
 
 
 class ResumableSampler(torch.utils.data.DistributedSampler):
-    """Each process's shuffled share of an epoch, which can start part-way: a run resumed from a step
-    checkpoint skips the items already taken (each item's augmentation depends on the epoch and its index
-    alone, so the rest come out as they would have)."""
+    """Each process's shuffled share of an epoch, from item `skip` on: a run resumed inside an epoch skips what it
+    took (an item's augmentation depends on the epoch and its index alone, so the rest come out the same)."""
     skip = 0
 
     def __iter__(self):
@@ -292,8 +288,7 @@ class Batches(NamedTuple):
 
 
 def ignore_stop_signals(worker_id: int) -> None:
-    """A data worker leaves SIGTERM and SIGUSR1 to the training process, which stops after its step: a
-    scheduler signals every process of a job, and a worker killed by it would end the run at once."""
+    """A data worker ignores SIGTERM and SIGUSR1 (sent to every process of a job): killed, it would end the run."""
     for stop in STOP_SIGNALS:
         signal.signal(stop, signal.SIG_IGN)
 
@@ -314,23 +309,11 @@ def train_loader(dataset, batch_size: int, trainer: Trainer, num_workers: int) -
     return Batches(sampler, loader, steps_per_epoch, clips)
 
 
-# -----------------------------------------------------------------------------------------------------
-# The loop
-
-
-class Epoch(NamedTuple):
-    loss: float  # mean over all processes and micro-batches
-    steps: int  # optimizer steps done so far in the run
-    seconds: float
-
-
 def train_epoch(trainer: Trainer, batches: Batches, loss_of: Callable, epoch: int, lr_schedule: np.ndarray,
-                wd_schedule: np.ndarray) -> Epoch:
-    """One epoch of optimizer steps, the same in both recipes. loss_of(batch) is the recipe: the loss of one
-    micro-batch from the loader, computed here under autocast. Each step accumulates trainer.accum_iter
-    micro-batches (DDP syncs gradients on the last only), unscales and clips gradients if asked, and steps
-    AdamW at that step's learning rate and weight decay. After a step, a stop signal or --save_every_steps
-    writes a step checkpoint; an epoch resumed from one goes on from its step as if never stopped."""
+                wd_schedule: np.ndarray) -> tuple[float, int, float]:
+    """One epoch of optimizer steps; loss_of(batch), the recipe, is a micro-batch's loss (under autocast). A step
+    accumulates trainer.accum_iter micro-batches, clips if asked and steps AdamW; a stop signal or --save_every_steps
+    then writes a step checkpoint. Returns (mean loss over processes and micro-batches, the run's steps, seconds)."""
     dist, model, optimizer, scaler = trainer.dist, trainer.model, trainer.optimizer, trainer.scaler
     seed_everything(trainer.seed + (epoch + 1) * dist.world_size + dist.rank)  # augmentations and masks, per epoch
     batches.loader.dataset.seed = (trainer.seed, epoch)  # each item's augmentation: from (these, its index)
@@ -357,8 +340,7 @@ def train_epoch(trainer: Trainer, batches: Batches, loss_of: Callable, epoch: in
             with autocast(dist.device, trainer.precision):
                 loss = loss_of(batch)
             scaler.scale(loss / trainer.accum_iter).backward()
-            loss = loss.detach()
-            loss_sum += loss
+            loss_sum += loss.detach()
             first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), step, first_bad)
         if trainer.clip_grad is not None:
             scaler.unscale_(optimizer)
@@ -388,7 +370,7 @@ def train_epoch(trainer: Trainer, batches: Batches, loss_of: Callable, epoch: in
     seconds = time.time() - start
     if dist.world_size > 1:
         distributed.all_reduce(loss_sum)
-    return Epoch(loss_sum.item() / (batches.steps_per_epoch * trainer.accum_iter * dist.world_size), step + 1, seconds)
+    return loss_sum.item() / (batches.steps_per_epoch * trainer.accum_iter * dist.world_size), step + 1, seconds
 
 
 def check_finite(first_bad: torch.Tensor, lr_schedule, trainer: Trainer) -> None:
@@ -404,9 +386,6 @@ def check_finite(first_bad: torch.Tensor, lr_schedule, trainer: Trainer) -> None
                        f"without saving. The last good checkpoint is {trainer.last_good}. Try --precision bf16 or "
                        "fp32, a lower --lr, or --clip_grad.")
 
-
-# -----------------------------------------------------------------------------------------------------
-# Stopping on a scheduler's signal, and step checkpoints
 
 PREEMPTED = 3  # the exit code of a run stopped by a signal after writing its step checkpoint
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # what a scheduler sends before a kill, or ahead of a time limit
@@ -429,8 +408,7 @@ STOP = StopFlag()
 
 
 def stop_requested(dist: Dist) -> bool:
-    """Whether any process has received a stop signal: under torchrun they agree after every step (a host-side
-    all-reduce over the CPU group, no wait for the GPU), so all stop together."""
+    """Whether any process has received a stop signal (a host-side all-reduce: no wait for the GPU)."""
     if dist.world_size == 1:
         return STOP.signal is not None
     flag = torch.tensor([STOP.signal is not None], dtype=torch.int32)
@@ -452,8 +430,7 @@ def set_random_state(state: dict, device: torch.device) -> None:
 
 
 def save_step(trainer: Trainer, step: int, at: dict) -> None:
-    """checkpoint-last.pth after this step, with `resume_at`: where in the epoch, and every process's random
-    state and partial loss, for a rerun to continue exactly. Its `epoch` is the last finished one."""
+    """checkpoint-last.pth after this step, with `at` (where in the epoch, each process's state) as its resume_at."""
     at.update({key: gathered(trainer.dist, at[key]) for key in ("random", "loss_sum", "first_bad")})  # by rank
     state = training_state(trainer, at["epoch"] - 1, step, resume_at=at)
     commit(trainer, state, f"step {at['steps']} of epoch {at['epoch']}", [])
@@ -469,24 +446,21 @@ LOCK = ".lock"  # in the output folder: "pid <pid> on <host>" while a run writes
 def on_main(dist: Dist, fn: Callable, *args):
     """fn(*args) on rank 0 alone (the files are its job), its result there (None elsewhere); a RunError or
     OSError there is raised on every process, so none is left waiting for rank 0 in a collective."""
-    result, error = None, None
+    result, error = None, [None]
     if dist.is_main:
         try:
             result = fn(*args)
         except (RunError, OSError) as e:
-            error = str(e)
+            error = [str(e)]
     if distributed.is_initialized():
-        box = [error]
-        distributed.broadcast_object_list(box, src=0)
-        error = box[0]
-    if error:
-        raise RunError(error)
+        distributed.broadcast_object_list(error, src=0)
+    if error[0]:
+        raise RunError(error[0])
     return result
 
 
 def same_everywhere(dist: Dist, value, what: str, hint: str) -> None:
-    """Raise a RunError on every process unless each sees the same `value` (a summary of `what`): processes
-    that disagree about, say, the file they resume from would train apart and then wait for each other."""
+    """A RunError on every process unless all see the same `value` (of `what`): else they train apart, then hang."""
     values = gathered(dist, value)
     odd = [rank for rank, v in enumerate(values) if v != values[0]]
     if odd:
@@ -494,10 +468,9 @@ def same_everywhere(dist: Dist, value, what: str, hint: str) -> None:
                        + ", ".join(f"rank {rank} {values[rank]}" for rank in odd) + f"; {hint}")
 
 
-@contextmanager
+@contextlib.contextmanager
 def output_folder(out: Path, dist: Dist):
-    """Hold the output folder for this run: created, checked writable, locked against a second run (which
-    stops at once, naming the first), and cleared of the temporary files a killed run left."""
+    """Hold the output folder for this run (take_folder): a second run there stops at once, naming the first."""
     lock = on_main(dist, take_folder, Path(out))
     try:
         yield
@@ -507,8 +480,8 @@ def output_folder(out: Path, dist: Dist):
 
 
 def take_folder(out: Path) -> int:
-    """The lock is a POSIX lock on out/.lock: the system drops it when its process dies, however it dies, and
-    processes forked from it (DataLoader workers) do not hold it; the file names the holder. Returns its fd."""
+    """Create `out`, check it writable, lock it and clear it of a killed run's temporary files; returns the lock's fd.
+    A POSIX lock on out/.lock: the system drops it when its process dies, forked workers do not hold it."""
     writable_folder(out)
     fd = os.open(out / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
     holder = os.read(fd, 200).decode(errors="replace").strip()
@@ -558,8 +531,7 @@ def release_folder(fd: int) -> None:
 
 
 def check_space(trainer: Trainer) -> None:
-    """Before the first step: room for one more checkpoint (weights and AdamW's two moments in fp32), which is
-    written beside the old one before replacing it."""
+    """Room for one more checkpoint (weights and AdamW's two moments in fp32), written beside the old one."""
     def check():
         need = 3 * 4 * sum(p.numel() for p in trainer.model.parameters()) + (1 << 20)
         free = shutil.disk_usage(trainer.out).free
@@ -574,29 +546,21 @@ def size(nbytes: int) -> str:
 
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """write(tmp) to a temporary file beside `path`, then rename it: a crash or a full disk mid-write leaves the
-    previous file whole, never a truncated one under the real name."""
+    """write(tmp), then rename tmp to `path`: a crash or a full disk mid-write leaves the previous file whole."""
     tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")  # same suffix: writers that go by it
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         write(tmp)
         os.replace(tmp, path)
     except Exception as e:  # whatever the writer raises for a full disk (torch.save: RuntimeError; safetensors its own)
-        raise RunError(write_failure(path, e)) from e
+        with contextlib.suppress(OSError):  # (disk_usage of a folder that is not there: not a full disk)
+            if getattr(e, "errno", None) == errno.ENOSPC or shutil.disk_usage(path.parent).free < (1 << 20):
+                raise RunError(f"cannot write {path}: no space left on the device ({path.name} was not replaced). Free "
+                               "some space and run the same command again: it resumes from the last checkpoint") from e
+        raise RunError(f"cannot write {path}: {e}") from e
     finally:
         with contextlib.suppress(OSError):  # (no folder to clean up: the error above says why)
             tmp.unlink(missing_ok=True)
-
-
-def write_failure(path: Path, e: Exception) -> str:
-    try:
-        full = getattr(e, "errno", None) == errno.ENOSPC or shutil.disk_usage(path.parent).free < (1 << 20)
-    except OSError:
-        full = False
-    if full:
-        return (f"cannot write {path}: no space left on the device ({path.name} was not replaced). Free some space "
-                "and run the same command again: it resumes from the last checkpoint")
-    return f"cannot write {path}: {e}"
 
 
 def save_checkpoint(path: Path, state: dict) -> None:
@@ -611,18 +575,14 @@ def append_log(out: Path, stats: dict) -> None:
 
 
 def trim_log(out: Path, start_epoch: int) -> None:
-    """Drop log.txt's lines of epochs from start_epoch on (and unreadable ones): a killed run can have written
-    them before its checkpoint-last.pth, and this run does those epochs again."""
+    """Drop log.txt's lines of epochs from start_epoch on, which a killed run can have written and this run redoes."""
     path = out / "log.txt"
-    if not path.exists():
-        return
-    lines = path.read_text().splitlines(keepends=True)
+    lines = path.read_text().splitlines(keepends=True) if path.exists() else []
 
     def kept(line: str) -> bool:
-        try:
+        with contextlib.suppress(ValueError, AttributeError):
             return json.loads(line).get("epoch", -1) < start_epoch
-        except (ValueError, AttributeError):
-            return False
+        return False
     keep = [line for line in lines if kept(line)]
     if len(keep) < len(lines):
         atomic_write(path, lambda tmp: tmp.write_text("".join(keep)))
@@ -631,8 +591,7 @@ def trim_log(out: Path, start_epoch: int) -> None:
 
 
 def set_aside(out: Path) -> None:
-    """A run started afresh (--no-auto_resume) moves the folder's earlier log.txt and checkpoints into a
-    sub-folder of their own, so two runs neither mix nor overwrite each other's files."""
+    """--no-auto_resume: the folder's earlier log.txt and checkpoints go to a sub-folder, so two runs never mix."""
     old = [p for p in [out / "log.txt", *out.glob("checkpoint-*.pth")] if p.exists()]
     if old:
         aside = out / f"replaced-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
@@ -646,9 +605,8 @@ def set_aside(out: Path) -> None:
 # Checkpoints: saved whole, resumed exactly or not at all
 
 FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)  # one plain state_dict, gathered on the CPU
-# Flags that change how or where a run computes, not what: they may differ when it resumes. Any other flag
-# (model, sizes, masks, target, data, batch, schedule, seed, ...) must be the checkpoint's, unless
-# --allow_resume_changes; so must the number of processes and the list of videos.
+# Flags that change how or where a run computes, not what: they may differ when it resumes. Any other flag, the
+# number of processes and the list of videos must be the checkpoint's, unless --allow_resume_changes.
 RESUME_FREE = {"output_dir", "resume", "auto_resume", "allow_resume_changes", "finetune", "label_map", "eval",
                "data_path", "data_root", "num_workers", "device", "precision", "compile", "with_checkpoint", "fsdp",
                "log_every", "save_every_steps", "skip_bad_videos", "max_bad_fraction", "save_ckpt_freq",
@@ -656,38 +614,34 @@ RESUME_FREE = {"output_dir", "resume", "auto_resume", "allow_resume_changes", "f
 
 
 def training_state(trainer: Trainer, epoch: int, step: int, **more) -> dict:
-    """The reference's layout (model, optimizer, epoch, scaler, args) plus the optimizer step and the recipe's
-    extras, gathered into plain state dicts with clean names (no `module.` or `_orig_mod.`): the file loads
-    anywhere. Collective under FSDP."""
+    """The reference's layout (model, optimizer, epoch, scaler, args), the optimizer step and the recipe's extras,
+    as plain state dicts without `module.` or `_orig_mod.`: the file loads anywhere. Collective under FSDP."""
     return dict(model=get_model_state_dict(trainer.model, options=FULL),
                 optimizer=get_optimizer_state_dict(trainer.model, trainer.optimizer, options=FULL),
                 scaler=trainer.scaler.state_dict(), epoch=epoch, step=step, args=trainer.args, **trainer.extra, **more)
 
 
 def run_args(args: argparse.Namespace, dist: Dist, *datasets) -> dict:
-    """What a checkpoint stores under `args`: the resolved flags, the number of processes, and a fingerprint of
-    the videos (so a resume notices other data under the same flags)."""
+    """What a checkpoint stores under `args`: the flags, the number of processes and a fingerprint of the videos."""
     return dict(vars(args), processes=dist.world_size, data=" | ".join(ds.digest() for ds in datasets))
 
 
 def resume_training(trainer: Trainer, resume: str | None, auto_resume: bool, args: dict,
                     allow_changes: bool = False) -> dict | None:
-    """Continue from `resume`, or else the output folder's checkpoint-last.pth (with auto_resume): weights,
-    optimizer and scaler restored after checking that the file is a finite training checkpoint of this model
-    and run (`args`, what this run's checkpoints store, against its own: each difference outside RESUME_FREE
-    is an error, or with allow_changes a note in the log); a step checkpoint also gives the loop its place.
-    Returns the checkpoint, or None for a fresh start. log.txt keeps the lines of finished epochs."""
+    """Continue from `resume`, or else (auto_resume) the output folder's checkpoint-last.pth, checked to be a finite
+    training checkpoint of this model and run: a flag of `args` (what this run's checkpoints store) outside
+    RESUME_FREE that differs is an error, or with allow_changes a logged note. Returns it, or None (a fresh start)."""
+    dist, last = trainer.dist, trainer.out / "checkpoint-last.pth"
     trainer.args = args
-    last = trainer.out / "checkpoint-last.pth"
     path = resume or (last if auto_resume and last.exists() else None)
     seen = None if path is None else Path(path).stat().st_size if Path(path).is_file() else "no such file"
-    same_everywhere(trainer.dist, (str(path), seen), "checkpoint to resume from",
+    same_everywhere(dist, (str(path), seen), "checkpoint to resume from",
                     "--output_dir (and --resume) must be on a filesystem every process sees")
     if path is None:  # a fresh start
         if auto_resume:
-            on_main(trainer.dist, trim_log, trainer.out, 0)  # lines a killed first epoch left
+            on_main(dist, trim_log, trainer.out, 0)  # lines a killed first epoch left
         else:
-            on_main(trainer.dist, set_aside, trainer.out)  # another run's files, by the user's choice to start afresh
+            on_main(dist, set_aside, trainer.out)  # another run's files, by the user's choice to start afresh
         return None
     state = checkpoints.load_checkpoint(path)
     parts = (("model", dict), ("optimizer", dict), ("epoch", int))
@@ -699,8 +653,9 @@ def resume_training(trainer: Trainer, resume: str | None, auto_resume: bool, arg
     saved = checkpoints.saved_args(state)
     unknown = [k for k in args if k not in saved and k not in RESUME_FREE]
     if unknown:
-        trainer.dist.print(f"note: {path} predates {', '.join(unknown)}; those are not compared")
-    changes = changed_args(saved, args)
+        dist.print(f"note: {path} predates {', '.join(unknown)}; those are not compared")
+    changes = [f"{'' if k in ('processes', 'data') else '--'}{k}: {saved[k]!r} in the checkpoint, {v!r} now"
+               for k, v in args.items() if k in saved and k not in RESUME_FREE and saved[k] != v]
     if changes and not allow_changes:
         raise RunError(f"{path} was trained with other settings, and resuming would mix two runs:\n  "
                        + "\n  ".join(changes) + "\nUse the checkpoint's values, another --output_dir (or "
@@ -709,9 +664,9 @@ def resume_training(trainer: Trainer, resume: str | None, auto_resume: bool, arg
     if start >= args["epochs"] and at is None and changes:
         raise RunError(f"{path} has done {start} epochs and --epochs is {args['epochs']}: no epoch is left for "
                        "--allow_resume_changes to change; pass a larger --epochs to train on")
-    if at is not None and len(at["random"]) != trainer.dist.world_size:
+    if at is not None and len(at["random"]) != dist.world_size:
         raise RunError(f"{path} stopped inside epoch {at['epoch']} with {len(at['random'])} process(es): resume it "
-                       f"with as many (this run has {trainer.dist.world_size})")
+                       f"with as many (this run has {dist.world_size})")
     try:
         options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=False)
         set_model_state_dict(trainer.model, state["model"], options=options)
@@ -724,19 +679,17 @@ def resume_training(trainer: Trainer, resume: str | None, auto_resume: bool, arg
     trainer.resume_at = at
     trainer.last_good = f"{path} (epoch {state['epoch']})"
     where = f"at step {at['steps']} of epoch {start}" if at else f"at epoch {start}"
-    trainer.dist.print(f"resumed from {path}: epoch {state['epoch']} done, continuing {where}"
-                       if start < args["epochs"] else f"note: {path} has done all {args['epochs']} epochs; nothing "
-                       "left to train")
-    on_main(trainer.dist, trim_log, trainer.out, start)
+    dist.print(f"resumed from {path}: epoch {state['epoch']} done, continuing {where}" if start < args["epochs"]
+               else f"note: {path} has done all {args['epochs']} epochs; nothing left to train")
+    on_main(dist, trim_log, trainer.out, start)
     if changes:
-        trainer.dist.print("--allow_resume_changes: continuing with\n  " + "\n  ".join(changes))
-        on_main(trainer.dist, append_log, trainer.out, dict(resumed_from=str(path), at_epoch=start, changes=changes))
+        dist.print("--allow_resume_changes: continuing with\n  " + "\n  ".join(changes))
+        on_main(dist, append_log, trainer.out, dict(resumed_from=str(path), at_epoch=start, changes=changes))
     return state
 
 
 def check_fits(state: dict, model: torch.nn.Module, path) -> None:
-    """A training checkpoint must be this model's, tensor for tensor and shape for shape, with finite weights
-    and optimizer state."""
+    """A training checkpoint must be this model's, tensor for tensor and shape for shape, with finite numbers."""
     raw = model.module if isinstance(model, DDP) else model
     weights = {k: v for k, v in state["model"].items() if isinstance(v, torch.Tensor)}
     missing, unexpected, wrong = checkpoints.compare(raw.state_dict(), weights)
@@ -752,16 +705,8 @@ def check_fits(state: dict, model: torch.nn.Module, path) -> None:
                            "wrote it diverged); resume from an earlier checkpoint-N.pth with --resume")
 
 
-def changed_args(saved: dict, now: dict) -> list[str]:
-    """'--flag: <checkpoint's> in the checkpoint, <now> now' for each setting of the run that differs."""
-    return [f"{'' if k in ('processes', 'data') else '--'}{k}: {saved[k]!r} in the checkpoint, {v!r} now"
-            for k, v in now.items() if k in saved and k not in RESUME_FREE and saved[k] != v]
-
-
 def commit(trainer: Trainer, state: dict, when: str, files: list[str], log: dict | None = None) -> None:
-    """Write `state` to each of `files` in the output folder, `log` to log.txt, and checkpoint-last.pth last: a
-    kill before it leaves the previous one whole, and the rerun does this part again. The weights are checked
-    finite first. Collective; rank 0 writes. `when` ('epoch 3', 'step 40 of epoch 3') is for messages."""
+    """Write finite weights to `files`, `log` to log.txt, then checkpoint-last.pth; collective, rank 0 writes."""
     def write():
         bad = checkpoints.nonfinite(state["model"])
         if bad:
@@ -778,8 +723,7 @@ def commit(trainer: Trainer, state: dict, when: str, files: list[str], log: dict
 
 
 def end_of_epoch(trainer: Trainer, stats: dict, *, keep: bool, best: bool = False) -> dict:
-    """An epoch's outputs: checkpoint-<epoch>.pth when `keep`, checkpoint-best.pth when `best`, its log.txt line,
-    checkpoint-last.pth; then a stop signal received meanwhile stops the run. Returns the state saved."""
+    """An epoch's checkpoints and log.txt line (commit); then a stop signal received meanwhile stops the run."""
     state = training_state(trainer, stats["epoch"], stats["steps"])
     files = [f"checkpoint-{stats['epoch']}.pth"] * keep + ["checkpoint-best.pth"] * best
     commit(trainer, state, f"epoch {stats['epoch']}", files, log=stats)
@@ -823,13 +767,10 @@ class Range:
 
 def device_name(text: str) -> str:
     """An argparse `type`: cpu, cuda or cuda:N."""
-    try:
-        kind = torch.device(text).type
-    except RuntimeError:
-        kind = None
-    if kind not in ("cpu", "cuda"):
-        raise argparse.ArgumentTypeError(f"expected cpu, cuda or cuda:N, got {text!r}")
-    return text
+    with contextlib.suppress(RuntimeError):  # (not a device name at all)
+        if torch.device(text).type in ("cpu", "cuda"):
+            return text
+    raise argparse.ArgumentTypeError(f"expected cpu, cuda or cuda:N, got {text!r}")
 
 
 def frame_names(text: str) -> str:
@@ -846,8 +787,7 @@ def frame_names(text: str) -> str:
 
 
 def add_input_flags(p: argparse.ArgumentParser) -> None:
-    """The flags of every script that reads videos with a model: the model, the clip, the data on disk, the
-    machine."""
+    """The flags of every script that reads videos with a model: the model, the clip, the data, the machine."""
     a = p.add_argument
     a("--model", default="base", help="small, base, large, huge, giant, demo (the laptop size), or a reference name "
       "(pretrain_videomae_base_patch16_224, vit_base_patch16_224, ...); with a checkpoint to start from, the "
@@ -893,9 +833,8 @@ FLAGS = dict(img_size="--input_size", num_frames="--num_frames", tubelet_size="-
 
 def resolve(parser: argparse.ArgumentParser, argv: list[str] | None, args: argparse.Namespace,
             *layers: dict) -> set[str]:
-    """Give every flag its value in one order: the command line's, if argv names the flag (parsers take whole
-    names only, allow_abbrev=False); else the first of `layers` (dicts, such as what a checkpoint states, then
-    the demo's values) that has it; else its default. Returns the flags argv names."""
+    """Give every flag its value in one order: argv's (whole names only: allow_abbrev=False), else the first of
+    `layers` (what a checkpoint states, the demo's) that has it, else its default. Returns the flags argv names."""
     argv = sys.argv[1:] if argv is None else argv
     given = {action.dest for action in parser._actions for option in action.option_strings
              if any(word == option or word.startswith(option + "=") for word in argv)}
@@ -924,8 +863,7 @@ def checkpoint_flags(start: checkpoints.Checkpoint | None) -> dict:
 
 def tool_start(parser: argparse.ArgumentParser, argv: list[str] | None,
                args: argparse.Namespace) -> tuple[checkpoints.Checkpoint, vmae.VideoMAEConfig]:
-    """For the tools: --checkpoint, read once, and the model it holds at the input the file states unless
-    --input_size / --num_frames are given (a --model given must agree with the file), or a parser error."""
+    """--checkpoint, read once, and its model (at the file's input unless the flags say; --model must agree)."""
     start = read_start(parser, args.checkpoint)
     given = resolve(parser, argv, args, checkpoint_flags(start))
     try:
@@ -963,8 +901,7 @@ def as_flags(message: str) -> str:
 
 
 def mask_config(parser: argparse.ArgumentParser, args: argparse.Namespace, grid: masking.Grid) -> masking.MaskConfig:
-    """--mask_type, --mask_ratio, --decoder_mask_type and --decoder_mask_ratio on the model's token grid, or a
-    parser error naming the side's flags."""
+    """--mask_type, --mask_ratio and their decoder_ twins on the model's token grid, or a parser error naming them."""
     for side in ("mask", "decoder_mask"):
         kind, ratio = getattr(args, f"{side}_type"), getattr(args, f"{side}_ratio")
         if side == "mask" or ratio > 0:
@@ -989,8 +926,7 @@ USER_ERRORS = (RunError, checkpoints.CheckpointError, vmae.ConfigError, masking.
 
 
 def run(main: Callable, argv=None) -> None:
-    """Run a command-line `main`: a user error becomes `error: <message>` on stderr and exit code 2, a stop by
-    SIGTERM or SIGUSR1 (after its step checkpoint) exit code PREEMPTED."""
+    """Run a command-line `main`: a user error exits 2 with `error: <message>`, a stop by a signal exits PREEMPTED."""
     before = {number: signal.signal(number, STOP.handle) for number in STOP_SIGNALS}
     STOP.signal = None
     try:

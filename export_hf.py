@@ -13,9 +13,8 @@ release's encoder), VideoMAEForVideoClassification, whose logits without a head 
 The folder must be empty or hold an earlier export (replaced); other files stop the export unless --overwrite,
 which first removes every file from_pretrained would read there, so the folder never holds a mix of two models.
 
-Two things differ on their side: transformers takes (B, T, 3, H, W) (our video.transpose(1, 2)), and builds
-the classifier's fc_norm and the decoder's last LayerNorm with eps 1e-5 whatever config.json says (ours 1e-6,
-as the reference's): their outputs move by about 1e-6.
+Two things differ on their side: transformers takes (B, T, 3, H, W) (our video.transpose(1, 2)), and its classifier's
+fc_norm and decoder's last LayerNorm use eps 1e-5 whatever config.json says (ours 1e-6): outputs move by about 1e-6.
 """
 import argparse
 import json

@@ -1,5 +1,4 @@
-"""Features from a trained encoder, one file per video, for retrieval, linear probes, clustering or heads
-trained elsewhere.
+"""Features from a trained encoder, one file per video, for retrieval, probes, clustering or heads trained elsewhere.
 
     python extract_features.py --checkpoint C --data_path videos/ --output_dir features/
     python extract_features.py --checkpoint VideoMAEv2-Base/ --data_path list.txt --data_root /videos \\
@@ -13,11 +12,10 @@ a pretraining checkpoint's without a learned scale or shift, as fine-tuning star
 --tokens adds <video>.tokens.npy, one view's output tokens as a (T', H', W', D) grid. index.csv lists each video,
 its file, views and label (if listed). --data_path is a folder of videos or a list in the pretraining format.
 
-Batched, in bf16 on a GPU that has it; under torchrun every process takes its share of the videos. Files are
-written atomically and a rerun skips the videos already written; extraction.json records the weights (by
-fingerprint) and settings, and a rerun into the same folder with others stops, naming the difference. The
-output folder takes one run at a time. Unreadable videos stop the run, or with --skip_bad_videos are skipped,
-counted and listed, as in training.
+Batched, in bf16 on a GPU that has it; under torchrun each process takes its share of the videos. Files are written
+atomically and a rerun skips the videos already written; extraction.json records the weights (by fingerprint) and
+settings, and a rerun into the folder with others stops, naming the difference. The folder takes one run at a time.
+Unreadable videos stop the run, or with --skip_bad_videos are skipped, counted and listed, as in training.
 """
 import argparse
 import csv
@@ -35,8 +33,7 @@ import data
 import engine
 import vmae
 
-# How each video is cut into views (FinetuneDataset's settings): what a rerun must share with the run that
-# wrote the files it skips, as well as the weights and precision.
+# How each video is cut into views (FinetuneDataset's): a rerun must share them, as well as weights and precision.
 SETTINGS = ("num_frames", "sampling_rate", "input_size", "short_side_size", "test_num_segment", "test_num_crop",
             "sparse_sample")
 
@@ -71,10 +68,6 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, vmae.VideoMAEConfig, chec
     return args, cfg, start
 
 
-# -----------------------------------------------------------------------------------------------------
-# Where features go
-
-
 def feature_name(path: str, base: str) -> str:
     """A video's file under --output_dir, without the suffix: its path below `base` (outside it, its whole
     path), its extension kept, so that a.mp4 and a.avi stay apart."""
@@ -83,10 +76,7 @@ def feature_name(path: str, base: str) -> str:
 
 
 def save_npy(path: Path, array: np.ndarray) -> None:
-    def write(tmp: Path) -> None:
-        with open(tmp, "wb") as f:  # a file object: np.save would add .npy to a name
-            np.save(f, array)
-    engine.atomic_write(path, write)
+    engine.atomic_write(path, lambda tmp: np.save(tmp, array))  # tmp ends in .npy: np.save adds no suffix
 
 
 def check_settings(out: Path, settings: dict, started: bool) -> None:
@@ -119,10 +109,6 @@ def write_index(out: Path, samples: list[data.Sample], names: list[str], views: 
             csv.writer(f).writerows([["video", "file", "views"] + (["label"] if labelled else [])] + rows)
     engine.atomic_write(out / "index.csv", write)
     return len(rows)
-
-
-# -----------------------------------------------------------------------------------------------------
-# The run
 
 
 @torch.no_grad()

@@ -8,9 +8,8 @@ a train step costs (its ATen ops, its memory) and of what feeds it (one data wor
     python gpu_suite.py --memory --sizes giant  # GB per GPU by size, precision, checkpointing (computed)
     python gpu_suite.py --data                  # clips/s of one data worker on 240p, 320p and 720p videos
 
-Each part of the suite (SUITE) runs in a process of its own, stopped at its time limit, all within
---budget_s, and writes each row to OUT/summary.md as it is measured; suite.log has each part's exit and
-errors. Every step is dual masking, tube 0.9 and running cell 0.5.
+Each part of the suite (SUITE) runs in its own process, stopped at its time limit, all within --budget_s; its
+rows go to OUT/summary.md as measured, its exit and errors to suite.log. Steps mask by tube 0.9, running cell 0.5.
 """
 import argparse
 import functools
@@ -43,9 +42,8 @@ import vmae
 # Datasheet dense bf16 peaks (no sparsity), TFLOP/s: the first entry whose words are all in the GPU's name.
 DATASHEET_BF16_TFLOPS = {"H100 PCIe": 756, "H100": 989, "H200": 989}
 MODES = {"eager": None, "compiled": "default", "compiled, CUDA graphs": "reduce-overhead"}  # torch.compile's
-# What the suite measures on a GPU, or its tiny stand-in on the CPU (--smoke): frames x px clips, `steps` timed
-# steps per row; the eager and compiled rows are (size, clips per GPU, activation checkpointing, a key of MODES),
-# profile is (size, clips per GPU).
+# The suite on a GPU, or its tiny stand-in on the CPU (--smoke): frames x px clips, `steps` timed steps per row;
+# eager, compiled: rows of (size, clips per GPU, activation checkpointing, a MODES key); profile: (size, clips).
 Setting = namedtuple("Setting", ["frames", "px", "steps", "eager", "compiled", "profile"])
 
 GPU = Setting(16, 224, 5,
@@ -84,19 +82,6 @@ def parse_args(argv=None):
     return args
 
 
-def median_time(fn, device: torch.device, calls: int = 1) -> float:
-    """Median seconds of `calls` calls of fn, the GPU's queue drained around each."""
-    sync = torch.cuda.synchronize if device.type == "cuda" else lambda device: None
-    times = []
-    for _ in range(calls):
-        sync(device)
-        start = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def pretrain_step(cfg: vmae.VideoMAEConfig, clips: int, device: torch.device, precision: str, mode=None):
     """A pretraining step on random clips (masks drawn on the device, forward, target, loss, backward, AdamW)
     as a function to call; mode: None (eager) or a torch.compile mode for the loss (masks to loss)."""
@@ -122,14 +107,9 @@ def pretrain_step(cfg: vmae.VideoMAEConfig, clips: int, device: torch.device, pr
     return step
 
 
-# -----------------------------------------------------------------------------------------------------
-# The tables: ops per step (--ops), memory (--memory), one data worker (--data)
-
-
 class OpCounter(TorchDispatchMode):
-    """Counts the ATen ops a step asks for below autograd and autocast (composite ops split into those that
-    run: F.linear as a transpose and an addmm). On a GPU every op but a view or an allocation is at least
-    one kernel launch with its host-side cost, so the count tracks an eager step's host time."""
+    """Counts the ATen ops a step runs below autograd and autocast (composites as run: F.linear is a transpose and
+    an addmm). On a GPU each but a view or allocation launches a kernel at a host cost: it tracks eager host time."""
     KINDS = {**dict.fromkeys(["empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided"], "allocation"),
              **dict.fromkeys(["_to_copy", "copy_", "_foreach_copy_"], "cast")}  # the rest compute, or views
 
@@ -149,8 +129,7 @@ class OpCounter(TorchDispatchMode):
 
 
 def count_ops(step) -> Counter:
-    """Ops of one call of step() by kind, and the aten:: events torch.profiler records for it ("profiler":
-    every nesting level, so CPU kernels' inner calls count too)."""
+    """Ops of one step() by kind, and "profiler": the aten:: events torch.profiler records, at every nesting level."""
     step()  # the first step creates AdamW's state
     with OpCounter() as counter:
         step()
@@ -161,9 +140,8 @@ def count_ops(step) -> Counter:
 
 
 def ops_table(sizes: list, precisions: list, batch: int, num_frames: int, input_size: int):
-    """ATen ops per train step, counted on the CPU: the same for any resolution, and any batch from 2 clips
-    on (with 1, a reshape needs no copy). A GPU's autocast inserts the same weight casts as the CPU's, and
-    also runs LayerNorm in fp32: 4 more casts per LayerNorm there."""
+    """ATen ops per train step, counted on the CPU: the same for any resolution and batch from 2 clips on (with 1,
+    a reshape needs no copy). A GPU's autocast casts the same weights, and LayerNorm to fp32: 4 more casts each."""
     yield (f"# ATen ops per train step, dual masking, counted on the CPU (torch {torch.__version__}); "
            f"batch {batch}, {num_frames}x{input_size}")
     yield "| model | precision | ops | compute | casts | views | allocations | profiler aten:: events |"
@@ -177,10 +155,9 @@ def ops_table(sizes: list, precisions: list, batch: int, num_frames: int, input_
 
 
 def saved_for_backward(cfg: vmae.VideoMAEConfig, batch: int, precision: str) -> tuple[int, int]:
-    """Bytes autograd keeps for backward in one pretraining forward of `batch` clips, recorded on the CPU
-    (flash attention keeps q, k, v, output and log-sum-exp, as on a GPU), each storage once and parameters
-    not at all: (everything, under activation checkpointing). Checkpointing keeps what is saved outside the
-    transformer blocks, each block's input, and the largest block's own while it is recomputed."""
+    """Bytes autograd keeps for backward from a pretraining forward of `batch` clips, recorded on the CPU (flash
+    attention keeps what it keeps on a GPU), each storage once, parameters not: (everything, under checkpointing:
+    what is kept outside the blocks, each block's input, and the largest block's own while it is recomputed)."""
     torch.manual_seed(0)
     model = vmae.PretrainVideoMAE(cfg)
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
@@ -212,17 +189,14 @@ def saved_for_backward(cfg: vmae.VideoMAEConfig, batch: int, precision: str) -> 
 
 
 def memory_table(sizes: list, num_frames: int, input_size: int):
-    """GiB of GPU memory a training step needs, computed: 16 bytes per parameter (fp32 weights, gradients and
-    AdamW's two moments, also under bf16 autocast) plus the activations kept for backward, per clip the
-    difference between 2 clips and 1 (so autocast's cached weight copies cancel out). Temporaries and
-    allocator slack come on top: read these as lower bounds."""
+    """GiB a train step needs, lower bounds (no temporaries, no allocator slack): 16 B/param (fp32 weights, grads,
+    AdamW's moments, bf16 or not) + activations kept for backward, per clip 2 clips' minus 1's (weight casts cancel)."""
     yield (f"# computed, not measured: dual masking, {num_frames}x{input_size}; activations per clip x clips "
            "per GPU + 16 B/param (divided by the GPU count under --fsdp)")
     yield ("| size | params | weights+grads+AdamW GiB | activations GiB/clip fp32 | bf16 | bf16 + checkpointing "
            "| GiB/GPU at 32 clips, bf16 | + checkpointing | + checkpointing, FSDP over 64 GPUs |")
     yield "|---|---|---|---|---|---|---|---|---|"
-    # A new process for each measurement: a billion-parameter model freed in a process still holds its pages
-    # (the C allocator keeps them in per-thread arenas), and the next size would not fit.
+    # A process per measurement: a freed billion-parameter model's pages stay in the C allocator's arenas.
     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"), max_tasks_per_child=1) as fresh:
         for size in sizes:
             cfg = vmae.config(size, num_frames=num_frames, img_size=input_size)
@@ -237,13 +211,13 @@ def memory_table(sizes: list, num_frames: int, input_size: int):
             yield (f"| {size} | {params / 1e6:.0f}M | {states:.1f} | {fp32:.3f} | {bf16:.3f} | {ckpt:.3f} "
                    f"| {states + 32 * bf16:.1f} | {states + 32 * ckpt:.1f} | {states / 64 + 32 * ckpt:.1f} |")
 
+
 VIDEOS = {"240p": (320, 240), "320p": (426, 320), "720p": (1280, 720)}  # width, height
 
 
 def data_table(num_frames: int, input_size: int, steps: int, warmup: int):
-    """Clips/s of one worker (one process, one decoding thread) turning videos into training clips: float
-    clips normalised by the worker, or uint8 clips that the GPU normalises (--normalize_on_device). The
-    datasets take turns item by item, so that all of them meet the same machine state."""
+    """Clips/s of one worker (one process and decoding thread) turning videos into float clips, or uint8 ones the
+    GPU normalises (--normalize_on_device); the datasets take turns item by item, to meet the same machine state."""
     clip = 3 * num_frames * input_size ** 2
     yield (f"# one data worker, {num_frames}x{input_size} clips from 10 s, 30 fps mp4v videos written here; "
            f"torch {torch.__version__}; a clip is {4 * clip / 1e6:.2f} MB as float32, {clip / 1e6:.2f} MB as uint8")
@@ -268,14 +242,9 @@ def data_table(num_frames: int, input_size: int, steps: int, warmup: int):
             times = [[] for _ in datasets]
             for _ in range(warmup + steps):
                 for dataset, seconds in zip(datasets, times):
-                    seconds.append(median_time(functools.partial(dataset.__getitem__, 0), torch.device("cpu")))
+                    seconds.append(engine.timed(functools.partial(dataset.__getitem__, 0), torch.device("cpu")))
             rates = [dataset.num_sample / statistics.median(t[warmup:]) for dataset, t in zip(datasets, times)]
             yield f"| {name} | " + " | ".join(f"{rate:.1f}" for rate in rates) + " |"
-
-
-# -----------------------------------------------------------------------------------------------------
-# The suite: each part yields summary.md's text as it is measured; all take (setting, device, output folder,
-# time limit in seconds).
 
 
 def datasheet_peak(device: torch.device) -> float | None:
@@ -309,11 +278,12 @@ def steps_part(part: str, s: Setting, device: torch.device, out: Path, limit: fl
         row = f"| {size} | {clips} | {mode}{', checkpointing' if with_checkpoint else ''} | "
         try:
             step = pretrain_step(cfg, clips, device, "bf16", MODES[mode])
-            first = median_time(step, device)  # compiling, AdamW's state
-            median_time(step, device, 2)
+            first = engine.timed(step, device)  # compiling, AdamW's state
+            for _ in range(2):
+                engine.timed(step, device)
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
-            seconds = median_time(step, device, s.steps)
+            seconds = statistics.median(engine.timed(step, device) for _ in range(s.steps))
             memory = f"{torch.cuda.max_memory_allocated(device) / 2 ** 30:.2f}" if device.type == "cuda" else "-"
         except torch.OutOfMemoryError:
             yield row + "OOM | | | | | | |\n"
@@ -328,8 +298,7 @@ def steps_part(part: str, s: Setting, device: torch.device, out: Path, limit: fl
                      f"| {flops / seconds / 1e12:.1f} | {mfu} | {memory} | {compile_s} |\n")
 
 
-# Kernel classes by words in a kernel's name, the first that matches counts: attention first, as the flash
-# kernels' names carry cutlass types too.
+# Kernel classes by words in a kernel's name, the first match counts (attention first: flash kernels name cutlass).
 KERNEL_CLASSES = {"attention": ("flash", "fmha", "attention"), "optimizer": ("adam", "multi_tensor"),
                   "matmul": ("gemm", "nvjet", "xmma", "cutlass", "wgmma", "aten::linear", "aten::mm"),
                   "copy / cast": ("copy", "memcpy", "memset"), "layer norm": ("layer_norm", "layernorm"),
@@ -348,7 +317,7 @@ def profile_part(s: Setting, device: torch.device, out: Path, limit: float):
             step()
     three_steps()
     with profile(activities=[ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * cuda) as prof:
-        wall = median_time(three_steps, device) / 3e-3  # ms per step
+        wall = engine.timed(three_steps, device) / 3e-3  # ms per step
     kernels = [e for e in prof.events() if (e.device_type == torch.autograd.DeviceType.CUDA if cuda
                                             else e.name.startswith("aten::") and e.cpu_parent is None)]
     count, us = Counter(), Counter()  # kernels and microseconds by class, over the 3 steps
@@ -369,8 +338,7 @@ def profile_part(s: Setting, device: torch.device, out: Path, limit: float):
 
 
 def tests_part(s: Setting, device: torch.device, out: Path, limit: float):
-    """tests/test_gpu.py and the GPU test of test_masking.py: the tail of pytest's output (-rfE names every
-    failure and error), the whole of it in test_gpu.log, JUnit in test_gpu.xml."""
+    """tests/test_gpu.py and test_masking.py's GPU test: pytest's tail (-rfE names failures), all in test_gpu.log."""
     command = ["-m", "pytest", "-rfE", "tests/test_gpu.py", "tests/test_masking.py", f"--junitxml={out}/test_gpu.xml"]
     with open(out / "test_gpu.log", "w") as log:
         try:
@@ -387,7 +355,8 @@ def data_part(s: Setting, device: torch.device, out: Path, limit: float):
     yield from (line + "\n" for line in data_table(s.frames, s.px, steps=3, warmup=2))
 
 
-# The parts in the order they run, with their time limits in seconds (3x under --smoke).
+# The parts in the order they run, with their time limits in seconds (3x under --smoke); each part(setting,
+# device, output folder, limit) yields summary.md's text as it is measured.
 SUITE = {"env": (env_part, 20), "eager": (functools.partial(steps_part, "eager"), 120),
          "compiled": (functools.partial(steps_part, "compiled"), 180), "profile": (profile_part, 40),
          "tests": (tests_part, 150), "data": (data_part, 60)}

@@ -11,12 +11,11 @@ A clip of T frames at H x W pixels is cut into cubes of tubelet x patch x patch 
   consecutive slots every position is dropped the same number of times. One of four phases per clip.
 - random_mask: int(ratio·N) positions chosen uniformly (the plain MAE mask, for either side).
 
-The model does not take the masks themselves but the positions they leave: `visible` (B, N_vis), the cubes
-the encoder sees, and `queries` (B, N_q), the cubes the decoder predicts. Every mask of a setting hides the
-same number of tokens in every clip, so those are index tensors of a fixed length, sorted out of the masks
-on the device. `MaskConfig` holds a run's choice for both sides on one grid and draws a batch of `Masks`.
-The recipes name the masks by `MASKS`: a new kind of mask is a function with tube_mask's signature and a
-line there.
+The model takes not the masks but the positions they leave: `visible` (B, N_vis), the cubes the encoder
+sees, and `queries` (B, N_q), the cubes the decoder predicts. Every mask of a setting hides as many tokens in
+every clip, so these are fixed-length index tensors, sorted out of the masks on the device. `MaskConfig`
+holds a run's choice for both sides on one grid and draws a batch of `Masks`. The recipes name the masks by
+`MASKS`: a new kind is a function with tube_mask's signature and a line there.
 """
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -65,8 +64,7 @@ def running_cell_phases(grid: Grid, ratio: float, device=None) -> Tensor:
     Number the positions of a 2x2 cell in raster order, c = 0 top-left, 1 top-right, 2 bottom-left,
     3 bottom-right. In phase s and temporal slot t, position c is dropped when (c + s + t + 1) mod 4 is
     below k = 4·ratio. For ratio 0.5, phase 0 drops {TL, BR}, then {BL, BR}, {TR, BL}, {TL, TR}, and repeats.
-    (The reference keeps a queue [1]*k + [0]*(4-k) and rotates it left by s + t + 1 before reading each
-    slot; this is the same rule written as arithmetic.)
+    (The reference rotates a queue [1]*k + [0]*(4-k) left by s + t + 1 for each slot: the same rule.)
     """
     slots, h, w = grid
     k = 4 * ratio
@@ -94,8 +92,7 @@ MASKS = {"tube": tube_mask, "run_cell": running_cell_mask, "random": random_mask
 
 
 def num_hidden(kind: str, grid: Grid, ratio: float) -> int:
-    """How many tokens per clip a mask of this kind hides: every clip of every batch hides the same number,
-    so one clip drawn on the CPU tells."""
+    """How many tokens per clip a mask of this kind hides (the same in every clip: one drawn on the CPU tells)."""
     if kind not in MASKS:
         raise MaskError(f"unknown mask kind {kind!r}; expected one of {', '.join(MASKS)}")
     return int(MASKS[kind](1, grid, ratio, device="cpu").sum())
@@ -142,8 +139,7 @@ def from_masks(encoder: Tensor, decoder: Tensor | None = None) -> Masks:
 @dataclass(frozen=True)
 class MaskConfig:
     """Which mask each side gets on a token grid, and how much it hides; checked when made (MaskError).
-    decoder_mask_ratio 0 turns decoder masking off (VideoMAE V1: the decoder predicts every cube the
-    encoder did not see)."""
+    decoder_mask_ratio 0 turns decoder masking off (VideoMAE V1: it predicts every cube the encoder missed)."""
     grid: Grid
     mask_type: str = "tube"
     mask_ratio: float = 0.9

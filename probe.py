@@ -1,27 +1,23 @@
-"""The probe: do the encoder's features already tell a labelled set's classes apart, with the encoder frozen?
+"""The probe: do the frozen encoder's features already tell a labelled set's classes apart?
 
-The pretraining loss says how well the model paints hidden cubes, a poor judge of what it learned. The probe
-is the usual second opinion (MAE's linear probe, DINO's k-NN, V-JEPA's attentive probe), cheap enough to run
-every few epochs of pretraining (train_pretrain.py --probe_every) and in every study run (study.py).
+The pretraining loss says how well the model paints hidden cubes, a poor judge of what it learned. The probe is
+the usual second opinion (MAE's linear probe, DINO's k-NN, V-JEPA's attentive probe), cheap enough to run every
+few epochs of pretraining (train_pretrain.py --probe_every) and in every study run (study.py).
 
-The frozen encoder runs on every token of each clip of a small labelled set (centre window, centre crop;
-the clips are decoded once and kept in memory when the set is small; the tokens (V, N, D) stay on the device
-while they are scored). Three classifiers score them, each by k-fold cross-validation over the set, so every
-clip is scored once by a classifier fitted on the other folds and the set needs no split:
+The frozen encoder runs on every token of each clip of a small labelled set (centre window and crop; the clips
+kept in memory when they are few, the tokens (V, N, D) on the device). Three classifiers score them by k-fold
+cross-validation: every clip is scored once by a classifier fitted on the other folds, and the set needs no split.
 
-- linear (`probe_acc1`): least squares onto one-hot labels with a small ridge, on standardised features;
-  one linear solve per fold, milliseconds.
-- k-NN (`probe_knn_acc1`): cosine similarity; the k = 20 nearest clips of the other folds vote, each with
+- linear (`probe_acc1`): ridge least squares onto one-hot labels, on standardised features; one solve per fold.
+- k-NN (`probe_knn_acc1`): the k = 20 nearest clips of the other folds by cosine similarity vote, each with
   weight exp(similarity / 0.07) (DINO's rule).
-- attentive (`probe_attentive_acc1`): one learned query reads the tokens themselves through one
-  cross-attention block, then an MLP and a linear head, trained by AdamW (300 steps per fold, from a fixed
-  seed: the same tokens give the same score on the same machine and thread count). It can weight the cubes
-  where the moving shape is.
+- attentive (`probe_attentive_acc1`): one learned query reads the tokens themselves through one cross-attention
+  block, then an MLP and a linear head, trained by AdamW (300 steps per fold from a fixed seed: the same tokens
+  give the same score on the same machine and thread count). It can weight the cubes where the moving shape is.
 
-The first two read one vector per clip. The default pooling, "slots", averages the tokens of each temporal
-slot and concatenates the slots in time order (T'·D values): mean pooling over all tokens, as the
-classifier does ("mean", D values), throws the order of time away, and the built-in labels are directions
-of motion.
+The first two read one vector per clip. The default pooling, "slots", concatenates each temporal slot's mean
+token in time order (T'·D values): mean pooling over all tokens as the classifier does ("mean", D values) throws
+the order of time away, and the built-in labels are directions of motion.
 """
 import time
 
@@ -39,8 +35,7 @@ CACHE_BYTES = 2 ** 30  # keep the decoded clips in memory when they take at most
 
 
 def pool(tokens: torch.Tensor, num_slots: int, pooling: str = "slots") -> torch.Tensor:
-    """(B, N, D) encoder tokens, slot-major (the grid's order) -> (B, num_slots·D) with "slots", (B, D) with
-    "mean"."""
+    """(B, N, D) encoder tokens, slot-major (the grid's order) -> (B, num_slots·D) with "slots", (B, D) with "mean"."""
     if pooling == "mean":
         return tokens.mean(dim=1)
     if pooling == "slots":
@@ -93,11 +88,10 @@ def knn_predict(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tens
 
 
 class AttentiveProbe(nn.Module):
-    """One cross-attention block with a single learned query over a clip's tokens, then an MLP and a linear
-    head. With one query, head h's attention logits are linear in the tokens, x·u_h (u_h: the query through
-    the key projection, scaled), and the block's output is one linear map of the heads' softmax-weighted
-    means of the tokens (the value and output projections folded, and the query added after attention in
-    its bias): each head learns where to look, at N·D work per clip."""
+    """One cross-attention block with a single learned query over a clip's tokens, then an MLP and a linear head.
+    With one query, head h's attention logits are linear in the tokens, x·u_h (u_h: the query through the key
+    projection, scaled), and the block's output is one linear map of the heads' softmax-weighted token means
+    (value and output projections folded, the query in its bias): each head learns where to look, at N·D per clip."""
 
     def __init__(self, dim: int, num_classes: int, num_heads: int = 4):
         super().__init__()
@@ -116,10 +110,9 @@ class AttentiveProbe(nn.Module):
 def attentive_predict(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, steps: int = 300,
                       batch_size: int = 128, lr: float = 2e-3, weight_decay: float = 0.05,
                       seed: int = 0) -> torch.Tensor:
-    """An AttentiveProbe fitted to train tokens (n, N, D) by AdamW in float32 on their device (weights and
-    batches drawn from `seed` alone, the global random state untouched), argmax on test tokens (m, N, D). The
-    tokens are standardised per channel by the train tokens' statistics: a pretrained encoder's tokens share
-    a large common part, under which a per-token layer norm leaves too little to train on."""
+    """An AttentiveProbe fitted to train tokens (n, N, D) by AdamW in float32 on their device, from `seed` alone
+    (the global random state untouched); argmax on test tokens (m, N, D). Tokens are standardised per channel by the
+    train tokens' statistics: under their large common part a per-token layer norm leaves too little to train on."""
     flat = train_x.flatten(0, 1).float()  # (n·N, D)
     mean, std = flat.mean(0), flat.std(0) + 1e-6
 
@@ -142,8 +135,7 @@ NAMES = {"probe_acc1": "linear", "probe_knn_acc1": "k-NN", "probe_attentive_acc1
 
 
 def scores(tokens: torch.Tensor, y: torch.Tensor, num_slots: int, pooling: str = "slots") -> dict:
-    """probe_acc1 (linear) and probe_knn_acc1 of the pooled tokens, probe_attentive_acc1 of the tokens
-    themselves (V, N, D): each the cross-validated top-1 %."""
+    """Cross-validated top-1 %: probe_acc1 (linear) and probe_knn_acc1 of pooled tokens, probe_attentive_acc1 of all."""
     x = torch.cat([pool(t.float(), num_slots, pooling).cpu() for t in tokens.split(256)])  # (V, F)
     return dict(probe_acc1=cross_validate(linear_predict, x, y), probe_knn_acc1=cross_validate(knn_predict, x, y),
                 probe_attentive_acc1=cross_validate(attentive_predict, tokens, y.to(tokens.device)))
@@ -163,9 +155,8 @@ def reading(now: dict, start: dict, margin: float = 2.0) -> str:
 
 
 def encoder_of(model: torch.nn.Module):
-    """clips (B, 3, T, H, W) -> tokens (B, N, D): the encoder of a pretraining model as the trainer holds it
-    (plain, compiled, DDP or FSDP), on every cube. Under FSDP, `encode` is registered as a forward method, so
-    FSDP gathers the weights for it as it does for forward; every process must then take part."""
+    """clips (B, 3, T, H, W) -> tokens (B, N, D) of every cube, from a pretraining model as the trainer holds it
+    (plain, compiled, DDP; under FSDP, `encode` registered as a forward method: every process must take part)."""
     raw = model.module if isinstance(model, DDP) else model
     if not hasattr(raw.encode, "__wrapped__"):  # registered once; a no-op for a model that is not FSDP's
         from torch.distributed.fsdp import register_fsdp_forward_method
@@ -184,8 +175,7 @@ class Probe:
         self._cache = None  # [(clips, labels)] once read, if small enough
 
     def batches(self):
-        """(clips, labels) batches of the set: decoded once and kept while they fit in CACHE_BYTES, else
-        streamed from the loader at every probe (never more than one batch held beyond the cache)."""
+        """(clips, labels) batches: decoded once and kept if all fit in CACHE_BYTES, else streamed at every probe."""
         if self._cache is not None:
             yield from self._cache
             return
@@ -204,8 +194,7 @@ class Probe:
 
     @torch.no_grad()
     def features(self, model: torch.nn.Module, device: torch.device, precision: str = "fp32"):
-        """(tokens (V, N, D) on the device, as the encoder gives them under `precision`; labels (V,)) of the
-        whole set."""
+        """(tokens (V, N, D) on the device, as the encoder gives them under `precision`; labels (V,)) of the set."""
         xs, ys = [], []
         encode, was_training = encoder_of(model), model.training
         model.eval()
@@ -217,8 +206,7 @@ class Probe:
         return torch.cat(xs), torch.cat(ys)
 
     def __call__(self, model: torch.nn.Module, device: torch.device, precision: str = "fp32") -> dict:
-        """probe_acc1, probe_knn_acc1, probe_attentive_acc1 and probe_time_s (features and fits, wall clock)
-        for the model now."""
+        """probe_acc1, probe_knn_acc1, probe_attentive_acc1 and probe_time_s (features and fits, wall clock)."""
         start = time.time()
         result = scores(*self.features(model, device, precision), self.num_slots, self.pooling)
         return dict(**result, probe_time_s=round(time.time() - start, 2))

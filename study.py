@@ -9,20 +9,16 @@ The claims (the paper's Table 1, and its premise that self-supervised pretrainin
 (c)   a running-cell decoder mask at 75 % still matches V1.
 
 So the study pretrains a narrow ViT four ways, (a) V1, (b) running cell 50 %, (c) running cell 75 %, (d) random
-decoder mask 50 %, and fine-tunes every pretrained encoder and (e) a random one with the same flags, judging
-each claim at half the fine-tuning steps (validation top-1) and at all of them (the multi-view test). The
-frozen probe (probe.py) scores every encoder before pretraining (the random initial encoder), during it and
-at its end, beside. Arms that share a seed share its initial weights, data order and fine-tuning draws, so
-each claim is a paired comparison: the per-seed differences, their mean and Student's t interval (`paired`),
-and a verdict against a margin of MARGIN points (`verdict`). The recipes run as plain child processes
-(`python train_pretrain.py ...`, then `python train_finetune.py ...`); their log.txt files are read back.
+decoder mask 50 %, and fine-tunes each and (e) a random encoder alike (each recipe a child process), judging
+each claim at half the fine-tuning steps (validation top-1) and at all of them (the multi-view test); the frozen
+probe (probe.py) scores each encoder before, during and after pretraining. Arms of one seed share initial weights,
+data order and fine-tuning draws: each claim's per-seed differences get a t interval (`paired`) and a `verdict`.
 
     python study.py --quick                 # laptop: 2 CPU cores, under an hour
     python study.py                         # the full setting, for one GPU (112 px, 16 frames)
     python study.py --quick --seeds 0 1 2 3 4 5 6 7 --out output/study8
 
-Output in --out: results.json (every run's numbers), study.md (the arms and the claims) and study.png. A run
-whose result is already in --out is not run again, so an interrupted study resumes.
+Output in --out: results.json (every run's numbers; an interrupted study resumes from it), study.md, study.png.
 """
 import argparse
 import json
@@ -90,23 +86,16 @@ class Setting:
     test_num_crop: int = 1
 
 
-# Laptop: the demos' size and clips: 32 px, 8 frames, patch 8 (4 x 4 x 4 = 64 tokens), a 4-block 64-wide
-# encoder. Encoder mask 75 %, not the paper's 90 %: on a 4 x 4 frame 90 % leaves two patches visible per frame.
-# Fine-tuning: 20 epochs (1280 steps), where the gap between pretrained and random encoders is widest: pretrained
-# ones leave chance after 500-800 steps, random ones after about 1300 (docs/study.md).
+# Laptop: the demos' clips (32 px, 8 frames, patch 8: 64 tokens), a 4-block 64-wide encoder; encoder mask 75 % (90 %
+# leaves 2 patches per 4 x 4 frame); fine-tuning 20 epochs (1280 steps), where pretraining leads most (docs/study.md).
 QUICK = Setting(model="demo", input_size=32, num_frames=8, mask_ratio=0.75, pretrain_videos=1024, pretrain_epochs=20,
                 pretrain_batch=16, pretrain_lr=0.03, probe_every=10, probe_videos=2048, finetune_videos=1024,
                 finetune_epochs=20, finetune_batch=16, finetune_lr=1e-2)
 
-# One GPU: 112 px, 16 frames, patch 8 gives the paper's 8 x 14 x 14 = 1568-token grid; vmae.SIZES["study"] and
-# the paper's 90 % tube mask.
+# One GPU: 112 px, 16 frames, patch 8: the paper's 8 x 14 x 14 = 1568-token grid and 90 % tube; vmae.SIZES["study"].
 FULL = Setting(model="study", input_size=112, num_frames=16, mask_ratio=0.9, pretrain_videos=4096, pretrain_epochs=40,
                pretrain_batch=32, pretrain_lr=0.024, probe_every=10, probe_videos=2048, finetune_videos=2048,
                finetune_epochs=40, finetune_batch=32, finetune_lr=5e-3, test_num_segment=2, test_num_crop=3)
-
-
-# -----------------------------------------------------------------------------------------------------
-# The recipes' command lines
 
 
 def common_flags(setting: Setting, seed: int, out: Path, device: str, num_workers: int) -> list[str]:
@@ -130,9 +119,8 @@ def pretrain_argv(setting: Setting, arm: Arm, seed: int, out: Path, device: str,
 
 def finetune_argv(setting: Setting, checkpoint: Path | None, seed: int, out: Path, device: str,
                   num_workers: int) -> list[str]:
-    """train_finetune.py's flags for one downstream run: the same for every arm, only the initial weights
-    differ (a pretraining checkpoint, or none for the from-scratch arm). No mixup, cutmix or RandAugment, as
-    in the recipe's own demo on these clips."""
+    """train_finetune.py's flags, the same for every arm but the initial weights (a pretraining checkpoint, or
+    none: from scratch); no mixup, cutmix or RandAugment, as in the recipe's own demo on these clips."""
     init = ["--finetune", str(checkpoint)] if checkpoint is not None else []
     return [*common_flags(setting, seed, out, device, num_workers), *init,
             "--nb_classes", str(setting.nb_classes), "--synthetic_size", str(setting.finetune_videos),
@@ -142,14 +130,9 @@ def finetune_argv(setting: Setting, checkpoint: Path | None, seed: int, out: Pat
             "--test_num_segment", str(setting.test_num_segment), "--test_num_crop", str(setting.test_num_crop)]
 
 
-# -----------------------------------------------------------------------------------------------------
-# One run in its own process
-
-
 def run_recipe(script: str, argv: list[str], out: Path, threads: int) -> float:
-    """Run a recipe as a plain child process (`python train_pretrain.py ...`), its prints and progress bars
-    to out/stdout.txt, with `threads` torch threads; returns the child's own peak resident memory in MB
-    (ru_maxrss from os.wait4). A failed run stops the study with the end of its log."""
+    """Run a recipe as a child process with `threads` torch threads, its output to out/stdout.txt; returns its own
+    peak resident memory in MB (ru_maxrss). A failed run stops the study with the end of its log."""
     shutil.rmtree(out, ignore_errors=True)  # a run that did not finish before: start it again (log.txt appends)
     out.mkdir(parents=True)
     log_file = out / "stdout.txt"
@@ -164,29 +147,19 @@ def run_recipe(script: str, argv: list[str], out: Path, threads: int) -> float:
     return usage.ru_maxrss / (2 ** 20 if sys.platform == "darwin" else 2 ** 10)  # bytes on macOS, KiB on Linux
 
 
-# -----------------------------------------------------------------------------------------------------
-# Cost per clip
-
-
 def pretrain_cost(setting: Setting, arm: Arm) -> dict:
     """Per clip of one arm's pretraining: tokens the encoder and the decoder run on, and forward multiply-adds
     in G (the paper's "FLOPs"; PyTorch's counter gives 2 FLOPs per multiply-add), counted on the meta device."""
     cfg = vmae.config(setting.model, img_size=setting.input_size, num_frames=setting.num_frames,
                       decoder_depth=setting.decoder_depth)
     masks = masking.MaskConfig(cfg.grid, "tube", setting.mask_ratio, arm.decoder_mask_type, arm.decoder_mask_ratio)
-    forward, _ = train_pretrain.step_flops(cfg, 1, masks)
     return dict(encoder_tokens=masks.num_visible, decoder_tokens=masks.num_visible + masks.num_queries,
-                gflops_per_clip=forward / 2e9)
-
-
-# -----------------------------------------------------------------------------------------------------
-# The study
+                gflops_per_clip=train_pretrain.step_flops(cfg, 1, masks)[0] / 2e9)
 
 
 def run_arm(setting: Setting, arm: Arm, seed: int, out: Path, device: str, threads: int, num_workers: int) -> dict:
-    """Pretrain (unless from scratch) and fine-tune one arm with one seed; the numbers of both. Curves are
-    lists of [x, y]: the probe after each probed pretraining epoch (epoch 0: the random initial encoder), the
-    validation top-1 after each fine-tuning epoch by steps."""
+    """Pretrain (unless from scratch) and fine-tune one arm with one seed; the numbers of both. Curves are [x, y]
+    lists: the probe per probed pretraining epoch (0: the random encoder), validation top-1 by fine-tuning steps."""
     record = dict(arm=arm.name, seed=seed)
     checkpoint = None
     if arm.pretrained:
@@ -276,17 +249,15 @@ def paired(a: dict, b: dict) -> tuple[float, float, float, int]:
     return (*interval([a[s] - b[s] for s in seeds]), len(seeds))
 
 
-# A difference smaller than this many points of top-1 counts as "the same". The paper calls masks within 0.6
-# points of V1 a match (70.28 V1; 70.15, 69.65, 70.22 running cell 50, 75, 25 %) and a 5.3-point gap worse
-# (64.87 random 50 %); 2 points sits between, and was fixed before the study ran.
+# Points of top-1 within which a difference counts as "the same": the paper calls 0.6 from V1 a match (70.28 V1;
+# 70.15, 69.65, 70.22 running cell 50, 75, 25 %), 5.3 worse (64.87 random 50 %); 2, between, was fixed in advance.
 MARGIN = 2.0
 
 
 def verdict(kind: str, low: float, high: float, margin: float = MARGIN) -> str:
-    """A claim about a difference d, judged by d's interval [low, high]: kind "better" (d > 0) holds when
-    low > 0 and did not hold when high < margin (no gain of `margin` or more); "worse" (d < 0) holds when
-    high < 0 and did not hold when low > -margin; "same" (|d| < margin) holds when the whole interval lies
-    within ±margin and did not hold when it lies wholly outside. Anything else is undecided."""
+    """A claim about a difference d, judged by its interval [low, high]: "better" (d > 0) holds when low > 0, did
+    not when high < margin; "worse" (d < 0) holds when high < 0, did not when low > -margin; "same" (|d| < margin)
+    holds when the interval lies within ±margin, did not when wholly outside it. Anything else is undecided."""
     if math.isnan(low):
         return "undecided at this scale"
     held, failed = {"better": (low > 0, high < margin), "worse": (high < 0, low > -margin),
@@ -322,9 +293,8 @@ PROBES = ("probe_acc1", "probe_knn_acc1", "probe_attentive_acc1")
 
 
 def per_seed(records: list[dict], arm: str, metric: str) -> dict:
-    """{seed: value} of one arm's metric; arm "init" is the random initial encoder (the probe before
-    pretraining, the same weights for every pretrained arm of a seed); metric "half" is the validation
-    top-1 at the fine-tuning epoch closest to half the steps."""
+    """{seed: value} of one arm's metric; arm "init": the random initial encoder (the same for every pretrained arm
+    of a seed); metric "half": the validation top-1 at the fine-tuning epoch closest to half the steps."""
     if arm == "init":
         return {r["seed"]: r[metric.replace("probe_", "probe_init_")] for r in records
                 if metric.startswith("probe") and "probe_init_acc1" in r}
@@ -336,9 +306,8 @@ def per_seed(records: list[dict], arm: str, metric: str) -> dict:
 
 
 def claim_rows(records: list[dict], chance: float = 100 / 8) -> list[dict]:
-    """Every claim on every metric both of its arms have: the paired difference, its interval, the verdict.
-    A score that stays within MARGIN of chance (`chance` %) for both arms tells nothing about either, so such
-    a comparison is left undecided whatever its interval."""
+    """Every claim on every metric both of its arms have: the paired difference, its interval, the verdict. Scores
+    within MARGIN of chance (`chance` %) for both arms tell nothing, so such a comparison is left undecided."""
     rows = []
     for claim in CLAIMS:
         metrics = [(metric, name, claim.kind, MARGIN) for metric, name in METRICS.items()]
@@ -385,8 +354,7 @@ def table(records: list[dict]) -> str:
             values = [r[key] for r in rows if key in r]
             return with_interval(values, digits) if values else "-"
         if arm.pretrained:
-            mask = ("none (V1)" if arm.decoder_mask_ratio == 0
-                    else f"{arm.decoder_mask_type} {arm.decoder_mask_ratio:.0%}")
+            mask = f"{arm.decoder_mask_type} {arm.decoder_mask_ratio:.0%}" if arm.decoder_mask_ratio else "none (V1)"
             tokens = f"{runs[0]['encoder_tokens']} / {runs[0]['decoder_tokens']}"
             probes = [stat("probe_acc1", 1), stat("probe_knn_acc1", 1)]
             cells = [mask, tokens, f"{runs[0]['gflops_per_clip']:.3f}", stat("pretrain_time_s", 1),
@@ -421,8 +389,7 @@ def band(ax, curves: list, label: str, color: str) -> None:
 def figure(records: list[dict], nb_classes: int):
     """The probe over pretraining per arm; validation top-1 over fine-tuning steps; every claim's paired
     difference with its interval (shaded: ±MARGIN). Pretraining time is in the tables."""
-    import matplotlib.pyplot as plt  # after visualize chose the file backend
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2), gridspec_kw=dict(width_ratios=[1, 1, 1.5]))
+    fig, axes = visualize.plt.subplots(1, 3, figsize=(15, 4.2), gridspec_kw=dict(width_ratios=[1, 1, 1.5]))
     chance = 100 / nb_classes
     shown = [arm for arm in ARMS if any(r["arm"] == arm.name for r in records)]
     for i, arm in enumerate(shown):
@@ -457,10 +424,6 @@ def write_report(records: list[dict], setting: Setting, out: Path) -> None:
     engine.atomic_write(out / "study.md", lambda tmp: tmp.write_text(text))
     visualize.save(figure(records, setting.nb_classes), out / "study.png", dpi=80)
     print(f"wrote {out / 'results.json'}, {out / 'study.md'}, {out / 'study.png'}\n\n{text}")
-
-
-# -----------------------------------------------------------------------------------------------------
-# Command line
 
 
 def parse_args(argv=None) -> argparse.Namespace:

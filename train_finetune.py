@@ -1,12 +1,12 @@
 """Fine-tune VideoMAE V2: a pretrained encoder becomes a video classifier, tested on several views per video.
 
-The classifier (vmae.VideoClassifier) mean-pools the encoder's tokens into a LayerNorm and a linear head (no
-CLS token). The recipe is the reference's: AdamW with layer-wise learning-rate decay (block k of L at
-layer_decay^(L - k) times the head's rate, the cube embedding at layer_decay^(L + 1)), warmup then cosine,
-stochastic depth, data.py's augmentation of two clips per decoded video, mixup/cutmix and label smoothing.
-Every epoch scores each validation video's centre view and keeps checkpoint-best.pth. At the end, or with
---eval, the multi-view test averages the softmax of test_num_segment windows x test_num_crop crops ("16x5x3")
-per video: clip- and video-level accuracy, a per-class table and a confusion matrix.
+The recipe is the reference's: vmae.VideoClassifier (mean-pooled tokens, no CLS token), AdamW with layer-wise
+learning-rate decay (block k of L at layer_decay^(L - k) times the head's rate, the cube embedding at
+layer_decay^(L + 1)), warmup then cosine at --lr x batch_size x accum_iter x processes / 256 (--num_sample not
+counted), stochastic depth, data.py's augmentation of two clips per decoded video, mixup/cutmix and label
+smoothing. Every epoch scores each validation video's centre view and keeps checkpoint-best.pth. At the end, or
+with --eval, the multi-view test averages the softmax of test_num_segment windows x test_num_crop crops
+("16x5x3") per video: clip- and video-level accuracy, a per-class table and a confusion matrix.
 
 With no --data_path it fine-tunes on the built-in synthetic clips, labelled by the direction the main shape
 moves (8 classes). --finetune takes every public VideoMAE checkpoint (checkpoints.py); the model is the file's,
@@ -18,9 +18,6 @@ its input size and frame count the defaults. A file that would leave an encoder 
         --finetune vit_b_hybrid_pt_800e.pth                     # lists/ holds train.csv and val.csv
     python train_finetune.py --linear_probe --finetune ...      # frozen encoder, only the head learns
     torchrun --standalone --nproc_per_node=8 train_finetune.py ...   # one machine, 8 GPUs (DDP; --fsdp shards)
-
-The learning rate is --lr x batch_size (per process and micro-step) x accum_iter x processes / 256, the
---num_sample repeats not counted (as in the reference). The optimizer, processes, checkpoints and loop are engine.py's.
 """
 import argparse
 import json
@@ -41,18 +38,15 @@ import engine
 import visualize
 import vmae
 
-# The demo that runs without --data_path: the pretraining demo's model on the built-in classes (a --finetune
-# checkpoint's own size wins over these, and explicit flags win over both). No mixup, cutmix or
-# RandAugment: the labels are directions of motion, and 25 epochs of 64 steps are a short schedule.
+# The demo without --data_path: the pretraining demo's model on the built-in classes (a --finetune checkpoint's
+# size, then explicit flags, win). No mixup, cutmix or RandAugment: labels are directions, the schedule short.
 DEMO = dict(**engine.DEMO_CLIPS, nb_classes=8, batch_size=16, epochs=25, warmup_epochs=5, lr=1e-2, aa="none",
             mixup=0.0, cutmix=0.0, synthetic_size=1024, test_num_segment=2, num_workers=2)
 # --linear_probe: the usual protocol (MAE's): no stochastic depth, regularisation or heavy augmentation.
 LINEAR_PROBE = dict(drop_path=0.0, weight_decay=0.0, smoothing=0.0, mixup=0.0, cutmix=0.0, reprob=0.0, aa="none")
-# What --data_set sets, by the reference's names: Something-Something's classes depend on direction and order,
-# so it takes one frame per segment (TSN sampling) and no flips; the others dense windows and flips.
-DENSE, SEGMENTS = dict(sparse_sample=False, flip=True), dict(sparse_sample=True, flip=False)
-DATA_SETS = {"Kinetics-400": DENSE, "Kinetics-600": DENSE, "Kinetics-700": DENSE, "Kinetics-710": DENSE,
-             "SSV2": SEGMENTS, "UCF101": DENSE, "HMDB51": DENSE, "Diving48": DENSE, "MIT": DENSE}
+# --data_set's choices, by the reference's names (SSV2 is TSN-sampled and never flipped: see its help).
+DATA_SETS = ("Kinetics-400", "Kinetics-600", "Kinetics-700", "Kinetics-710", "SSV2", "UCF101", "HMDB51",
+             "Diving48", "MIT")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -72,8 +66,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     a("--warmup_epochs", type=Range(int, 0), default=5)
     a("--lr", type=Range(float, 0, open_low=True), default=1e-3, help="base learning rate per 256 videos")
     a("--min_lr", type=Range(float, 0), default=1e-6, help="base LR the cosine decays towards (scaled like --lr)")
-    a("--layer_decay", type=Range(float, 0, 1, open_low=True), default=0.75, help="LR scale per block from the top; "
-      "1 = none")
+    a("--layer_decay", type=Range(float, 0, 1, open_low=True), default=0.75, help="layer-wise LR decay; 1 = none")
     a("--weight_decay", type=Range(float, 0), default=0.05)
     a("--opt_betas", type=Range(float, 0, 1, open_high=True), nargs=2, default=[0.9, 0.999])
     a("--opt_eps", type=Range(float, 0, open_low=True), default=1e-8)
@@ -95,7 +88,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     a("--test_num_crop", type=Range(int, 1), default=3, help="test crops per window")
     a("--data_path", default=None, help="folder with train.csv / val.csv (/ test.csv), or with train/ val/ "
       "folders of class sub-folders; omitted: the built-in synthetic clips")
-    a("--data_set", default="Kinetics-400", choices=list(DATA_SETS), help="sets --sparse_sample and --flip: "
+    a("--data_set", default="Kinetics-400", choices=DATA_SETS, help="sets --sparse_sample and --flip: "
       "SSV2 one frame per segment and no flip (left and right are different classes), the others dense windows, flips")
     a("--sparse_sample", action=argparse.BooleanOptionalAction, default=None,
       help="one frame from each of --num_frames equal segments (default: from --data_set)")
@@ -118,9 +111,8 @@ class Setup(NamedTuple):
 
 
 def parse_args(argv=None) -> Setup:
-    """Each flag takes its value from the command line, else from the checkpoint it starts from (its model,
-    input and class count), else from --linear_probe's protocol, else from the demo (without --data_path),
-    else its default."""
+    """Each flag's value: the command line's, else the starting checkpoint's (model, input and class count), else
+    --linear_probe's protocol, else the demo's (without --data_path), else its default."""
     parser = get_args_parser()
     args = parser.parse_args(argv)
     start = engine.read_start(parser, args.finetune or args.resume)  # the model; its input and classes
@@ -133,9 +125,9 @@ def parse_args(argv=None) -> Setup:
                            DEMO if args.data_path is None else {})
     args.short_side_size = args.short_side_size or args.input_size
     if args.sparse_sample is None:
-        args.sparse_sample = DATA_SETS[args.data_set]["sparse_sample"]
+        args.sparse_sample = args.data_set == "SSV2"
     if args.flip is None:  # the built-in clips' labels are directions: never flipped
-        args.flip = DATA_SETS[args.data_set]["flip"] and args.data_path is not None
+        args.flip = args.data_set != "SSV2" and args.data_path is not None
     cfg = engine.config_from_flags(parser, args, given, start)
     engine.check_shared_flags(parser, args)
     if args.short_side_size < args.input_size:

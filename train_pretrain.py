@@ -3,8 +3,7 @@
 Each step draws the two masks on the device, runs the model on a batch of clips, and takes an AdamW step
 on the mean squared error of the cubes the encoder did not see and the decoder was asked for (vmae.py
 explains the method, masking.py the masks). With no --data_path it trains a small model on the built-in
-synthetic clips, sized to finish in minutes on a laptop CPU; any flag given explicitly wins over those
-demo settings.
+synthetic clips in minutes on a laptop CPU; explicit flags win over those demo settings.
 
     python train_pretrain.py                                          # the demo: built-in data, CPU or GPU
     python train_pretrain.py --data_path train.csv --data_root /videos --model base --batch_size 32
@@ -13,9 +12,8 @@ demo settings.
         --rdzv_backend=c10d --rdzv_endpoint=$MASTER_HOST:29500 train_pretrain.py ...   # 8 machines
     torchrun ... train_pretrain.py --model giant --fsdp --with_checkpoint --precision bf16  # shard ViT-g
 
---batch_size is per process and per micro-step; the learning rate is --lr x batch_size x accum_iter x
-processes / 256 (the reference's rule; clips from --num_sample repeats are not counted). What running a
-recipe takes beyond its model, data and loss (optimizer, processes, checkpoints, the loop) is in engine.py.
+--batch_size is per process and micro-step. The learning rate is --lr x batch_size x accum_iter x
+processes / 256 (the reference's rule; --num_sample repeats are not counted).
 """
 import argparse
 from pathlib import Path
@@ -62,13 +60,10 @@ def step_flops(cfg: vmae.VideoMAEConfig, batch: int, masks: masking.MaskConfig) 
 # -----------------------------------------------------------------------------------------------------
 # The command line
 
-# The demo that `python train_pretrain.py` runs when no --data_path is given; explicit flags still win.
-# The laptop size at 32 px (a 4 x 4 x 4 grid of 64 cubes), so that the fine-tuning demo can then learn the
-# clips' labels in minutes. The encoder sees 25 % of the cubes, not 10 %: 90 % of a 4 x 4 frame would
-# leave it two. It predicts raw pixels: with per-cube normalised targets the loss on these textured clips
-# stays near 1 for far longer than a laptop demo lasts, and raw pixels need no true cube statistics to draw.
-# The built-in clips have labels, so the demo probes the frozen encoder (probe.py) at the start, after 10 epochs
-# and at the end, beside the random encoder's scores, and says in one line whether it beats them.
+# The demo without --data_path (explicit flags win): the laptop size at 32 px (a 4 x 4 x 4 grid of 64 cubes), so the
+# fine-tuning demo then learns the clips' labels in minutes. The encoder sees 25 % of the cubes, not 10 % (90 % of
+# a 4 x 4 frame would leave it two), and predicts raw pixels (normalised targets on these textured clips keep the
+# loss near 1 far longer than the demo lasts). It probes the frozen encoder at the start, after 10 epochs, at the end.
 DEMO = dict(**engine.DEMO_CLIPS, mask_ratio=0.75, batch_size=16, epochs=20, warmup_epochs=2, lr=0.03, num_sample=1,
             num_workers=2, save_ckpt_freq=10, normalize_target=False, probe_every=10)
 
@@ -85,12 +80,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     a("--lr", type=Range(float, 0, open_low=True), default=1e-3, help="base learning rate per 256 clips")
     a("--min_lr", type=Range(float, 0), default=1e-5, help="base LR the cosine decays towards (scaled like --lr)")
     a("--weight_decay", type=Range(float, 0), default=0.05)
-    a("--weight_decay_end", type=Range(float, 0), default=None, help="cosine weight-decay schedule end (default: "
-      "constant)")
+    a("--weight_decay_end", type=Range(float, 0), default=None, help="cosine weight-decay end (default: constant)")
     a("--opt_betas", type=Range(float, 0, 1, open_high=True), nargs=2, default=[0.9, 0.95])
     a("--opt_eps", type=Range(float, 0, open_low=True), default=1e-8)
-    a("--clip_grad", type=Range(float, 0, open_low=True), default=None, help="max gradient norm (the giant recipe "
-      "uses 0.02)")
+    a("--clip_grad", type=Range(float, 0, open_low=True), default=None, help="max gradient norm (giant's recipe: 0.02)")
     a("--mask_type", default="tube", choices=list(masking.MASKS), help="encoder mask")
     a("--mask_ratio", type=Range(float, 0, 1, open_low=True, open_high=True), default=0.9, help="share of tokens "
       "hidden from the encoder")
@@ -104,8 +97,7 @@ def get_args_parser() -> argparse.ArgumentParser:
       help="predict per-cube normalised pixels")
     a("--data_path", default=None, help="list file (path start_idx total_frames, or one path per line) or a "
       "folder of videos; omitted: the built-in synthetic clips")
-    a("--synthetic_size", type=Range(int, 1), default=1024, help="videos in the built-in dataset (used when no "
-      "--data_path)")
+    a("--synthetic_size", type=Range(int, 1), default=1024, help="videos in the built-in dataset (without --data_path)")
     a("--normalize_on_device", action="store_true", help="data workers send uint8 crops and the device normalises "
       "them (the same numbers): a quarter of the bytes per clip, and more clips/s per worker")
     a("--output_dir", default="output/pretrain")
@@ -127,8 +119,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 class Setup(NamedTuple):
-    """What the command line asks for, resolved: the flags, the model, the masks on its grid, and the
-    checkpoint it starts from (--finetune), read once."""
+    """The command line resolved: flags, model, the masks on its grid, the --finetune checkpoint (read once)."""
     args: argparse.Namespace
     cfg: vmae.VideoMAEConfig
     masks: masking.MaskConfig
@@ -152,16 +143,6 @@ def parse_args(argv=None) -> Setup:
     return Setup(args, cfg, masks, start)
 
 
-def probe_of(args: argparse.Namespace, dist: engine.Dist) -> probe.Probe:
-    """--probe_every's labelled set: --probe_data, or --probe_size built-in clips after the pretraining videos."""
-    return probe.build_probe(args.probe_data, args.data_root, num_frames=args.num_frames,
-                             sampling_rate=args.sampling_rate, input_size=args.input_size,
-                             tubelet_size=args.tubelet_size, fname_tmpl=args.fname_tmpl,
-                             synthetic_videos=args.probe_size, first_index=args.synthetic_size,
-                             batch_size=args.batch_size * args.num_sample, pooling=args.probe_pooling,
-                             num_workers=args.num_workers, share=engine.file_share(dist))
-
-
 # -----------------------------------------------------------------------------------------------------
 # The run
 
@@ -175,8 +156,7 @@ def main(argv=None):
 
 
 def pretrain(setup: Setup, dist: engine.Dist) -> None:
-    """Everything that can fail on the user's input (data, weights, disk space, a resume) is checked before
-    the first step; then the epochs."""
+    """Check all that can fail on the user's input (data, weights, disk space, a resume), then run the epochs."""
     args, cfg, masks = setup.args, setup.cfg, setup.masks
     precision = engine.resolve_precision(args.precision, dist.device)
     engine.seed_everything(args.seed)  # the same initial weights on every process
@@ -186,7 +166,13 @@ def pretrain(setup: Setup, dist: engine.Dist) -> None:
         input_size=args.input_size, num_sample=args.num_sample, fname_tmpl=args.fname_tmpl,
         skip_bad_videos=args.skip_bad_videos, max_bad_fraction=args.max_bad_fraction,
         synthetic_videos=args.synthetic_size, uint8=args.normalize_on_device, share=engine.file_share(dist))
-    probe_set = probe_of(args, dist) if args.probe_every else None  # reads and checks --probe_data's list
+    probe_set = None
+    if args.probe_every:  # --probe_data (its list read and checked now), or built-in clips after the pretraining ones
+        probe_set = probe.build_probe(
+            args.probe_data, args.data_root, num_frames=args.num_frames, sampling_rate=args.sampling_rate,
+            input_size=args.input_size, tubelet_size=args.tubelet_size, fname_tmpl=args.fname_tmpl,
+            synthetic_videos=args.probe_size, first_index=args.synthetic_size, pooling=args.probe_pooling,
+            batch_size=args.batch_size * args.num_sample, num_workers=args.num_workers, share=engine.file_share(dist))
     model = vmae.PretrainVideoMAE(cfg).to(dist.device)
     if setup.start:
         dist.print(checkpoints.load_weights(model, setup.start))
@@ -213,12 +199,11 @@ def pretrain(setup: Setup, dist: engine.Dist) -> None:
     dist.print(f"model {args.model}: {n_params / 1e6:.1f}M parameters, {cfg.num_frames}x{cfg.img_size}, grid "
                f"{cfg.grid} = {cfg.num_tokens} tokens | {dist.device}, {precision}, {dist.world_size} process(es)"
                + (", FSDP" if args.fsdp else "") + (", compiled" if args.compile else ""))
-    dist.print(f"data: {'built-in synthetic clips' if args.data_path is None else args.data_path} ({len(dataset)} "
-               "videos)")
+    dist.print(f"data: {args.data_path or 'built-in synthetic clips'} ({len(dataset)} videos)")
+    decoder_mask = f"{args.decoder_mask_type} {args.decoder_mask_ratio}" if masks.dual else "V1"
     dist.print(f"target: {'per-cube normalised pixels' if args.normalize_target else 'raw pixels'}; masks per clip: "
                f"encoder sees {masks.num_visible} ({args.mask_type} {args.mask_ratio}), decoder predicts "
-               f"{masks.num_queries}" + (f" ({args.decoder_mask_type} {args.decoder_mask_ratio})" if masks.dual
-                                         else " (V1)") + f", loss on {int(one.in_loss.sum())}")
+               f"{masks.num_queries} ({decoder_mask}), loss on {int(one.in_loss.sum())}")
     dist.print(f"effective batch {videos_per_step} videos = {args.batch_size} x accum {args.accum_iter} x "
                f"{dist.world_size} process(es); x num_sample {args.num_sample} = {batches.clips_per_step} clips per "
                "step")
@@ -240,8 +225,7 @@ def pretrain(setup: Setup, dist: engine.Dist) -> None:
                    if start else "") for key, name in probe.NAMES.items())
                    + f" ({len(probe_set.dataset)} clips, {result['probe_time_s']} s)")
         return result
-    # before training: the random encoder's score, the level pretraining has to beat (in epoch 0's log line,
-    # as probe_init_acc1, ...; kept in the checkpoints until then, for a run stopped inside epoch 0)
+    # before training: the random encoder's score to beat (logged with epoch 0 as probe_init_*, checkpointed till then)
     trainer.extra["probe_init"] = state.get("probe_init", {}) if state else {}
     if probe_set and not start_epoch and not trainer.extra["probe_init"]:
         trainer.extra["probe_init"] = {k.replace("probe_", "probe_init_", 1): v for k, v in probed().items()}

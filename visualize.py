@@ -9,16 +9,12 @@ the loss, and what a pretrained model paints back.
     python visualize.py pca --checkpoint C         # the encoder's tokens as colours: what its features separate
     python visualize.py curves output/pretrain/log.txt other_run/log.txt --out curves.png
 
-Each figure has a row per temporal slot (one tubelet: a pair of frames; the row shows its first frame), and
-all but curves come with a GIF over the slots (recon --checkpoints: over the checkpoints). Each figure is drawn
-from its panels, made once for the PNG and the GIF: mask_panels, recon_panels, training_panels,
-heatmap_panels and pca_panels make them, the matching *_figure functions draw them as a matplotlib Figure
-(for the training scripts and notebooks), as curves_figure does for log.txt files.
+Each figure has a row per temporal slot (one tubelet; the row shows its first frame) and, but for curves, a GIF
+over the slots (recon --checkpoints: over the checkpoints). The *_panels functions make a figure's panels once
+for the PNG and the GIF; the matching *_figure functions draw them as a matplotlib Figure.
 
-A model trained on normalised targets predicts each cube's pixels up to its own mean and spread; the only
-way to draw them is to put back the true cube's mean and standard deviation, which makes the pictures
-look better than the model is. The recon figure says so in its title. A model trained with
---no-normalize_target predicts pixels and is drawn as it is.
+A model trained on normalised targets predicts each cube's pixels up to its own mean and spread: drawing them
+takes the true cube's mean and standard deviation, which flatters the model; the recon figure's title says so.
 """
 import argparse
 import json
@@ -61,8 +57,7 @@ def per_pixel(token_values: torch.Tensor, cfg: vmae.VideoMAEConfig) -> np.ndarra
     """(N,) per-token values -> (T', H, W): each value spread over its cube's pixels (one frame per slot)."""
     slots, h, w = cfg.grid
     grid = token_values.detach().cpu().reshape(slots, h, w)
-    p = cfg.patch_size
-    return grid.repeat_interleave(p, 1).repeat_interleave(p, 2).numpy()
+    return grid.repeat_interleave(cfg.patch_size, 1).repeat_interleave(cfg.patch_size, 2).numpy()
 
 
 def slot_frames(video: torch.Tensor, cfg: vmae.VideoMAEConfig) -> np.ndarray:
@@ -96,8 +91,7 @@ def grid_figure(panels: dict[str, np.ndarray], title: str, cmap_last: str | None
             last = cmap_last is not None and col == len(names) - 1
             ax.imshow(panels[name][row], cmap=cmap_last if last else None, vmin=0, vmax=vmax_last if last else None,
                       interpolation="nearest")
-            ax.set_xticks([])
-            ax.set_yticks([])
+            ax.set(xticks=[], yticks=[])
             if row == 0:
                 ax.set_title(name, fontsize=9)
             if col == 0:
@@ -107,10 +101,6 @@ def grid_figure(panels: dict[str, np.ndarray], title: str, cmap_last: str | None
     return fig
 
 
-# -----------------------------------------------------------------------------------------------------
-# Masks
-
-
 def mask_panels(video: torch.Tensor, drawn: masking.Masks, cfg: vmae.VideoMAEConfig) -> dict[str, np.ndarray]:
     """The masks figure's columns, each (T', H, W, 3), for one clip (3, T, H, W) and its masks (a batch of one)."""
     frames = slot_frames(video, cfg)
@@ -118,17 +108,14 @@ def mask_panels(video: torch.Tensor, drawn: masking.Masks, cfg: vmae.VideoMAECon
     queried = torch.zeros_like(hidden).index_fill_(0, drawn.queries[0], True)
     loss = hidden & queried
     overlay = frames * 0.35
-    for name, where in (("encoder sees", ~hidden), ("in the loss", loss),
-                        ("decoder query the encoder saw (not in the loss)", ~hidden & queried)):
+    for where, colour in zip((~hidden, loss, ~hidden & queried), OVERLAY.values()):  # in OVERLAY's order
         px = per_pixel(where, cfg)
-        overlay[px] = 0.35 * frames[px] + 0.65 * np.array(OVERLAY[name])
-    return {
-        "input": frames,
-        f"encoder sees {int((~hidden).sum())}": fill(frames, per_pixel(hidden, cfg), HIDDEN),
-        f"decoder queries {int(queried.sum())}": fill(frames, per_pixel(~queried, cfg), HIDDEN),
-        f"in the loss {int(loss.sum())}": fill(frames, per_pixel(~loss, cfg), HIDDEN),
-        "all three": overlay,
-    }
+        overlay[px] = 0.35 * frames[px] + 0.65 * np.array(colour)
+    return {"input": frames,
+            f"encoder sees {int((~hidden).sum())}": fill(frames, per_pixel(hidden, cfg), HIDDEN),
+            f"decoder queries {int(queried.sum())}": fill(frames, per_pixel(~queried, cfg), HIDDEN),
+            f"in the loss {int(loss.sum())}": fill(frames, per_pixel(~loss, cfg), HIDDEN),
+            "all three": overlay}
 
 
 def masks_figure(panels: dict, cfg: vmae.VideoMAEConfig, dual: bool, slots: int | None = None) -> plt.Figure:
@@ -139,16 +126,11 @@ def masks_figure(panels: dict, cfg: vmae.VideoMAEConfig, dual: bool, slots: int 
     return fig
 
 
-# -----------------------------------------------------------------------------------------------------
-# Reconstructions
-
-
 @torch.no_grad()
 def reconstruct(model: vmae.PretrainVideoMAE, video: torch.Tensor, drawn: masking.Masks,
                 normalize_target: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run the model on one clip (3, T, H, W) under its masks (a batch of one); returns the pixels of every
-    cube (N, t·p·p·3), predicted where the loss counts and the input elsewhere, and which cubes were
-    predicted (N,) bool."""
+    """One clip (3, T, H, W) under its masks (a batch of one) -> every cube's pixels (N, t·p·p·3), predicted
+    where the loss counts and the input elsewhere, and which cubes were predicted (N,) bool."""
     cfg = model.cfg
     pred = model.eval()(video[None], drawn.visible, drawn.queries)[0].float()  # (N_q, F)
     every = torch.arange(cfg.num_tokens)[None]
@@ -172,10 +154,9 @@ def recon_panels(model: vmae.PretrainVideoMAE, video: torch.Tensor, drawn: maski
     rebuilt = vmae.unpatchify(per_channel[None], cfg.grid, cfg.patch_size, cfg.tubelet_size)[0]  # (3, T, H, W)
     frames = slot_frames(video, cfg)
     recon = rebuilt.clamp(0, 1).permute(1, 2, 3, 0).numpy()[::cfg.tubelet_size]
-    hidden = per_pixel(drawn.encoder[0], cfg)
-    never = hidden & ~per_pixel(predicted, cfg)
-    error = np.abs(recon - frames).mean(axis=-1) * per_pixel(predicted, cfg)
-    recon = np.where(never[..., None], checkerboard(recon.shape), recon)
+    hidden, painted = per_pixel(drawn.encoder[0], cfg), per_pixel(predicted, cfg)
+    error = np.abs(recon - frames).mean(axis=-1) * painted
+    recon = np.where((hidden & ~painted)[..., None], checkerboard(recon.shape), recon)  # nobody saw or predicted
     return {"input": frames, "masked input": fill(frames, hidden, HIDDEN), "reconstruction": recon, "|error|": error}
 
 
@@ -208,10 +189,6 @@ def training_figure(panels: dict, normalize_target: bool, slots: int | None = No
                                f"({how})", slots=slots)
 
 
-# -----------------------------------------------------------------------------------------------------
-# What the model gets wrong, and what its features separate
-
-
 @torch.no_grad()
 def cube_loss(model: vmae.PretrainVideoMAE, video: torch.Tensor, masks: masking.MaskConfig, normalize_target: bool,
               draws: int = 32, seed: int = 0) -> torch.Tensor:
@@ -231,8 +208,7 @@ def cube_loss(model: vmae.PretrainVideoMAE, video: torch.Tensor, masks: masking.
 
 def heatmap_panels(model: vmae.PretrainVideoMAE, video: torch.Tensor, masks: masking.MaskConfig,
                    normalize_target: bool, draws: int = 32) -> dict[str, np.ndarray]:
-    """input | the per-cube loss (cube_loss) as a heat map over the clip | the loss alone (T', H, W), as a
-    share of the largest."""
+    """input | the per-cube loss (cube_loss) over the clip | the loss alone (T', H, W), a share of the largest."""
     loss = cube_loss(model, video, masks, normalize_target, draws).nan_to_num(0.0)
     top = float(loss.max()) or 1.0
     heat = per_pixel(loss / top, model.cfg)
@@ -274,10 +250,6 @@ def pca_figure(panels: dict, slots: int | None = None) -> plt.Figure:
     return grid_figure(panels, title, slots=slots)
 
 
-# -----------------------------------------------------------------------------------------------------
-# Curves
-
-
 def read_log(path: str | Path) -> list[dict]:
     with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]
@@ -291,11 +263,9 @@ def probe_points(rows: list[dict], key: str) -> list[tuple[int, float]]:
 
 
 def curves_figure(paths: list) -> plt.Figure:
-    """Loss and learning rate (and validation accuracy, and the frozen-encoder probe, if logged) per epoch,
-    one line per log.txt, so runs with different batch sizes compare on the same x axis. The probe panel
-    draws the linear probe solid, the k-NN dashed and the attentive one dotted (the runs' colours are named in
-    the loss panel), from the random encoder (epoch 0) on: where a line rises above its epoch 0, pretraining
-    taught the encoder something that probe can read."""
+    """Loss, learning rate (and validation accuracy, and the frozen-encoder probe, if logged) per epoch, so runs of
+    any batch size share the x axis, a line per log.txt. The probe: linear solid, k-NN dashed, attentive dotted,
+    from the random encoder (epoch 0) on; where a line rises above epoch 0, pretraining taught what that probe reads."""
     logs = {str(Path(p).parent.name or p): read_log(p) for p in paths}
     keys = ["train_loss", "train_lr"] + [k for k in ("val_acc1", "probe_acc1")
                                          if any(k in r for rs in logs.values() for r in rs)]
@@ -309,15 +279,13 @@ def curves_figure(paths: list) -> plt.Figure:
             for points, style, label in lines:
                 if points:
                     ax.plot(*zip(*points), style, marker=".", color=f"C{i}", label=label)
-        if key == "probe_acc1":
+        if key in ("train_loss", "probe_acc1"):  # the runs' colours are named in the loss panel
             ax.legend(fontsize=8)
-        ax.set_xlabel("epoch")
-        ax.set_title("probe top-1 % (frozen encoder)" if key == "probe_acc1" else key)
+        ax.set(xlabel="epoch", title="probe top-1 % (frozen encoder)" if key == "probe_acc1" else key)
         if key == "train_lr":
             ax.ticklabel_format(axis="y", style="sci", scilimits=(0, 0))
         if key == "train_loss":  # a log axis keeps the slow part of the fall visible after the first drop
             ax.set_yscale("log")
-    axes[0, 0].legend(fontsize=8)
     fig.tight_layout()
     return fig
 
@@ -331,14 +299,12 @@ def confusion_figure(confusion) -> plt.Figure:
     fig, ax = plt.subplots(figsize=(min(3 + 0.4 * k, 12), min(2.5 + 0.4 * k, 11.5)))
     image = ax.imshow(shares, cmap="Blues", vmin=0, vmax=1)
     if k <= 30:
-        ax.set_xticks(range(k))
-        ax.set_yticks(range(k))
+        ax.set(xticks=range(k), yticks=range(k))
         for (i, j), n in np.ndenumerate(counts):
             if n:
                 ax.text(j, i, int(n), ha="center", va="center", fontsize=7,
                         color="white" if shares[i, j] > 0.5 else "black")
-    ax.set_xlabel("predicted class")
-    ax.set_ylabel("true class")
+    ax.set(xlabel="predicted class", ylabel="true class")
     ax.set_title(f"video-level confusion ({int(counts.sum())} videos)", fontsize=10)
     fig.colorbar(image, ax=ax, fraction=0.046, label="share of the true class")
     fig.tight_layout()
@@ -350,16 +316,14 @@ def confusion_figure(confusion) -> plt.Figure:
 
 
 def save(fig: plt.Figure, path, dpi: int = 100) -> None:
-    """Write a figure (atomically: never half an image under its name) and free it (pyplot keeps every
-    figure it made until closed)."""
+    """Write a figure atomically (never half an image under its name) and free it (pyplot keeps it until closed)."""
     engine.atomic_write(Path(path), lambda tmp: fig.savefig(tmp, dpi=dpi))
     plt.close(fig)
 
 
 def save_gif(panels: dict[str, np.ndarray], path: Path, cmap_last: str | None = None, vmax_last: float = 0.5,
              titles: list[str] | None = None) -> None:
-    """An animation over the panels' first axis (the temporal slots, or the checkpoints of a training run),
-    with titles[i] above frame i if given."""
+    """An animation over the panels' first axis (slots, or a run's checkpoints), titles[i] above frame i if given."""
     names = list(panels)
     fig, axes = plt.subplots(1, len(names), figsize=(2.1 * len(names), 2.5 + 0.3 * bool(titles)), squeeze=False)
     images = []
@@ -382,8 +346,7 @@ def save_gif(panels: dict[str, np.ndarray], path: Path, cmap_last: str | None = 
 
 
 def load_clip(args) -> torch.Tensor:
-    """One (3, T, H, W) clip for the figure: the centre window of --video or --frames, else a held-out
-    built-in clip."""
+    """One (3, T, H, W) clip: the centre window of --video or --frames, else a held-out built-in clip."""
     if args.video or args.frames:
         return data.one_clip(args.video or args.frames, args.num_frames, args.input_size, args.sampling_rate,
                              args.fname_tmpl)
@@ -410,14 +373,8 @@ def checkpoint_label(path: Path) -> str:
     return f"{int(m.group(1)) + 1} epochs" if m else path.stem
 
 
-def side_by_side(images: np.ndarray) -> np.ndarray:
-    """(T', H, W, ...) -> (H, T'·W, ...): the slots of a clip in one row."""
-    return np.concatenate(list(images), axis=1)
-
-
 class Setup(NamedTuple):
-    """What the command line asks for, resolved: the flags, the checkpoints to draw (by label, read; none for
-    masks and curves), the model's config and the masks on its grid."""
+    """The flags, the checkpoints to draw (read, by label), the model's config and the masks on its grid."""
     args: argparse.Namespace
     starts: dict
     cfg: vmae.VideoMAEConfig | None
@@ -448,13 +405,12 @@ def parse_args(argv=None) -> Setup:
     a("--sampling_rate", type=Range(int, 1), default=4)
     a("--fname_tmpl", type=engine.frame_names, default="img_{:05}.jpg")
     a("--synthetic_size", type=Range(int, 1), default=1024, help="the --synthetic_size pretraining used")
-    a("--mask_type", default="tube", choices=list(masking.MASKS), help="default: the checkpoint's, else this")
-    a("--mask_ratio", type=Range(float, 0, 1, open_low=True, open_high=True), default=0.9, help="default: the "
-      "checkpoint's, else this")
-    a("--decoder_mask_type", default="run_cell", choices=list(masking.MASKS), help="default: the checkpoint's, else "
-      "this")
-    a("--decoder_mask_ratio", type=Range(float, 0, 1, open_high=True), default=0.5, help="default: the "
-      "checkpoint's, else this (0: no decoder mask, V1)")
+    theirs = "default: the checkpoint's, else this"
+    a("--mask_type", default="tube", choices=list(masking.MASKS), help=theirs)
+    a("--mask_ratio", type=Range(float, 0, 1, open_low=True, open_high=True), default=0.9, help=theirs)
+    a("--decoder_mask_type", default="run_cell", choices=list(masking.MASKS), help=theirs)
+    a("--decoder_mask_ratio", type=Range(float, 0, 1, open_high=True), default=0.5,
+      help=f"{theirs} (0: no decoder mask, V1)")
     a("--normalize_target", action=argparse.BooleanOptionalAction, default=True, help="recon, heatmap: what the "
       "model predicts (default: what the checkpoint was trained on)")
     a("--draws", type=Range(int, 1, 100000), default=32, help="heatmap: random masks to average each cube's loss over")
@@ -501,7 +457,6 @@ def load_model(start: checkpoints.Checkpoint, model: str | None = None) -> vmae.
 def main(argv=None):
     args, starts, cfg, masks = parse_args(argv)
     out = Path(args.out or f"{args.figure}.png")
-    out.parent.mkdir(parents=True, exist_ok=True)
     if args.figure == "curves":
         save(curves_figure(args.logs), out)
         print(f"wrote {out}")
@@ -518,7 +473,7 @@ def main(argv=None):
     elif args.figure == "recon" and args.checkpoints:  # the GIF: one frame per checkpoint, the slots in a row
         panels = training_panels(models, video, drawn, normalize)
         fig = training_figure(panels, normalize, args.slots)
-        rows = [side_by_side(panels[name][:args.slots]) for name in panels]
+        rows = [np.concatenate(list(images[:args.slots]), axis=1) for images in panels.values()]
         panels = {"input, masked input, reconstruction":
                   np.stack([np.concatenate([*rows[:2], row]) for row in rows[2:]])}
         gif = dict(titles=list(models))

@@ -19,8 +19,7 @@ the tokens mean-pooled into a LayerNorm and a linear head.
 
 Everything here matches the reference implementation (OpenGVLab/VideoMAEv2) number for number, and its
 state_dict keys and shapes, so its checkpoints load with strict=True and ours load into it (checkpoints.py
-reads the other published layouts into these names). Read top to bottom: config and sizes, building
-blocks, encoder, decoder, the pretraining model, target and loss, the classifier.
+reads the other published layouts into these names).
 """
 from dataclasses import dataclass, fields
 
@@ -30,8 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-# The model takes clips normalised per channel with ImageNet's mean and std (data.py makes them so); the
-# pixel target undoes it.
+# The model takes clips normalised per channel with ImageNet's mean and std (data.py); the pixel target undoes it.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -97,9 +95,8 @@ SIZES = {
     "huge": dict(embed_dim=1280, depth=32, num_heads=16, decoder_embed_dim=512, decoder_num_heads=8),
     "giant": dict(embed_dim=1408, depth=40, num_heads=16, decoder_embed_dim=512, decoder_num_heads=8,
                   patch_size=14, mlp_ratio=48 / 11),
-    # Not the paper's: the laptop demos' size, a 4-block 64-wide ViT on 8-pixel patches (32 px clips give a
-    # 4 x 4 grid). It learns the built-in clips' labels within minutes on a CPU; a ViT-S needs far more
-    # steps than a laptop run has before it leaves chance on them.
+    # Not the paper's: the laptop demos' size, a 4-block 64-wide ViT on 8-pixel patches (32 px: a 4 x 4 grid).
+    # It learns the built-in clips' labels in minutes on a CPU, where a ViT-S stays at chance for far longer.
     "demo": dict(embed_dim=64, depth=4, num_heads=2, decoder_embed_dim=64, decoder_num_heads=2, patch_size=8),
     # Not the paper's either: study.py's GPU setting, a 6-block 192-wide ViT on 8-pixel patches (112 px: 14 x 14).
     "study": dict(embed_dim=192, depth=6, num_heads=3, decoder_embed_dim=96, decoder_num_heads=3, patch_size=8),
@@ -161,10 +158,9 @@ def gather_tokens(x: Tensor, idx: Tensor) -> Tensor:
 
 
 class CubeEmbed(nn.Module):
-    """A Conv3d with kernel = stride = (t, p, p): one D-dim token per cube. The forward writes the same
-    convolution as one matmul of the flattened kernel (D, 3·t·p·p) with the cubes' pixels, so the
-    pretraining encoder embeds only the ~10 % of cubes it will see. The parameter stays a Conv3d weight
-    (D, 3, t, p, p), as in the reference."""
+    """A Conv3d with kernel = stride = (t, p, p): one D-dim token per cube, computed as one matmul of the
+    flattened kernel (D, 3·t·p·p) with the cubes' pixels, so the pretraining encoder embeds only the ~10 %
+    of cubes it will see. The parameter stays a Conv3d weight (D, 3, t, p, p), as in the reference."""
 
     def __init__(self, cfg: VideoMAEConfig):
         super().__init__()
@@ -180,9 +176,8 @@ class CubeEmbed(nn.Module):
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention with one fused qkv matmul. Query and value have a bias, the key has none
-    (the reference stores q_bias and v_bias and feeds a zero k bias; here the zeros are a fixed buffer, not
-    made anew in every forward, and not saved)."""
+    """Multi-head self-attention with one fused qkv matmul. Query and value have a bias (q_bias, v_bias, as
+    in the reference), the key a zero one: a fixed buffer, not made anew in every forward, and not saved."""
 
     def __init__(self, dim: int, num_heads: int):
         super().__init__()
@@ -279,16 +274,13 @@ class Encoder(nn.Module):
         self.blocks = make_blocks(cfg.embed_dim, cfg.depth, cfg.num_heads, cfg)
         self.norm = nn.LayerNorm(cfg.embed_dim, eps=1e-6) if final_norm else nn.Identity()
 
-    def check_input(self, video: Tensor) -> None:
+    def forward(self, video: Tensor, visible: Tensor | None = None) -> Tensor:
+        """video (B, 3, T, H, W), visible (B, N_vis) token indices or None for all -> (B, N_vis, D)."""
         expected = (3, self.cfg.num_frames, self.cfg.img_size, self.cfg.img_size)
         if video.dim() != 5 or tuple(video.shape[1:]) != expected:
             raise ValueError(f"video must be (B, {', '.join(map(str, expected))}) for this config "
                              f"(num_frames={self.cfg.num_frames}, img_size={self.cfg.img_size}); "
                              f"got {tuple(video.shape)}")
-
-    def forward(self, video: Tensor, visible: Tensor | None = None) -> Tensor:
-        """video (B, 3, T, H, W), visible (B, N_vis) token indices or None for all -> (B, N_vis, D)."""
-        self.check_input(video)
         x = self.patch_embed(video, visible)  # (B, N_vis, D)
         pos = self.pos_embed if visible is None else self.pos_embed[visible]  # (N, D) or (B, N_vis, D)
         x = x + pos.to(x.dtype)
@@ -330,27 +322,23 @@ class PretrainVideoMAE(nn.Module):
         self.encoder_to_decoder = nn.Linear(cfg.embed_dim, cfg.decoder_embed_dim, bias=False)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, cfg.decoder_embed_dim))
         self.register_buffer("pos_embed", sincos_table(cfg.num_tokens, cfg.decoder_embed_dim), persistent=False)
-        # The reference's init: xavier-uniform Linears inside encoder and decoder, LayerNorm (1, 0);
-        # encoder_to_decoder and the Conv3d keep PyTorch's default; mask_token is a normal truncated at ±1σ.
+        # The reference's init; encoder_to_decoder keeps PyTorch's default, mask_token is a normal cut at ±1σ.
         init_linear_and_norm(self.encoder, nn.init.xavier_uniform_)
         init_linear_and_norm(self.decoder, nn.init.xavier_uniform_)
         nn.init.trunc_normal_(self.mask_token, std=0.02, a=-0.02, b=0.02)
 
     def forward(self, video: Tensor, visible: Tensor, queries: Tensor) -> Tensor:
-        """video (B, 3, T, H, W), ImageNet-normalised; visible (B, N_vis) the positions the encoder sees;
-        queries (B, N_q) the positions the decoder predicts (masking.Masks has both) -> (B, N_q, 3·t·p²),
-        one row of cube pixels per query."""
+        """video (B, 3, T, H, W), ImageNet-normalised; visible (B, N_vis), the positions the encoder sees;
+        queries (B, N_q), those the decoder predicts (masking.Masks has both) -> (B, N_q, 3·t·p²) cube pixels."""
         x = self.encoder(video, visible)  # (B, N_vis, D)
         x = self.encoder_to_decoder(x)  # (B, N_vis, Dd)
         pos = self.pos_embed.to(x.dtype)  # (N, Dd)
-        # The decoder sees the encoded tokens first, then a mask token at every query; both carry their
-        # position in the table, so no reordering is needed.
+        # The encoded tokens first, then a mask token per query, each plus its position: nothing to reorder.
         x = torch.cat([x + pos[visible], self.mask_token.to(x.dtype) + pos[queries]], dim=1)  # (B, N_vis + N_q, Dd)
         return self.decoder(x, queries.shape[1])  # (B, N_q, 3·t·p²)
 
     def encode(self, video: Tensor) -> Tensor:
-        """The encoder on every cube of the clips, no mask: (B, 3, T, H, W) -> (B, N, D) tokens, e.g. for a
-        probe of what pretraining learned (probe.py)."""
+        """The encoder on every cube, no mask: (B, 3, T, H, W) -> (B, N, D), e.g. for probe.py's probes."""
         return self.encoder(video)
 
 
@@ -371,13 +359,10 @@ def imagenet_stats(like: Tensor) -> tuple[Tensor, Tensor]:
 def reconstruction_target(video: Tensor, positions: Tensor, patch_size: int, tubelet_size: int,
                           normalize: bool = True) -> Tensor:
     """(B, 3, T, H, W) normalised video, positions (B, M) -> (B, M, 3·t·p²): the pixels of those cubes,
-    channel fastest, as the decoder predicts them.
-
-    Undo the ImageNet normalisation (pixels in [0, 1]); with `normalize`, standardise each cube per colour
-    channel over its t·p·p pixels: (x - mean) / (unbiased std + 1e-6). This is the reference's formula
-    (MAE's norm_pix_loss instead pools all channels and puts the epsilon under the square root). The
-    reference hard-codes a tubelet of 2 here and normalises all N cubes before keeping the queried ones.
-    """
+    channel fastest, as the decoder predicts them. The ImageNet normalisation is undone (pixels in [0, 1]);
+    with `normalize`, each cube is standardised per colour channel over its t·p·p pixels: (x - mean) /
+    (unbiased std + 1e-6), the reference's formula (MAE's norm_pix_loss pools all channels and puts the
+    epsilon under the root). The reference hard-codes a tubelet of 2 and normalises all N cubes first."""
     cubes = gather_tokens(patchify(video.float(), patch_size, tubelet_size), positions)  # (B, M, 3, t·p·p)
     mean, std = imagenet_stats(cubes)  # (3,) each
     cubes = cubes * std[:, None] + mean[:, None]  # pixels in [0, 1]
@@ -388,9 +373,8 @@ def reconstruction_target(video: Tensor, positions: Tensor, patch_size: int, tub
 
 
 def pretrain_loss(pred: Tensor, target: Tensor, in_loss: Tensor) -> Tensor:
-    """Mean squared error per cube, averaged over every cube of the batch that counts (in_loss (B, N_q):
-    hidden from the encoder and predicted by the decoder): a token-weighted mean over the batch, not a
-    mean of per-clip means."""
+    """Mean squared error per cube, averaged over the batch's cubes that count (in_loss (B, N_q): hidden from
+    the encoder, predicted by the decoder): a token-weighted mean, not a mean of per-clip means."""
     per_cube = (pred.float() - target).pow(2).mean(dim=-1)  # (B, N_q)
     return (per_cube * in_loss).sum() / in_loss.sum().clamp(min=1)
 
@@ -400,14 +384,11 @@ def pretrain_loss(pred: Tensor, target: Tensor, in_loss: Tensor) -> Tensor:
 
 
 class VideoClassifier(Encoder):
-    """The encoder on all N tokens, mean-pooled, LayerNorm (`fc_norm`), dropout, linear head.
-
-    There is no CLS token: the clip's vector is the mean of all patch tokens, then `fc_norm`. (The
-    reference's `use_mean_pooling=False` path reads token 0, which is an ordinary patch token; it is not
-    offered here.) Keys are the reference fine-tune model's: patch_embed.*, blocks.*, fc_norm.*, head.*.
-    The pretraining encoder's final LayerNorm has no place here; fine-tuning starts a fresh fc_norm.
-    num_classes=0: no head (an identity), as the reference's and the Hugging Face V2 releases' encoders.
-    """
+    """The encoder on all N tokens, mean-pooled (no CLS token), LayerNorm (`fc_norm`), dropout, linear head.
+    (The reference's `use_mean_pooling=False` path reads token 0, an ordinary patch token: not offered.)
+    Keys are the reference fine-tune model's: patch_embed.*, blocks.*, fc_norm.*, head.*; the pretraining
+    encoder's final LayerNorm has no place here, fine-tuning starts a fresh fc_norm. num_classes=0: no head
+    (an identity), as the reference's and the Hugging Face V2 releases' encoders."""
 
     def __init__(self, cfg: VideoMAEConfig, num_classes: int, head_drop_rate: float = 0.0, init_scale: float = 0.001):
         super().__init__(cfg, final_norm=False)

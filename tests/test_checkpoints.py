@@ -100,7 +100,8 @@ def test_hugging_face_v2_release_folder(tmp_path):
     video = torch.randn(2, 3, 4, 32, 32)
     torch.testing.assert_close(pooled(model.eval(), video), pooled(source, video), atol=1e-6, rtol=0)
     classifier = vmae.VideoClassifier(cfg, 7)  # fine-tuning from it: a fresh head, said so
-    assert "starting fresh (the file has none for this model): head.weight, head.bias" in str(checkpoints.load_weights(classifier, checkpoint))
+    assert ("starting fresh (the file has none for this model): head.weight, head.bias"
+            in str(checkpoints.load_weights(classifier, checkpoint)))
 
 
 def test_hugging_face_v2_release_has_no_decoder(tmp_path):
@@ -155,7 +156,8 @@ def test_hugging_face_v1_key_bias_changes_nothing_and_is_dropped(tmp_path):
     the reference has none (a zero k bias, after BEiT: MCG-NJU/VideoMAE#41). Their model with a random key
     bias gives the outputs it gives without one, and ours, loaded from the file with it, gives them too."""
     transformers = pytest.importorskip("transformers")
-    hf_cfg = transformers.VideoMAEConfig.from_dict(checkpoints.hugging_face_config(micro(), "VideoMAEForVideoClassification", 5))
+    hf_cfg = transformers.VideoMAEConfig.from_dict(
+        checkpoints.hugging_face_config(micro(), "VideoMAEForVideoClassification", 5))
     hf = randomised(transformers.VideoMAEForVideoClassification(hf_cfg))
     video = torch.randn(2, 3, 4, 32, 32)
     with torch.no_grad():
@@ -175,7 +177,8 @@ def test_hugging_face_v1_key_bias_changes_nothing_and_is_dropped(tmp_path):
     assert not report.missing_keys and not report.unexpected_keys
     hf.fc_norm.eps = 1e-6  # transformers builds it with LayerNorm's default, whatever the config says
     with torch.no_grad():
-        torch.testing.assert_close(model.eval()(video), hf(pixel_values=video.transpose(1, 2)).logits, atol=1e-5, rtol=0)
+        torch.testing.assert_close(model.eval()(video), hf(pixel_values=video.transpose(1, 2)).logits,
+                                   atol=1e-5, rtol=0)
 
 
 # -----------------------------------------------------------------------------------------------------
@@ -196,8 +199,8 @@ def test_a_model_flag_that_contradicts_the_file_names_both(tmp_path):
 def test_a_width_the_table_lacks_needs_the_model_flag(tmp_path, monkeypatch):
     torch.save({"model": vmae.VideoClassifier(micro(), 5).state_dict()}, tmp_path / "bare.pth")
     checkpoint = checkpoints.read_checkpoint(tmp_path / "bare.pth")
-    with pytest.raises(checkpoints.CheckpointError, match=r"bare.pth \(read as the reference's\) does not tell the model's "
-                                                   r"size \(embed_dim 32, .*pass --model"):
+    with pytest.raises(checkpoints.CheckpointError, match=r"bare.pth \(read as the reference's\) does not tell the "
+                                                          r"model's size \(embed_dim 32, .*pass --model"):
         checkpoints.config_from_checkpoint(checkpoint)
     monkeypatch.setitem(vmae.SIZES, "micro", dict(MICRO))
     assert checkpoints.config_from_checkpoint(checkpoint, "micro").num_heads == MICRO["num_heads"]
@@ -248,7 +251,8 @@ def test_the_recipe_stops_instead_of_training_from_random(flag, tmp_path, monkey
         engine.run(tf.main, argv)
     err = capsys.readouterr().err
     assert stop.value.code == 2 and str(path) in err
-    expected = "would keep their random init" if flag == "--finetune" else "has no fc_norm.weight, fc_norm.bias, head.weight"
+    expected = ("would keep their random init" if flag == "--finetune"
+                else "has no fc_norm.weight, fc_norm.bias, head.weight")
     assert expected in err and not (tmp_path / "o" / "checkpoint-last.pth").exists()
 
 

@@ -67,7 +67,8 @@ def test_bf16_training_runs_on_flash_attention_and_stays_near_fp32():
     torch.manual_seed(0)
     cfg, model = small_on_gpu()
     video = torch.randn(4, 3, cfg.num_frames, cfg.img_size, cfg.img_size, device=CUDA)
-    enc, dec = masking.tube_mask(4, cfg.grid, 0.75, device=CUDA), masking.running_cell_mask(4, cfg.grid, 0.5, device=CUDA)
+    enc, dec = (masking.tube_mask(4, cfg.grid, 0.75, device=CUDA),
+                masking.running_cell_mask(4, cfg.grid, 0.5, device=CUDA))
     with torch.no_grad():
         full = model(video, enc, dec)
     with sdpa_kernel([SDPBackend.FLASH_ATTENTION]), torch.autocast("cuda", dtype=torch.bfloat16):
@@ -108,7 +109,8 @@ def test_compiled_step_is_one_graph_and_matches_eager_on_the_gpu(no_tf32):
     torch.manual_seed(0)
     cfg, model = small_on_gpu(depth=2, decoder_depth=1)
     video = torch.randn(2, 3, cfg.num_frames, cfg.img_size, cfg.img_size, device=CUDA)
-    enc, dec = masking.tube_mask(2, cfg.grid, 0.75, device=CUDA), masking.running_cell_mask(2, cfg.grid, 0.5, device=CUDA)
+    enc, dec = (masking.tube_mask(2, cfg.grid, 0.75, device=CUDA),
+                masking.running_cell_mask(2, cfg.grid, 0.5, device=CUDA))
     eager = pretrain_step(model, video, enc, dec)  # mask counts from the settings, as in the loop
     eager.backward()
     grads = [p.grad.clone() for p in model.parameters()]

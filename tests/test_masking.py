@@ -107,7 +107,8 @@ def test_masks_read_off_rows_with_different_counts_are_refused():
 def test_generator_makes_masks_reproducible():
     def draw(seed):
         g = torch.Generator().manual_seed(seed)
-        return masking.tube_mask(4, BASE_GRID, 0.9, generator=g), masking.running_cell_mask(4, BASE_GRID, 0.5, generator=g)
+        return (masking.tube_mask(4, BASE_GRID, 0.9, generator=g),
+                masking.running_cell_mask(4, BASE_GRID, 0.5, generator=g))
     a, b, c = draw(1), draw(1), draw(2)
     assert all(torch.equal(x, y) for x, y in zip(a, b))
     assert not torch.equal(a[0], c[0])

@@ -119,7 +119,8 @@ def substitute(argv: list[str], tmp_path: Path) -> list[str]:
     model = out[out.index("--model") + 1] if "--model" in out[:-1] else "base"
     for i, token in enumerate(out[:-1]):
         if token in PATH_FLAGS:
-            values = len(list(takewhile(lambda t: not t.startswith("-"), out[i + 1:]))) if token == "--checkpoints" else 1
+            values = (len(list(takewhile(lambda t: not t.startswith("-"), out[i + 1:])))
+                      if token == "--checkpoints" else 1)
             out[i + 1:i + 1 + values] = [stand_in(token, v, tmp_path, model) for v in out[i + 1:i + 1 + values]]
     return out
 
@@ -142,12 +143,14 @@ def check_script(script: str, argv: list[str], tmp_path: Path, monkeypatch) -> a
         with contextlib.redirect_stderr(stderr):
             return module.parse_args(argv)
     except SystemExit as e:
-        pytest.fail(f"{script} rejects {' '.join(argv)}:\n{stderr.getvalue()}{e.code if isinstance(e.code, str) else ''}")
+        pytest.fail(f"{script} rejects {' '.join(argv)}:\n"
+                    f"{stderr.getvalue()}{e.code if isinstance(e.code, str) else ''}")
 
 
 def requirement_names() -> set[str]:
     lines = (ROOT / "requirements.txt").read_text().splitlines()
-    return {re.split(r"[<>=!~ \[;#]", line.strip())[0].lower() for line in lines if line.strip() and not line.startswith("#")}
+    return {re.split(r"[<>=!~ \[;#]", line.strip())[0].lower()
+            for line in lines if line.strip() and not line.startswith("#")}
 
 
 def module_level_imports(path: Path) -> set[str]:
@@ -193,8 +196,8 @@ def check_ffmpeg(argv: list[str], tmp_path: Path) -> None:
     video = listed.read_text().split()[0]
     video = video if os.path.isabs(video) else str(listed.parent / video)
     output = tmp_path / "resized.mp4"
-    argv = [binary, "-loglevel", "error", "-y"] + [video if a == "input.mp4" else str(output) if a == "resized.mp4" else a
-                                                  for a in argv[1:]]
+    argv = [binary, "-loglevel", "error", "-y"] + [video if a == "input.mp4" else str(output) if a == "resized.mp4"
+                                                   else a for a in argv[1:]]
     assert video in argv and str(output) in argv, "the ffmpeg command no longer names input.mp4 and resized.mp4"
     subprocess.run(argv, check=True, timeout=60)
     cap = cv2.VideoCapture(str(output))
@@ -238,7 +241,8 @@ def test_a_renamed_flag_fails(tmp_path, monkeypatch, strict_argparse):
 def headings(text: str) -> set[str]:
     """GitHub's anchors for a page's headings (lines in fenced blocks are not headings)."""
     text = re.sub(r"^```.*?^```", "", text, flags=re.S | re.M)
-    return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-") for h in re.findall(r"^#+ (.*)$", text, flags=re.M)}
+    return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-")
+            for h in re.findall(r"^#+ (.*)$", text, flags=re.M)}
 
 
 @pytest.mark.parametrize("page", PAGES)
@@ -298,7 +302,8 @@ FILES = {
         "args": dict(model="small", input_size=96, num_frames=8, tubelet_size=2, decoder_depth=4)},
     "vit_g_hybrid_pt_1200e.pth": lambda: {  # a compiled run of the reference
         "model": {f"_orig_mod.{k}": v for k, v in vmae.PretrainVideoMAE(vmae.config("giant")).state_dict().items()}},
-    "vit_g_hybrid_pt_1200e_k710_ft.pth": lambda: {"module": vmae.VideoClassifier(vmae.config("giant"), 710).state_dict()},
+    "vit_g_hybrid_pt_1200e_k710_ft.pth": lambda: {
+        "module": vmae.VideoClassifier(vmae.config("giant"), 710).state_dict()},
     "label_710to400.json": lambda: list(range(400)),
     "videomae-base/pytorch_model.bin": lambda: hugging_face_pretraining_weights(vmae.config("base")),
 }
@@ -345,12 +350,15 @@ def loader_output(tmp_path: Path) -> list[str]:
     say(lambda: checkpoints.load_weights(vmae.VideoClassifier(cfg, 400), tmp_path / "pretrain.pth"))  # left out, fresh
     say(lambda: checkpoints.load_weights(vmae.VideoClassifier(cfg, 0), tmp_path / "classifier.pth"))  # no head here
     say(lambda: checkpoints.load_weights(vmae.VideoClassifier(cfg, 400), tmp_path / "classifier.pth"))  # dropping head
-    say(lambda: checkpoints.load_weights(vmae.VideoClassifier(cfg, 710), tmp_path / "no_fc_norm.pth"))  # head without fc_norm
+    # head without fc_norm
+    say(lambda: checkpoints.load_weights(vmae.VideoClassifier(cfg, 710), tmp_path / "no_fc_norm.pth"))
     say(lambda: checkpoints.load_weights(vmae.VideoClassifier(cfg, 710), tmp_path / "extra.pth"))  # fits nothing
-    say(lambda: checkpoints.load_weights(vmae.VideoClassifier(cfg, 710), tmp_path / "renamed.pth"))  # random init: stops
+    # random init: stops
+    say(lambda: checkpoints.load_weights(vmae.VideoClassifier(cfg, 710), tmp_path / "renamed.pth"))
     say(lambda: checkpoints.load_weights(vmae.PretrainVideoMAE(cfg), tmp_path / "classifier.pth"))  # no decoder
     say(lambda: checkpoints.load_weights(vmae.PretrainVideoMAE(cfg), tmp_path / "small.pth"))  # another size
-    say(lambda: checkpoints.config_from_checkpoint(checkpoints.read_checkpoint(tmp_path / "pretrain.pth"), "base"))  # --model
+    # --model
+    say(lambda: checkpoints.config_from_checkpoint(checkpoints.read_checkpoint(tmp_path / "pretrain.pth"), "base"))
     say(lambda: checkpoints.config_from_checkpoint(checkpoints.read_checkpoint(tmp_path / "pretrain.pth")))  # no size
     return [line.strip() for line in lines]
 
@@ -362,4 +370,5 @@ def test_quoted_loader_messages_are_what_it_prints(tmp_path):
     for line in "".join(blocks).strip().splitlines():
         pattern = ".+?".join(re.escape(part) for part in re.split(r"<[^>]+>", line.strip()))
         assert any(re.fullmatch(pattern, p) for p in printed), \
-            f"the docs quote a loader message that load_weights does not print:\n  {line}\nit prints:\n  " + "\n  ".join(printed)
+            f"the docs quote a loader message that load_weights does not print:\n  {line}\nit prints:\n  " \
+            + "\n  ".join(printed)

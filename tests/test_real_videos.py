@@ -67,9 +67,10 @@ def test_evaluation_leaves_out_an_unreadable_video_and_its_stand_in(videos, tmp_
     (lists / "val.csv").write_text((videos / "val.csv").read_text() + f"{tmp_path / 'broken.mp4'} 1\n")
     out = tmp_path / "out"
     weights = tmp_path / "weights.pth"
-    torch.save({"model": vmae.VideoClassifier(vmae.config("micro", img_size=32, num_frames=4), 4).state_dict()}, weights)
+    torch.save({"model": vmae.VideoClassifier(vmae.config("micro", img_size=32, num_frames=4), 4).state_dict()},
+               weights)
     tf.main([*SMALL, "--data_path", str(lists), "--data_root", str(videos), "--nb_classes", "4", "--eval",
-             "--finetune", str(weights), "--skip_bad_videos", "--max_bad_fraction", "0.5", "--test_num_segment", "2", "--test_num_crop", "1",
-             "--output_dir", str(out)])
+             "--finetune", str(weights), "--skip_bad_videos", "--max_bad_fraction", "0.5", "--test_num_segment", "2",
+             "--test_num_crop", "1", "--output_dir", str(out)])
     [test] = rows(out)
     assert test["test_videos"] == 4 and test["test_clips"] == 4 * 2  # 5 listed, 1 unreadable

@@ -79,7 +79,8 @@ def test_every_numeric_flag_states_its_valid_range(name, monkeypatch):
 def test_resume_with_a_changed_flag_is_refused_and_allowed_with_the_override(micro, tmp_path, capsys, monkeypatch):
     tp.main(cli(tmp_path, "--epochs", "1"))
     before = (tmp_path / "checkpoint-last.pth").read_bytes()
-    err = refused(tp.main, cli(tmp_path, "--epochs", "2", "--log_every", "1", "--num_workers", "1"), capsys, monkeypatch)
+    err = refused(tp.main, cli(tmp_path, "--epochs", "2", "--log_every", "1", "--num_workers", "1"),
+                  capsys, monkeypatch)
     assert "--epochs: 1 in the checkpoint, 2 now" in err and "--log_every" not in err and "--num_workers" not in err
     assert (tmp_path / "checkpoint-last.pth").read_bytes() == before and len(rows(tmp_path)) == 1  # nothing touched
 
@@ -134,7 +135,8 @@ def test_a_sigkill_between_an_epochs_writes_loses_nothing(tmp_path):
     assert torch.load(out / "checkpoint-last.pth", weights_only=True)["epoch"] == 1 and len(rows(out)) == 3
     assert run_killable(out) == 0
 
-    timeless = lambda rs: [{k: v for k, v in r.items() if not k.endswith(("time_s", "per_s"))} for r in rs]  # noqa: E731
+    timeless = lambda rs: [{k: v for k, v in r.items() if not k.endswith(("time_s", "per_s"))}  # noqa: E731
+                           for r in rs]
     assert timeless(rows(out)) == timeless(rows(tmp_path / "straight"))
     assert not list(out.glob(".*.tmp*")) and (out / ".lock").read_text() == ""
     for name in ("checkpoint-0.pth", "checkpoint-1.pth", "checkpoint-2.pth", "checkpoint-last.pth"):

@@ -108,7 +108,8 @@ def test_multi_view_test_equals_a_plain_recomputation(trained, tmp_path, segment
     assert reported["test_clip_acc1"] == pytest.approx(100 * clip_hits / len(test_set))
     assert reported["test_video_acc1"] == pytest.approx(100 * (probs.argmax(1) == labels).float().mean().item())
     table = (tmp_path / "per_class_accuracy.txt").read_text().splitlines()
-    assert len(table) == 1 + 8 and sum(int(line.split()[2]) for line in table[1:]) == round(reported["test_video_acc1"] * 8 / 100)
+    assert len(table) == 1 + 8
+    assert sum(int(line.split()[2]) for line in table[1:]) == round(reported["test_video_acc1"] * 8 / 100)
 
 
 def test_eval_of_a_resume_checkpoint_tests_its_weights(trained, tmp_path):
@@ -155,10 +156,12 @@ def test_two_process_fsdp_trains_the_same_weights_as_ddp(tmp_path):
     Same seeds, data and augmentations: the two runs must end with the same weights, and both must move."""
     run_processes(ddp_finetune, 2, str(tmp_path / "ddp"))
     run_processes(ddp_finetune, 2, str(tmp_path / "fsdp"), "--fsdp")
-    ddp, fsdp = (torch.load(tmp_path / run / "checkpoint-last.pth", weights_only=True)["model"] for run in ("ddp", "fsdp"))
+    ddp, fsdp = (torch.load(tmp_path / run / "checkpoint-last.pth", weights_only=True)["model"]
+                 for run in ("ddp", "fsdp"))
     assert all(type(v) is torch.Tensor for v in fsdp.values())  # gathered: no DTensor shards
     torch.manual_seed(0)  # the recipe's seed_everything(0) before building the model
-    start = vmae.VideoClassifier(vmae.config("small", **MICRO, img_size=32, num_frames=4), 8, init_scale=0.001).state_dict()
+    start = vmae.VideoClassifier(vmae.config("small", **MICRO, img_size=32, num_frames=4), 8,
+                                 init_scale=0.001).state_dict()
     for key in ddp:
         torch.testing.assert_close(fsdp[key], ddp[key], atol=1e-5, rtol=1e-4, msg=key)
     assert not torch.allclose(fsdp["blocks.0.attn.qkv.weight"], start["blocks.0.attn.qkv.weight"], atol=1e-5)
@@ -344,7 +347,8 @@ def test_reference_pretraining_encoder_into_a_classifier(tmp_path):
 def test_reference_classifier_gives_its_logits(tmp_path):
     entry = golden("finetune_tiny")
     model = vmae.VideoClassifier(config_from_reference(entry["official_kwargs"]), 5).eval()
-    checkpoints.load_weights(model, save(tmp_path, {"model": {f"backbone.{k}": v for k, v in entry["state_dict"].items()}}))
+    checkpoints.load_weights(model,
+                             save(tmp_path, {"model": {f"backbone.{k}": v for k, v in entry["state_dict"].items()}}))
     with torch.no_grad():
         torch.testing.assert_close(model(golden_video(entry)), entry["logits"], atol=1e-5, rtol=1e-4)
 

@@ -137,7 +137,8 @@ def test_one_run_writes_loadable_checkpoints_and_logs(micro, tmp_path, capsys):
     state = torch.load(tmp_path / "checkpoint-2.pth", weights_only=True)
     assert set(state) >= {"model", "optimizer", "epoch", "scaler", "args", "step"}
     assert state["epoch"] == 2 and state["step"] == 3 * 4
-    model = vmae.PretrainVideoMAE(checkpoints.config_from_checkpoint(checkpoints.read_checkpoint(tmp_path / "checkpoint-2.pth")))
+    model = vmae.PretrainVideoMAE(
+        checkpoints.config_from_checkpoint(checkpoints.read_checkpoint(tmp_path / "checkpoint-2.pth")))
     model.load_state_dict(state["model"], strict=True)  # plain keys, no module. / _orig_mod.
 
 
@@ -172,7 +173,8 @@ def test_normalising_on_the_device_trains_exactly_as_the_workers_normalising(mic
     """--normalize_on_device ships uint8 crops and normalises after the copy: the same clips, bit for bit."""
     for run, flags in (("workers", ()), ("device", ("--normalize_on_device",))):
         tp.main(cli(tmp_path / run, "--epochs", "1", *flags))
-    a, b = (torch.load(tmp_path / run / "checkpoint-last.pth", weights_only=True)["model"] for run in ("workers", "device"))
+    a, b = (torch.load(tmp_path / run / "checkpoint-last.pth", weights_only=True)["model"]
+            for run in ("workers", "device"))
     assert all(torch.equal(a[key], b[key]) for key in a)
 
 
@@ -439,7 +441,8 @@ def test_two_process_fsdp_matches_ddp_and_saves_a_plain_checkpoint(tmp_path):
     initial weights, data and masks), and the checkpoint one ordinary state dict."""
     run_processes(ddp_main, 2, str(tmp_path / "ddp"))
     run_processes(ddp_main, 2, str(tmp_path / "fsdp"), "--fsdp")
-    losses = [json.loads((tmp_path / run / "log.txt").read_text().splitlines()[0])["train_loss"] for run in ("ddp", "fsdp")]
+    losses = [json.loads((tmp_path / run / "log.txt").read_text().splitlines()[0])["train_loss"]
+              for run in ("ddp", "fsdp")]
     assert losses[1] == pytest.approx(losses[0], rel=1e-5)
     state = torch.load(tmp_path / "fsdp" / "checkpoint-last.pth", weights_only=True)
     model = vmae.PretrainVideoMAE(vmae.config("small", **MICRO, img_size=32, num_frames=4))

@@ -154,7 +154,8 @@ def test_command_line_writes_png_and_gif(tmp_path, monkeypatch):
     args, cfg, _, _ = tp.parse_args(["--model", "micro", "--input_size", "64", "--num_frames", "8"])
     checkpoint = tmp_path / "checkpoint.pth"
     torch.save({"model": vmae.PretrainVideoMAE(cfg).state_dict(), "args": vars(args)}, checkpoint)
-    visualize.main(["recon", "--checkpoint", str(checkpoint), "--synthetic_size", "4", "--out", str(tmp_path / "r.png")])
+    visualize.main(["recon", "--checkpoint", str(checkpoint), "--synthetic_size", "4",
+                    "--out", str(tmp_path / "r.png")])
     assert (tmp_path / "r.png").stat().st_size > 1000
 
 
@@ -178,7 +179,8 @@ def test_training_strip_shows_each_checkpoints_own_reconstruction_under_the_same
     panels = visualize.training_panels({"a": first, "b": second, "c": first}, video, drawn, False)
     assert list(panels) == ["input", "masked input", "a", "b", "c"]
     for name, model in (("a", first), ("b", second)):
-        np.testing.assert_array_equal(panels[name], visualize.recon_panels(model, video, drawn, False)["reconstruction"])
+        np.testing.assert_array_equal(panels[name],
+                                      visualize.recon_panels(model, video, drawn, False)["reconstruction"])
     np.testing.assert_array_equal(panels["a"], panels["c"])
     assert not np.allclose(panels["a"], panels["b"])
     other = vmae.PretrainVideoMAE(tiny(img_size=56))
@@ -232,7 +234,8 @@ def test_token_colours_give_cubes_the_encoder_represents_alike_one_colour():
 
 def test_command_line_draws_training_heatmap_and_pca(tmp_path, monkeypatch):
     monkeypatch.setitem(vmae.SIZES, "micro", {k: v for k, v in MICRO.items() if k != "decoder_depth"})
-    args, cfg, _, _ = tp.parse_args(["--model", "micro", "--input_size", "64", "--num_frames", "8", "--mask_ratio", "0.5"])
+    args, cfg, _, _ = tp.parse_args(["--model", "micro", "--input_size", "64", "--num_frames", "8",
+                                     "--mask_ratio", "0.5"])
     run = tmp_path / "run"
     run.mkdir()
     for epoch in (0, 4):
