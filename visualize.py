@@ -108,9 +108,10 @@ def mask_panels(video: torch.Tensor, drawn: masking.Masks, cfg: vmae.VideoMAECon
     queried = torch.zeros_like(hidden).index_fill_(0, drawn.queries[0], True)
     loss = hidden & queried
     overlay = frames * 0.35
-    for where, colour in zip((~hidden, loss, ~hidden & queried), OVERLAY.values()):  # in OVERLAY's order
+    for name, where in (("encoder sees", ~hidden), ("in the loss", loss),
+                        ("decoder query the encoder saw (not in the loss)", ~hidden & queried)):
         px = per_pixel(where, cfg)
-        overlay[px] = 0.35 * frames[px] + 0.65 * np.array(colour)
+        overlay[px] = 0.35 * frames[px] + 0.65 * np.array(OVERLAY[name])
     return {"input": frames,
             f"encoder sees {int((~hidden).sum())}": fill(frames, per_pixel(hidden, cfg), HIDDEN),
             f"decoder queries {int(queried.sum())}": fill(frames, per_pixel(~queried, cfg), HIDDEN),
