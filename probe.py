@@ -134,6 +134,11 @@ def attentive_predict(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torc
 NAMES = {"probe_acc1": "linear", "probe_knn_acc1": "k-NN", "probe_attentive_acc1": "attentive"}  # scores' keys
 
 
+def at_start(key: str) -> str:
+    """The log.txt key of a score of the random encoder a run starts from: probe_acc1 -> probe_init_acc1."""
+    return key.replace("probe_", "probe_init_", 1)
+
+
 def scores(tokens: torch.Tensor, y: torch.Tensor, num_slots: int, pooling: str = "slots") -> dict:
     """Cross-validated top-1 %: probe_acc1 (linear) and probe_knn_acc1 of pooled tokens, probe_attentive_acc1 of all."""
     x = torch.cat([pool(t.float(), num_slots, pooling).cpu() for t in tokens.split(256)])  # (V, F)
@@ -144,7 +149,7 @@ def scores(tokens: torch.Tensor, y: torch.Tensor, num_slots: int, pooling: str =
 def reading(now: dict, start: dict, margin: float = 2.0) -> str:
     """One line: the probes on which the encoder now beats the random encoder it started from (`start`: the
     probe_init_* scores) by more than `margin` points of top-1, or that it beats it on none."""
-    above = [name for key, name in NAMES.items() if now[key] > start[key.replace("probe_", "probe_init_")] + margin]
+    above = [name for key, name in NAMES.items() if now[key] > start[at_start(key)] + margin]
     return (f"probe: above the random encoder it started from on {', '.join(above)}" if above else "probe: not above "
             "the random encoder it started from on any probe: these frozen features do not show what pretraining "
             "learned (early in pretraining they seldom do; fine-tuning does: docs/study.md)")

@@ -37,6 +37,7 @@ import torch
 
 import engine
 import masking
+import probe
 import train_pretrain
 import visualize
 import vmae
@@ -169,8 +170,7 @@ def run_arm(setting: Setting, arm: Arm, seed: int, out: Path, device: str, threa
         epochs = visualize.read_log(pre_dir / "log.txt")
         record.update(pretrain_time_s=sum(e["epoch_time_s"] for e in epochs), pretrain_loss=epochs[-1]["train_loss"],
                       peak_memory_mb=peak_memory, **{key: epochs[-1][key] for key in PROBES},
-                      **{key.replace("probe_", "probe_init_"): epochs[0][key.replace("probe_", "probe_init_")]
-                         for key in PROBES},
+                      **{probe.at_start(key): epochs[0][probe.at_start(key)] for key in PROBES},
                       probe_time_s=sum(e.get("probe_time_s", 0) + e.get("probe_init_time_s", 0) for e in epochs),
                       probe_curve=[list(point) for point in visualize.probe_points(epochs, "probe_acc1")])
         checkpoint = pre_dir / "checkpoint-last.pth"
@@ -296,7 +296,7 @@ def per_seed(records: list[dict], arm: str, metric: str) -> dict:
     """{seed: value} of one arm's metric; arm "init": the random initial encoder (the same for every pretrained arm
     of a seed); metric "half": the validation top-1 at the fine-tuning epoch closest to half the steps."""
     if arm == "init":
-        return {r["seed"]: r[metric.replace("probe_", "probe_init_")] for r in records
+        return {r["seed"]: r[probe.at_start(metric)] for r in records
                 if metric.startswith("probe") and "probe_init_acc1" in r}
     runs = [r for r in records if r["arm"] == arm]
     if metric == "half":

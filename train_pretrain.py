@@ -220,15 +220,15 @@ def pretrain(setup: Setup, dist: engine.Dist) -> None:
 
     def probed() -> dict:  # every process takes part (FSDP gathers the weights); all get the same numbers
         result = probe_set(trainer.model, dist.device, precision)
-        start = {k.replace("probe_init_", "probe_", 1): v for k, v in trainer.extra["probe_init"].items()}
-        dist.print("probe top-1: " + ", ".join(f"{name} {result[key]:.1f} %" + (f" (random start {start[key]:.1f})"
-                   if start else "") for key, name in probe.NAMES.items())
+        start = trainer.extra["probe_init"]  # empty until the random encoder is scored
+        dist.print("probe top-1: " + ", ".join(f"{name} {result[key]:.1f} %" + (f" (random start "
+                   f"{start[probe.at_start(key)]:.1f})" if start else "") for key, name in probe.NAMES.items())
                    + f" ({len(probe_set.dataset)} clips, {result['probe_time_s']} s)")
         return result
     # before training: the random encoder's score to beat (logged with epoch 0 as probe_init_*, checkpointed till then)
     trainer.extra["probe_init"] = state.get("probe_init", {}) if state else {}
     if probe_set and not start_epoch and not trainer.extra["probe_init"]:
-        trainer.extra["probe_init"] = {k.replace("probe_", "probe_init_", 1): v for k, v in probed().items()}
+        trainer.extra["probe_init"] = {probe.at_start(key): value for key, value in probed().items()}
     for epoch in range(start_epoch, args.epochs):
         loss, steps, seconds = engine.train_epoch(trainer, batches, loss_of, epoch, lr_schedule, wd_schedule)
         stats = dict(epoch=epoch, train_loss=loss, train_lr=float(lr_schedule[steps - 1]),
