@@ -10,12 +10,14 @@ SIGTERM or SIGUSR1 stops a run after its current step with a checkpoint it resum
 the same run or stops: changed flags, other data, another model or non-finite numbers are named.
 """
 import argparse
+import atexit
 import contextlib
 import errno
 import fcntl
 import itertools
 import json
 import math
+import multiprocessing
 import os
 import random
 import shutil
@@ -291,6 +293,15 @@ def ignore_stop_signals(worker_id: int) -> None:
     """A data worker ignores SIGTERM and SIGUSR1 (sent to every process of a job): killed, it would end the run."""
     for stop in STOP_SIGNALS:
         signal.signal(stop, signal.SIG_IGN)
+
+
+@atexit.register
+def end_data_workers() -> None:
+    """At exit multiprocessing ends daemon children (data workers) with SIGTERM, then waits for them: a worker
+    that ignores it, left running by a loader an error interrupted, would hold the exit forever. SIGKILL them."""
+    for child in multiprocessing.active_children():
+        if child.daemon:
+            child.kill()
 
 
 def train_loader(dataset, batch_size: int, trainer: Trainer, num_workers: int) -> Batches:

@@ -114,11 +114,11 @@ engine.run(train_pretrain.main, sys.argv[1:])
 """
 
 
-def run_killable(out: Path, kill_at: int = 0) -> int:
+def run_killable(out: Path, kill_at: int = 0, *flags: str) -> subprocess.CompletedProcess:
     script = KILLABLE.format(root=str(ROOT), micro=MICRO)
     env = dict(os.environ, KILL_AT=str(kill_at), OMP_NUM_THREADS="1", MPLBACKEND="Agg")
-    flags = cli(out, "--epochs", "3", "--synthetic_size", "8", "--save_ckpt_freq", "1")
-    return subprocess.run([sys.executable, "-c", script, *flags], env=env, capture_output=True, timeout=600).returncode
+    flags = cli(out, "--epochs", "3", "--synthetic_size", "8", "--save_ckpt_freq", "1", *flags)
+    return subprocess.run([sys.executable, "-c", script, *flags], env=env, capture_output=True, text=True, timeout=300)
 
 
 def test_a_sigkill_between_an_epochs_writes_loses_nothing(tmp_path):
@@ -126,14 +126,15 @@ def test_a_sigkill_between_an_epochs_writes_loses_nothing(tmp_path):
     checkpoint-last.pth, which commits the epoch. Killed before epoch 1's log.txt (its checkpoint-1.pth
     already written), then before epoch 2's checkpoint-last.pth (its log line already written), then rerun:
     the files must be the uninterrupted run's, and no temporary file may be left."""
-    assert run_killable(tmp_path / "straight") == 0
+    assert run_killable(tmp_path / "straight").returncode == 0
     out = tmp_path / "killed"
-    assert run_killable(out, kill_at=5) == -signal.SIGKILL
+    assert run_killable(out, kill_at=5).returncode == -signal.SIGKILL
     assert torch.load(out / "checkpoint-last.pth", weights_only=True)["epoch"] == 0 and len(rows(out)) == 1
     assert list(out.glob(".*.tmp*"))  # what the kill left
-    assert run_killable(out, kill_at=6) == -signal.SIGKILL  # renames: 1 checkpoint-1, 2 log, 3 last; 4, 5, 6 epoch 2
+    # renames: 1 checkpoint-1, 2 log, 3 last; 4, 5, 6 epoch 2
+    assert run_killable(out, kill_at=6).returncode == -signal.SIGKILL
     assert torch.load(out / "checkpoint-last.pth", weights_only=True)["epoch"] == 1 and len(rows(out)) == 3
-    assert run_killable(out) == 0
+    assert run_killable(out).returncode == 0
 
     timeless = lambda rs: [{k: v for k, v in r.items() if not k.endswith(("time_s", "per_s"))}  # noqa: E731
                            for r in rs]
@@ -147,6 +148,16 @@ def test_a_sigkill_between_an_epochs_writes_loses_nothing(tmp_path):
             assert torch.equal(a["model"][key], b["model"][key]), f"{name}: {key}"
         for x, y in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
             assert all(torch.equal(x[k], y[k]) for k in x), name
+
+
+def test_a_run_ended_by_an_error_in_a_data_worker_exits(tmp_path):
+    """A data worker that meets an unreadable video ends the run with an error, and the worker, whose loader
+    the error interrupted, is still running: it ignores SIGTERM, with which multiprocessing ends workers at
+    exit, so the run must end it otherwise or wait for it forever."""
+    (tmp_path / "garbage.mp4").write_bytes(os.urandom(5000))
+    (tmp_path / "corrupt.csv").write_text(f"{tmp_path}/garbage.mp4\n" * 4)
+    run = run_killable(tmp_path / "out", 0, "--data_path", str(tmp_path / "corrupt.csv"), "--num_workers", "1")
+    assert run.returncode == 2 and "garbage.mp4: OpenCV cannot open it" in run.stderr
 
 
 # -----------------------------------------------------------------------------------------------------
