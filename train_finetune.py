@@ -165,6 +165,7 @@ def build_model(setup: Setup, dist: engine.Dist) -> vmae.VideoClassifier:
     model = vmae.VideoClassifier(setup.cfg, args.nb_classes, args.head_drop_rate, args.init_scale)
     if setup.start:  # --finetune C, or --eval --resume C: C's weights only
         loaded = checkpoints.load_weights(model, setup.start, setup.label_map)
+        setup.start.weights.clear()  # loaded: the file's tensors need not stay in memory for the run
         dist.print(loaded)
         if args.eval and loaded.missing_keys:
             raise engine.RunError(f"--eval: {setup.start.path} has no {checkpoints.listed(loaded.missing_keys)} for "
@@ -315,7 +316,6 @@ def finetune(setup: Setup, dist: engine.Dist) -> None:
     engine.seed_everything(args.seed)  # the same initial weights on every process
 
     model = build_model(setup, dist).to(dist.device)
-    setup = setup._replace(start=None)  # loaded: the file's tensors need not stay in memory for the run
     n_params = sum(p.numel() for p in model.parameters())
     n_trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
     trainer = engine.build_trainer(model, dist, precision, Path(args.output_dir), weight_decay=args.weight_decay,

@@ -176,7 +176,7 @@ def pretrain(setup: Setup, dist: engine.Dist) -> None:
     model = vmae.PretrainVideoMAE(cfg).to(dist.device)
     if setup.start:
         dist.print(checkpoints.load_weights(model, setup.start))
-    setup = setup._replace(start=None)  # loaded: the file's tensors need not stay in memory for the run
+        setup.start.weights.clear()  # loaded: the file's tensors need not stay in memory for the run
     n_params = sum(p.numel() for p in model.parameters())
     trainer = engine.build_trainer(model, dist, precision, Path(args.output_dir), weight_decay=args.weight_decay,
                                    betas=args.opt_betas, eps=args.opt_eps, fsdp=args.fsdp, compile=args.compile,

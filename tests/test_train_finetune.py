@@ -15,10 +15,12 @@ import data
 import engine
 import masking
 import train_finetune as tf
+import train_pretrain as tp
 import vmae
 from conftest import assert_probe, config_from_reference, export_videos, golden, golden_video
 from test_train_pretrain import micro, refused  # noqa: F401 (micro is a fixture)
 from test_train_pretrain import MICRO, run_processes, torchrun_env
+from test_train_pretrain import cli as pretrain_cli
 
 
 def cli(out, *extra):
@@ -135,6 +137,25 @@ def ddp_finetune(rank: int, world: int, port: int, out: str, *flags: str):
     vmae.SIZES["micro"] = MICRO  # this process's own copy of the table
     tf.main(cli(out, "--synthetic_size", "12", "--batch_size", "2", "--test_num_segment", "1", "--test_num_crop", "1",
                 *flags))
+
+
+@pytest.mark.parametrize("recipe", ["pretrain", "finetune"])
+def test_the_starting_checkpoints_tensors_are_freed_once_loaded(recipe, micro, tmp_path, monkeypatch):
+    """A ViT-g checkpoint is 4 GB: once the model holds its weights, the run must not keep the file's copy."""
+    read, loaded_left = [], []
+    read_checkpoint, build_trainer = checkpoints.read_checkpoint, engine.build_trainer
+    monkeypatch.setattr(checkpoints, "read_checkpoint", lambda path: read.append(read_checkpoint(path)) or read[-1])
+    monkeypatch.setattr(engine, "build_trainer", lambda *a, **k: loaded_left.append(len(read[0].weights))
+                        or build_trainer(*a, **k))
+    model = vmae.PretrainVideoMAE(vmae.config("micro", img_size=32, num_frames=4))
+    torch.save({"model": model.state_dict()}, tmp_path / "pretrained.pth")
+    start = ["--finetune", str(tmp_path / "pretrained.pth"), "--epochs", "1"]
+    if recipe == "pretrain":
+        tp.main(pretrain_cli(tmp_path / "out", *start, "--synthetic_size", "8", "--probe_every", "0"))
+    else:
+        tf.main(cli(tmp_path / "out", *start, "--synthetic_size", "8", "--test_num_segment", "1",
+                    "--test_num_crop", "1"))
+    assert loaded_left == [0]
 
 
 def test_two_processes_count_every_video_once(tmp_path):
