@@ -24,12 +24,14 @@ every listed file is checked before training (a stat; evaluation sets decode eve
 skip_bad_videos an unreadable video is logged, counted and replaced by another, up to max_bad_fraction of the
 dataset, past which the run stops and lists the bad files.
 """
+import atexit
 import hashlib
 import logging
 import math
 import multiprocessing
 import os
 import re
+import signal
 import sys
 from functools import partial
 from typing import Callable, NamedTuple, Sequence
@@ -662,6 +664,23 @@ def rand_augment(frames: np.ndarray, rng: np.random.Generator, magnitude: float 
 # -----------------------------------------------------------------------------------------------------
 # Datasets
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # what a scheduler sends before a kill, or ahead of a time limit
+
+
+def ignore_stop_signals(worker_id: int) -> None:
+    """Every loader's worker_init_fn in a run: a scheduler signals every process of a job, and a worker killed by
+    it would end the run with a traceback before the main process writes its checkpoint (engine.run)."""
+    for stop in STOP_SIGNALS:
+        signal.signal(stop, signal.SIG_IGN)
+
+
+@atexit.register
+def end_data_workers() -> None:
+    """At exit multiprocessing SIGTERMs, then joins, leftover workers, which ignore SIGTERM: SIGKILL them first."""
+    for child in multiprocessing.active_children():
+        if child.daemon:
+            child.kill()
+
 
 class Share(NamedTuple):
     """A check split over processes (engine.file_share): this one takes items rank, rank + world, ..., and
@@ -701,7 +720,7 @@ class _Clips(torch.utils.data.Dataset):
         if self.evaluated:  # the loader's collate_fn runs in its workers: they decode
             readable = [i for i in mine if i not in dict(bad)]
             decoded = torch.utils.data.DataLoader(readable, batch_size=None, num_workers=num_workers,
-                                                  collate_fn=self.unreadable)
+                                                  collate_fn=self.unreadable, worker_init_fn=ignore_stop_signals)
             bad += [(i, why) for i, why in zip(readable, decoded) if why]
         if share.world > 1:
             bad = sorted(sum(share.gather(bad), []))

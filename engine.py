@@ -10,14 +10,12 @@ SIGTERM or SIGUSR1 stops a run after its current step with a checkpoint it resum
 the same run or stops: changed flags, other data, another model or non-finite numbers are named.
 """
 import argparse
-import atexit
 import contextlib
 import errno
 import fcntl
 import itertools
 import json
 import math
-import multiprocessing
 import os
 import random
 import shutil
@@ -289,21 +287,6 @@ class Batches(NamedTuple):
     clips_per_step: int  # over all processes and micro-batches, num_sample repeats included
 
 
-def ignore_stop_signals(worker_id: int) -> None:
-    """A data worker ignores SIGTERM and SIGUSR1 (sent to every process of a job): killed, it would end the run."""
-    for stop in STOP_SIGNALS:
-        signal.signal(stop, signal.SIG_IGN)
-
-
-@atexit.register
-def end_data_workers() -> None:
-    """At exit multiprocessing ends daemon children (data workers) with SIGTERM, then waits for them: a worker
-    that ignores it, left running by a loader an error interrupted, would hold the exit forever. SIGKILL them."""
-    for child in multiprocessing.active_children():
-        if child.daemon:
-            child.kill()
-
-
 def train_loader(dataset, batch_size: int, trainer: Trainer, num_workers: int) -> Batches:
     """Each process takes its own shuffled share of the dataset, whole batches only."""
     dist = trainer.dist
@@ -311,7 +294,7 @@ def train_loader(dataset, batch_size: int, trainer: Trainer, num_workers: int) -
                                drop_last=True)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=True,
                                          num_workers=num_workers, pin_memory=dist.device.type == "cuda",
-                                         worker_init_fn=ignore_stop_signals)
+                                         worker_init_fn=data.ignore_stop_signals)
     steps_per_epoch = len(loader) // trainer.accum_iter
     if steps_per_epoch == 0:
         raise RunError(f"--batch_size {batch_size} x --accum_iter {trainer.accum_iter} x {dist.world_size} processes "
@@ -399,7 +382,6 @@ def check_finite(first_bad: torch.Tensor, lr_schedule, trainer: Trainer) -> None
 
 
 PREEMPTED = 3  # the exit code of a run stopped by a signal after writing its step checkpoint
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # what a scheduler sends before a kill, or ahead of a time limit
 
 
 class Preempted(Exception):
@@ -936,9 +918,10 @@ USER_ERRORS = (RunError, checkpoints.CheckpointError, vmae.ConfigError, masking.
                data.VideoError, FileNotFoundError)
 
 
-def run(main: Callable, argv=None) -> None:
-    """Run a command-line `main`: a user error exits 2 with `error: <message>`, a stop by a signal exits PREEMPTED."""
-    before = {number: signal.signal(number, STOP.handle) for number in STOP_SIGNALS}
+def run(main: Callable, argv=None, preemptible: bool = False) -> None:
+    """Run a command-line `main`: a user error exits 2 with `error: <message>`. A preemptible one (a recipe) turns
+    data.STOP_SIGNALS into a stop after the current step (exit PREEMPTED); a tool dies of them as usual."""
+    before = {number: signal.signal(number, STOP.handle) for number in data.STOP_SIGNALS} if preemptible else {}
     STOP.signal = None
     try:
         main(argv)

@@ -184,7 +184,8 @@ class Probe:
         if self._cache is not None:
             yield from self._cache
             return
-        loader = torch.utils.data.DataLoader(self.dataset, batch_size=self.batch_size, num_workers=self.num_workers)
+        loader = torch.utils.data.DataLoader(self.dataset, batch_size=self.batch_size, num_workers=self.num_workers,
+                                             worker_init_fn=data.ignore_stop_signals)
         kept, size = [], 0
         for clips, labels in loader:
             batch = (clips, torch.as_tensor(labels))

@@ -232,7 +232,8 @@ def evaluate(model, dataset: data.FinetuneDataset, args, dist: engine.Dist, prec
     softmax summed over its views; views (V,), how many; labels (V,); over single clips, loss, acc1, acc5, clips."""
     batch_size = int(1.5 * args.batch_size)  # no gradients to keep: evaluation takes larger batches
     loader = torch.utils.data.DataLoader(Shard(dataset, dist.rank, dist.world_size), batch_size=batch_size,
-                                         num_workers=args.num_workers, pin_memory=dist.device.type == "cuda")
+                                         num_workers=args.num_workers, pin_memory=dist.device.type == "cuda",
+                                         worker_init_fn=data.ignore_stop_signals)
     videos, k, dev = len(dataset.source), args.nb_classes, dist.device
     probs, views = torch.zeros(videos, k, device=dev), torch.zeros(videos, device=dev)
     labels = torch.full((videos,), -1, device=dev)
@@ -375,4 +376,4 @@ def train(trainer: engine.Trainer, args, train_set: data.FinetuneDataset, val_se
 
 
 if __name__ == "__main__":
-    engine.run(main)
+    engine.run(main, preemptible=True)

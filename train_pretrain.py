@@ -261,4 +261,4 @@ def final_figures(weights: dict, setup: Setup, out: Path) -> None:
 
 
 if __name__ == "__main__":
-    engine.run(main)
+    engine.run(main, preemptible=True)

@@ -110,7 +110,7 @@ def replace_or_die(src, dst):  # the n-th file put in place: SIGKILL just before
     replace(src, dst)
 
 os.replace = replace_or_die
-engine.run(train_pretrain.main, sys.argv[1:])
+engine.run(train_pretrain.main, sys.argv[1:], preemptible=True)
 """
 
 
@@ -579,7 +579,7 @@ def test_sigterm_stops_after_the_step_and_the_rerun_ends_bit_identical(micro, tm
     tp.main(cli(tmp_path / "straight", *flags))
     monkeypatch.setattr(engine, "set_schedules", at_step(5, lambda: signal.raise_signal(signal.SIGTERM)))
     with pytest.raises(SystemExit) as stop:
-        engine.run(tp.main, cli(tmp_path / "stopped", *flags))
+        engine.run(tp.main, cli(tmp_path / "stopped", *flags), preemptible=True)
     err = capsys.readouterr().err
     assert stop.value.code == engine.PREEMPTED
     assert "SIGTERM: stopping after this optimizer step" in err and "after optimizer step 2 of 4 of epoch 1" in err
@@ -587,9 +587,49 @@ def test_sigterm_stops_after_the_step_and_the_rerun_ends_bit_identical(micro, tm
     assert state["epoch"] == 0 and state["resume_at"]["steps"] == 2 and len(rows(tmp_path / "stopped")) == 1
     monkeypatch.undo()
     monkeypatch.setitem(vmae.SIZES, "micro", MICRO)
-    engine.run(tp.main, cli(tmp_path / "stopped", *flags))
+    engine.run(tp.main, cli(tmp_path / "stopped", *flags), preemptible=True)
     assert "continuing at step 2 of epoch 1" in capsys.readouterr().out
     same_run(tmp_path / "straight", tmp_path / "stopped")
+
+
+SIGNALLED_IN_VALIDATION = """
+import os, signal, sys
+sys.path.insert(0, {root!r})
+import data, engine, train_finetune, vmae
+vmae.SIZES["micro"] = {micro!r}
+item = data.FinetuneDataset.__getitem__
+
+def signal_the_job(self, index):  # a validation worker's first item: a scheduler's SIGTERM to the whole job
+    if self.mode == "validation" and not os.environ.get("SIGNALLED"):
+        os.environ["SIGNALLED"] = "1"
+        os.killpg(0, signal.SIGTERM)
+    return item(self, index)
+
+data.FinetuneDataset.__getitem__ = signal_the_job
+engine.run(train_finetune.main, sys.argv[1:], preemptible=True)
+"""
+
+
+def test_sigterm_to_every_process_during_validation_stops_at_the_epochs_checkpoint(tmp_path):
+    """A scheduler signals every process of the job, data workers too: the validation loader's workers must
+    outlive it, so the epoch is validated, saved, and the run exits PREEMPTED (no worker-died traceback)."""
+    argv = ["--model", "micro", "--input_size", "32", "--num_frames", "4", "--batch_size", "4", "--epochs", "2",
+            "--synthetic_size", "16", "--num_workers", "1", "--device", "cpu", "--output_dir", str(tmp_path)]
+    script = SIGNALLED_IN_VALIDATION.format(root=str(ROOT), micro=MICRO)
+    run = subprocess.run([sys.executable, "-c", script, *argv], env=dict(os.environ, OMP_NUM_THREADS="1"),
+                         capture_output=True, text=True, timeout=300, start_new_session=True)
+    assert run.returncode == engine.PREEMPTED, run.stderr[-2000:]
+    assert "stopped by SIGTERM at the end of epoch 0" in run.stderr
+    assert torch.load(tmp_path / "checkpoint-last.pth", weights_only=True)["epoch"] == 0
+    assert [r["epoch"] for r in rows(tmp_path)] == [0]
+
+
+def test_only_the_recipes_turn_a_stop_signal_into_a_checkpoint():
+    """A tool (bench, study, extraction...) has no step to finish: SIGTERM must end it, not print a promise."""
+    seen = []
+    for preemptible in (False, True):
+        engine.run(lambda argv: seen.append(signal.getsignal(signal.SIGTERM)), [], preemptible=preemptible)
+    assert seen == [signal.getsignal(signal.SIGTERM), engine.STOP.handle]
 
 
 def test_step_checkpoints_every_n_steps_resume_a_crashed_run_exactly(micro, tmp_path, monkeypatch):
