@@ -372,8 +372,8 @@ def free_port() -> int:
 
 
 def exit_when_done(rank: int, fn, *args) -> None:
-    """fn, then exit at once: gloo's C++ teardown at interpreter exit aborts now and then, after the work is
-    done (about 1 two-process run in 60 here, "terminate called without an active exception")."""
+    """fn, then exit at once: gloo's C++ teardown at interpreter exit now and then aborts after the work is done
+    (1 in 60 to 1 in 250 two-process runs here: "terminate called without an active exception")."""
     fn(rank, *args)
     sys.stdout.flush()
     sys.stderr.flush()
