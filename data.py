@@ -668,8 +668,7 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # what a scheduler sends before
 
 
 def ignore_stop_signals(worker_id: int) -> None:
-    """Every loader's worker_init_fn in a run: a scheduler signals every process of a job, and a worker killed by
-    it would end the run with a traceback before the main process writes its checkpoint (engine.run)."""
+    """Every loader's worker_init_fn in a run: the scheduler signals them too; the main process stops the run."""
     for stop in STOP_SIGNALS:
         signal.signal(stop, signal.SIG_IGN)
 

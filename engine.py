@@ -156,6 +156,7 @@ def leave_process_group() -> None:
     if distributed.is_initialized():
         distributed.barrier()
         distributed.destroy_process_group()
+        time.sleep(0.1)  # gloo's worker frees the barrier's tensors with the GIL; at interpreter exit it would abort
 
 
 def resolve_precision(precision: str | None, device: torch.device) -> str:
