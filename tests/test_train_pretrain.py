@@ -372,8 +372,9 @@ def free_port() -> int:
 
 
 def exit_when_done(rank: int, fn, *args) -> None:
-    """fn, then exit at once: gloo's C++ teardown at interpreter exit now and then aborts after the work is done
-    (1 in 60 to 1 in 250 two-process runs here: "terminate called without an active exception")."""
+    """fn, then exit at once: at interpreter exit gloo's worker thread can abort the process after the work is
+    done ("terminate called without an active exception"); helpers that destroy the group themselves lack
+    engine.leave_process_group's pause against it."""
     fn(rank, *args)
     sys.stdout.flush()
     sys.stderr.flush()
